@@ -1,0 +1,76 @@
+"""KL-weight (beta) schedules as `optax.Schedule`s: step -> beta.
+
+Use them exactly like learning-rate schedules: `beta = schedule(state.step)` inside a loss
+function. All are pure, jit-compatible functions of the (integer) step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def constant(value: float = 1.0) -> optax.Schedule:
+  """beta(t) = value: the plain VAE (value = 1) or a beta-VAE (Higgins et al. 2017)."""
+  return optax.constant_schedule(value)
+
+
+def linear(warmup_steps: int, start: float = 0.0, end: float = 1.0) -> optax.Schedule:
+  """Linear KL annealing (Bowman et al. 2016): beta rises from `start` to `end` over
+  `warmup_steps` steps and stays at `end`."""
+  if warmup_steps <= 0:
+    return optax.constant_schedule(end)
+  return optax.linear_schedule(start, end, warmup_steps)
+
+
+def sigmoid(midpoint: int, steepness: float = 0.0025, end: float = 1.0) -> optax.Schedule:
+  """Logistic annealing (Bowman et al. 2016): beta(t) = end / (1 + exp(-k (t - t0)))."""
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    return end * jax.nn.sigmoid(steepness * (t - midpoint))
+
+  return schedule
+
+
+def cyclical(total_steps: int, num_cycles: int = 4, ratio: float = 0.5,
+             start: float = 0.0, end: float = 1.0) -> optax.Schedule:
+  """Cyclical annealing (Fu et al. 2019, "Cyclical Annealing Schedule").
+
+  Training is split into `num_cycles` cycles of length P = total_steps / num_cycles; within a
+  cycle, tau = (t mod P) / P, beta rises linearly from `start` to `end` while tau <= ratio, then
+  stays at `end`:  beta(t) = start + (end - start) * min(1, tau / ratio).
+  Steps past `total_steps` keep beta = end.
+  """
+  if total_steps <= 0 or num_cycles <= 0:
+    raise ValueError(
+        f"cyclical schedule needs total_steps > 0 and num_cycles > 0, got "
+        f"total_steps={total_steps}, num_cycles={num_cycles}")
+  if not 0.0 < ratio <= 1.0:
+    raise ValueError(f"cyclical schedule ratio must be in (0, 1], got {ratio}")
+  period = total_steps / num_cycles
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    tau = jnp.mod(t, period) / period
+    beta = start + (end - start) * jnp.minimum(1.0, tau / ratio)
+    return jnp.where(t >= total_steps, end, beta)
+
+  return schedule
+
+
+def from_name(name: str, *, total_steps: int, warmup_steps: int = 0, value: float = 1.0,
+              num_cycles: int = 4, ratio: float = 0.5, start: float = 0.0,
+              steepness: float = 0.0025) -> optax.Schedule:
+  """Builds a schedule by name ('constant', 'linear', 'sigmoid', 'cyclical')."""
+  if name == "constant":
+    return constant(value)
+  if name == "linear":
+    return linear(warmup_steps, start=start, end=value)
+  if name == "sigmoid":
+    return sigmoid(warmup_steps // 2 if warmup_steps else total_steps // 4, steepness, end=value)
+  if name == "cyclical":
+    return cyclical(total_steps, num_cycles, ratio, start=start, end=value)
+  raise ValueError(
+      f"unknown KL schedule {name!r}; choose one of 'constant', 'linear', 'sigmoid', 'cyclical'")
