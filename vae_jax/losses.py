@@ -1,0 +1,153 @@
+"""Loss functions: model terms -> (scalar loss, sums), in the form the training loop takes.
+
+A loss function has the signature
+
+    loss_fn(params, model_state, batch, rng, step) -> (loss, (sums, new_model_state))
+
+`loss` is what the optimiser minimises (a mean over the batch's real rows); `sums` are sums over
+real rows plus the denominators `n_sentences` and `n_tokens`, reduced across devices by `jit` and
+divided on the host by `summarize`, so reported numbers are exact however data are batched.
+
+The negative ELBO of a sentence is  rec + KL  with rec = -log p(x|z), z ~ q(z|x); training
+minimises  mean_x [rec(x)] + beta(step) * KL_term,  where KL_term is the batch-mean KL or its
+free-bits form (vae_jax.objectives.free_bits_kl).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vae_jax import objectives
+
+Sums = dict[str, jax.Array]
+LossFn = Callable[..., tuple[jax.Array, tuple[Sums, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class KLTermConfig:
+  """How the KL enters the loss. `free_bits` = 0 disables free bits."""
+  free_bits: float = 0.0
+  free_bits_per_dimension: bool = False
+
+
+def _weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
+  return jnp.sum(x * weights.reshape(weights.shape + (1,) * (x.ndim - 1)), axis=0)
+
+
+def vae_sums(terms, weights: jax.Array) -> Sums:
+  """Sums over real rows of a VAE pass, plus what `summarize` needs for KL, AU and PPL.
+
+  `mean_sum` / `mean_sq_sum` (`[d]`) give the across-data variance of the posterior means, from
+  which active units are counted (Burda et al. 2016) without a second pass.
+  """
+  return {
+      "rec": jnp.sum(terms.rec_nll * weights),
+      "kl": jnp.sum(terms.kl * weights),
+      "n_sentences": jnp.sum(weights),
+      "n_tokens": jnp.sum(terms.n_tokens * weights),
+      "mean_sum": _weighted_sum(terms.mean, weights),
+      "mean_sq_sum": _weighted_sum(jnp.square(terms.mean), weights),
+  }
+
+
+def lm_sums(terms, weights: jax.Array) -> Sums:
+  return {
+      "rec": jnp.sum(terms.rec_nll * weights),
+      "n_sentences": jnp.sum(weights),
+      "n_tokens": jnp.sum(terms.n_tokens * weights),
+  }
+
+
+def _variables(params, model_state):
+  return {"params": params, **(model_state or {})}
+
+
+def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
+                  kl_term: KLTermConfig = KLTermConfig()) -> LossFn:
+  """The (beta-weighted, optionally free-bits) negative ELBO of a VAE returning `VAETerms`."""
+
+  def loss_fn(params, model_state, batch, rng, step):
+    latent_rng, dropout_rng = jax.random.split(rng)
+    terms = model.apply(_variables(params, model_state), batch["tokens"], deterministic=False,
+                        rngs={"latent": latent_rng, "dropout": dropout_rng})
+    w = batch["weights"]
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    beta = kl_weight(step)
+    rec = jnp.sum(terms.rec_nll * w) / n
+    if kl_term.free_bits > 0:
+      kl = objectives.free_bits_kl(terms.kl_dims, kl_term.free_bits, w,
+                                   kl_term.free_bits_per_dimension)
+    else:
+      kl = jnp.sum(terms.kl * w) / n
+    sums = vae_sums(terms, w)
+    sums["beta"] = beta * sums["n_sentences"]
+    return rec + beta * kl, (sums, model_state)
+
+  return loss_fn
+
+
+def make_vae_eval(model: nn.Module) -> Callable[..., Sums]:
+  """Eval sums of a VAE: one-sample ELBO terms with dropout off."""
+
+  def eval_fn(params, model_state, batch, rng):
+    terms = model.apply(_variables(params, model_state), batch["tokens"], deterministic=True,
+                        rngs={"latent": rng})
+    return vae_sums(terms, batch["weights"])
+
+  return eval_fn
+
+
+def make_lm_loss(model: nn.Module) -> LossFn:
+  """Token NLL of a language model returning `LMTerms` (mean over sentences)."""
+
+  def loss_fn(params, model_state, batch, rng, step):
+    del step
+    terms = model.apply(_variables(params, model_state), batch["tokens"], deterministic=False,
+                        rngs={"dropout": rng})
+    w = batch["weights"]
+    sums = lm_sums(terms, w)
+    return sums["rec"] / jnp.maximum(sums["n_sentences"], 1.0), (sums, model_state)
+
+  return loss_fn
+
+
+def make_lm_eval(model: nn.Module) -> Callable[..., Sums]:
+  def eval_fn(params, model_state, batch, rng):
+    del rng
+    terms = model.apply(_variables(params, model_state), batch["tokens"], deterministic=True)
+    return lm_sums(terms, batch["weights"])
+
+  return eval_fn
+
+
+def summarize(sums: dict[str, Any], au_threshold: float = 0.01) -> dict[str, float]:
+  """Host-side: sums -> metrics.
+
+  nll = (rec + kl) / n_sentences (the negative ELBO per sentence for a VAE, the exact NLL for a
+  language model), ppl = exp((rec + kl) / n_tokens), rec, kl, beta, and `au`, the number of
+  latent dimensions whose posterior mean varies across the data by more than `au_threshold`.
+  """
+  s = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+  n = max(float(s["n_sentences"]), 1.0)
+  total = s["rec"] + s.get("kl", 0.0)
+  out = {
+      "nll": float(total / n),
+      "ppl": float(np.exp(total / max(float(s["n_tokens"]), 1.0))),
+      "rec": float(s["rec"] / n),
+  }
+  if "kl" in s:
+    out["kl"] = float(s["kl"] / n)
+  if "beta" in s:
+    out["beta"] = float(s["beta"] / n)
+  if "mean_sum" in s:
+    mean = s["mean_sum"] / n
+    var = np.maximum(s["mean_sq_sum"] / n - mean ** 2, 0.0)
+    out["au"] = int(np.sum(var > au_threshold))
+  return out

@@ -1,0 +1,1 @@
+"""Models: each returns per-example terms (see vae_jax.losses for how they are combined)."""

@@ -1,0 +1,94 @@
+"""The LSTM decoder of the sequence VAE (METHODS.md §0), and of the LSTM language model.
+
+p(x|z) = prod_t softmax(W_o h_t + b_o)[x_t], with h_t = LSTM([e(x_{t-1}); z], h_{t-1}) and
+the latent code entering twice (Bowman et al. 2016; He et al. 2019):
+  (a) the initial state: c_0 = W_c z + b_c, h_0 = tanh(c_0);
+  (b) concatenated to the input embedding at every step.
+With `latent_dim = 0` the same module is the LSTM language model (zero initial state, no z).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vae_jax.data.vocab import BOS, UNK
+from vae_jax.nn.lstm import LSTM
+
+State = tuple[jax.Array, jax.Array]
+
+
+def shift_right(tokens: jax.Array) -> jax.Array:
+  """Decoder inputs: `BOS w_1 … w_n` from targets `w_1 … w_n EOS` (padding stays padding)."""
+  bos = jnp.full_like(tokens[:, :1], BOS)
+  return jnp.concatenate([bos, tokens[:, :-1]], axis=1)
+
+
+def word_dropout(rng: jax.Array, inputs: jax.Array, rate: float) -> jax.Array:
+  """Replaces decoder input words by UNK with probability `rate` (Bowman et al. 2016, §3.2).
+
+  The first input (BOS) is never dropped, so the decoder always knows where a sentence starts.
+  """
+  drop = jax.random.bernoulli(rng, rate, inputs.shape)
+  drop = drop.at[:, 0].set(False)
+  return jnp.where(drop, UNK, inputs)
+
+
+class LSTMDecoder(nn.Module):
+  """Autoregressive LSTM decoder conditioned on z (or unconditional when `latent_dim == 0`).
+
+  Attributes:
+    embed: token embedding module (`[..] -> [.., E]`), may be shared with the encoder.
+    vocab_size: output vocabulary size.
+    hidden_dim: LSTM size.
+    latent_dim: size of z; 0 gives the language model.
+    dropout_in: dropout on input embeddings (He et al. 2019 use 0.5 at Yahoo size).
+    dropout_out: dropout on LSTM outputs before the softmax.
+    word_dropout: probability of replacing an input word by UNK.
+  """
+  embed: nn.Module
+  vocab_size: int
+  hidden_dim: int
+  latent_dim: int
+  dropout_in: float = 0.0
+  dropout_out: float = 0.0
+  word_dropout: float = 0.0
+
+  def setup(self):
+    self.lstm = LSTM(self.hidden_dim)
+    if self.latent_dim:
+      self.latent_to_cell = nn.Dense(self.hidden_dim)
+    self.output = nn.Dense(self.vocab_size)
+    self.drop_in = nn.Dropout(self.dropout_in)
+    self.drop_out = nn.Dropout(self.dropout_out)
+
+  def initial_state(self, z: jax.Array | None, batch_size: int) -> State:
+    """(c_0, h_0): from z when the decoder has a latent, zeros otherwise."""
+    if z is None or not self.latent_dim:
+      zeros = jnp.zeros((batch_size, self.hidden_dim), jnp.float32)
+      return zeros, zeros
+    c0 = self.latent_to_cell(z)
+    return c0, jnp.tanh(c0)
+
+  def __call__(self, tokens: jax.Array, mask: jax.Array, z: jax.Array | None,
+               deterministic: bool = True) -> jax.Array:
+    """Teacher-forced logits `[B, T, V]` for targets `tokens` (`w_1 … w_n EOS PAD …`)."""
+    inputs = shift_right(tokens)
+    if not deterministic and self.word_dropout > 0:
+      inputs = word_dropout(self.make_rng("dropout"), inputs, self.word_dropout)
+    x = self.embed(inputs)
+    x = self.drop_in(x, deterministic=deterministic)
+    state = self.initial_state(z, tokens.shape[0])
+    static = z if self.latent_dim else None
+    outputs, _ = self.lstm(x, mask, initial_state=state, static_inputs=static)
+    outputs = self.drop_out(outputs, deterministic=deterministic)
+    return self.output(outputs)
+
+  def step(self, state: State, token: jax.Array,
+           z: jax.Array | None) -> tuple[State, jax.Array]:
+    """One decoding step: previous token `[B]` -> (new state, logits `[B, V]`)."""
+    x = self.embed(token)
+    static = z if self.latent_dim else None
+    state, h = self.lstm.step(state, x, static_inputs=static)
+    return state, self.output(h)

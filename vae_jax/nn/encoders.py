@@ -1,0 +1,72 @@
+"""Sequence encoders and posterior heads.
+
+The LSTM encoder of the standard sequence VAE (METHODS.md §0) summarises a sentence by the
+final hidden state h_T of a 1-layer LSTM. The pooling encoder (Long et al. 2019, METHODS.md §1)
+instead pools all masked hidden states h_1..h_T (mean, max or both concatenated) — a one-line
+switch here, so every model can use either.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vae_jax.nn.lstm import LSTM
+
+Pooling = Literal["last", "mean", "max", "mean_max"]
+
+
+def pool_states(outputs: jax.Array, mask: jax.Array, last: jax.Array,
+                pooling: Pooling) -> jax.Array:
+  """Summarises `[B, T, H]` encoder states into `[B, H]` (`[B, 2H]` for 'mean_max').
+
+  'last' is the state at each sequence's last real token; 'mean' and 'max' pool only over real
+  (mask = 1) positions (Long et al. 2019).
+  """
+  if pooling == "last":
+    return last
+  m = mask.astype(outputs.dtype)[..., None]
+  mean = jnp.sum(outputs * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+  neg = jnp.finfo(outputs.dtype).min
+  maxed = jnp.max(jnp.where(m > 0, outputs, neg), axis=1)
+  maxed = jnp.where(jnp.sum(m, axis=1) > 0, maxed, 0.0)
+  if pooling == "mean":
+    return mean
+  if pooling == "max":
+    return maxed
+  if pooling == "mean_max":
+    return jnp.concatenate([mean, maxed], axis=-1)
+  raise ValueError(f"unknown pooling {pooling!r}; use 'last', 'mean', 'max' or 'mean_max'")
+
+
+class LSTMEncoder(nn.Module):
+  """Embedding -> 1-layer LSTM -> a fixed-size feature of the sentence.
+
+  Attributes:
+    embed: the token embedding (shared with nothing by default; pass a module to share).
+    hidden_dim: LSTM size.
+    pooling: 'last' (h_T, METHODS §0) or a pooling over all states (METHODS §1).
+  """
+  embed: nn.Module
+  hidden_dim: int
+  pooling: Pooling = "last"
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    x = self.embed(tokens)
+    outputs, (_, h_last) = LSTM(self.hidden_dim, name="lstm")(x, mask)
+    return pool_states(outputs, mask, h_last, self.pooling)
+
+
+class GaussianHead(nn.Module):
+  """Linear maps from an encoder feature to the diagonal-Gaussian posterior (mean, log σ²)."""
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    mean = nn.Dense(self.latent_dim, name="mean")(features)
+    logvar = nn.Dense(self.latent_dim, name="logvar")(features)
+    return mean, logvar
