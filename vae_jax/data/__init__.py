@@ -1,0 +1,38 @@
+"""Data: vocabulary, corpus readers and registry, the synthetic corpus, batching.
+
+    from vae_jax import data
+    train = data.load_split('synthetic', 'train')
+    vocab = data.Vocab.build(ex.tokens for ex in train)
+    it = data.TrainIterator(data.encode(train, vocab), batch_size=64, seed=0)
+    batch = next(it)   # {'tokens': int32 [64, L], 'weights': float32 [64], 'labels': int32 [64]}
+
+The TFDS builder (`vae_jax.data.tfds_builder`) is not imported here, so that importing the
+package does not import tensorflow_datasets.
+"""
+
+from vae_jax.data.corpora import available_corpora
+from vae_jax.data.corpora import CORPORA
+from vae_jax.data.corpora import Corpus
+from vae_jax.data.corpora import get_corpus
+from vae_jax.data.corpora import load_split
+from vae_jax.data.pipeline import Batch
+from vae_jax.data.pipeline import encode
+from vae_jax.data.pipeline import encode_tokens
+from vae_jax.data.pipeline import EncodedCorpus
+from vae_jax.data.pipeline import EvalIterator
+from vae_jax.data.pipeline import TrainIterator
+from vae_jax.data.readers import Dialogue
+from vae_jax.data.readers import Example
+from vae_jax.data.readers import Turn
+from vae_jax.data.vocab import BOS
+from vae_jax.data.vocab import EOS
+from vae_jax.data.vocab import PAD
+from vae_jax.data.vocab import UNK
+from vae_jax.data.vocab import Vocab
+from vae_jax.data.vocab import VocabMismatchError
+
+__all__ = [
+    'available_corpora', 'CORPORA', 'Corpus', 'get_corpus', 'load_split', 'Batch', 'encode',
+    'encode_tokens', 'EncodedCorpus', 'EvalIterator', 'TrainIterator', 'Dialogue', 'Example',
+    'Turn', 'BOS', 'EOS', 'PAD', 'UNK', 'Vocab', 'VocabMismatchError',
+]

@@ -1,0 +1,426 @@
+"""From examples to batches: encoding, length bucketing, padding, resumable iteration, sharding.
+
+Batch format (docs/design.md): a dict of numpy arrays
+  tokens  int32   [B_local, L]  `w_1 ... w_n EOS PAD ...` (no BOS: models shift right)
+  weights float32 [B_local]     1 for a real example, 0 for a padding row (all-PAD tokens)
+  labels  int32   [B_local]     only when the corpus has labels (0 in padding rows)
+The token mask is `tokens != PAD`; a sentence's token count includes its EOS.
+
+Over-long sentences. `max_length` counts the EOS. With `overlong='truncate'` a sentence of more
+than `max_length - 1` words keeps its first `max_length - 1` words and its EOS (so the model
+still learns to stop); with `overlong='drop'` it is removed. Either way `encode` counts the
+affected sentences (`EncodedCorpus.num_truncated` / `num_dropped`) and logs them; NLLs on a
+truncated evaluation set are not comparable with published numbers, so report them.
+
+Training order. Every epoch is a deterministic function of (seed, epoch): the examples are
+permuted with `np.random.default_rng([seed, epoch])`; then, for length bucketing, each window
+of `bucket_window` consecutive batches' worth of examples is sorted by length and cut into
+batches, and the batch order is shuffled with the same generator. Batches of similar lengths
+need less padding (Khomenko et al. 2016, "Accelerating recurrent neural network training
+using sequence bucketing"); the window keeps batch composition random across epochs. Each
+batch is padded to the next multiple of `pad_multiple` tokens, so only a few distinct shapes
+are compiled. The epoch's last, partial batch is filled up to the batch size with padding
+rows of weight 0. `state()` = (seed, epoch, position) and `restore(state)` resume exactly.
+
+Multiple hosts. Every process computes the same *global* batch of `batch_size` rows, hence the
+same padded length, and yields only its contiguous slice `[p*B/P, (p+1)*B/P)` of rows. The
+union over processes is the batch a single-process run sees, so results do not depend on the
+number of hosts, and the iterator state (counted in global batches) is the same on every host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+from absl import logging
+import numpy as np
+
+from vae_jax.data.readers import Example
+from vae_jax.data.vocab import EOS, PAD, UNK, Vocab
+
+Batch = dict[str, np.ndarray]
+
+_STATE_VERSION = 1
+
+
+# Encoding.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncodedCorpus:
+  """Encoded sentences stored flat: sentence i is `tokens[offsets[i]:offsets[i+1]]`.
+
+  Attributes:
+    tokens: int32 [total], the concatenated sentences, each ending in EOS.
+    offsets: int64 [N + 1].
+    labels: int32 [N] or None.
+    source_indices: int64 [N], index of each sentence in the examples given to `encode`
+      (sentences dropped as over-long are absent).
+    num_truncated: sentences cut to `max_length` tokens.
+    num_dropped: sentences removed for being over-long.
+    max_length: the limit used (EOS included), or None.
+  """
+  tokens: np.ndarray
+  offsets: np.ndarray
+  labels: np.ndarray | None
+  source_indices: np.ndarray
+  num_truncated: int = 0
+  num_dropped: int = 0
+  max_length: int | None = None
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    """Sentence i as int32 ids ending in EOS."""
+    return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+  @property
+  def lengths(self) -> np.ndarray:
+    """int64 [N] token counts, EOS included."""
+    return np.diff(self.offsets)
+
+  @property
+  def num_tokens(self) -> int:
+    """Total token count, EOS included (the denominator of per-token NLL)."""
+    return int(self.tokens.size)
+
+  @property
+  def num_unk(self) -> int:
+    return int(np.count_nonzero(self.tokens == UNK))
+
+  def fingerprint(self) -> str:
+    """sha256 over token ids, offsets and labels (identifies the data for resuming)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(self.tokens, dtype=np.int32).tobytes())
+    h.update(np.ascontiguousarray(self.offsets, dtype=np.int64).tobytes())
+    if self.labels is not None:
+      h.update(np.ascontiguousarray(self.labels, dtype=np.int32).tobytes())
+    return h.hexdigest()
+
+  def summary(self) -> str:
+    parts = [f'{len(self)} sentences, {self.num_tokens} tokens (EOS included)',
+             f'{self.num_unk / max(self.num_tokens, 1):.2%} UNK']
+    if self.max_length is not None:
+      parts.append(f'max_length {self.max_length}: {self.num_truncated} truncated, '
+                   f'{self.num_dropped} dropped')
+    return ', '.join(parts)
+
+
+def encode_tokens(tokens: Sequence[str], vocab: Vocab) -> np.ndarray:
+  """One sentence as int32 `w_1 ... w_n EOS`."""
+  return np.asarray(vocab.encode(tokens) + [EOS], dtype=np.int32)
+
+
+def encode(examples: Sequence[Example], vocab: Vocab, max_length: int | None = None,
+           overlong: Literal['truncate', 'drop'] = 'truncate') -> EncodedCorpus:
+  """Encodes examples as `w_1 ... w_n EOS` id sequences.
+
+  Args:
+    examples: sentences (e.g. from `corpora.load_split`); either all or none have labels.
+    vocab: the vocabulary (words outside it become UNK).
+    max_length: longest allowed sequence, EOS included (>= 2); None for no limit.
+    overlong: 'truncate' keeps the first `max_length - 1` words + EOS; 'drop' removes the
+      sentence. The counts are kept on the result and logged.
+
+  Returns:
+    The encoded corpus.
+  """
+  if overlong not in ('truncate', 'drop'):
+    raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}.")
+  if max_length is not None and max_length < 2:
+    raise ValueError(f'max_length={max_length} must be >= 2 (one word plus EOS) or None.')
+  has_label = [ex.label is not None for ex in examples]
+  if any(has_label) and not all(has_label):
+    raise ValueError(
+        f'{sum(has_label)} of {len(examples)} examples have a label and the others do not; '
+        'a batch needs labels for all rows or none. Filter the examples first.')
+  seqs, labels, kept = [], [], []
+  truncated = dropped = 0
+  for i, ex in enumerate(examples):
+    ids = vocab.encode(ex.tokens)
+    if max_length is not None and len(ids) + 1 > max_length:
+      if overlong == 'drop':
+        dropped += 1
+        continue
+      ids = ids[:max_length - 1]
+      truncated += 1
+    ids.append(EOS)
+    seqs.append(ids)
+    kept.append(i)
+    if ex.label is not None:
+      labels.append(ex.label)
+  lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+  offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+  np.cumsum(lengths, out=offsets[1:])
+  flat = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+  data = EncodedCorpus(
+      tokens=flat,
+      offsets=offsets,
+      labels=np.asarray(labels, dtype=np.int32) if examples and all(has_label) else None,
+      source_indices=np.asarray(kept, dtype=np.int64),
+      num_truncated=truncated,
+      num_dropped=dropped,
+      max_length=max_length)
+  if truncated or dropped:
+    logging.info('Over-long sentences (more than %d tokens with EOS): %d truncated, %d dropped '
+                 'of %d.', max_length, truncated, dropped, len(examples))
+  return data
+
+
+# Batching helpers.
+
+
+def round_up(n: int, multiple: int) -> int:
+  """Smallest multiple of `multiple` that is >= n (and >= multiple)."""
+  return max(multiple, -(-int(n) // multiple) * multiple)
+
+
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """The rows `[p*B/P, (p+1)*B/P)` of a global batch that process p yields."""
+  _check_processes(batch_size, process_index, process_count)
+  per = batch_size // process_count
+  return slice(process_index * per, (process_index + 1) * per)
+
+
+def _check_processes(batch_size: int, process_index: int, process_count: int) -> None:
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'Need 0 <= process_index < process_count, got process_index='
+                     f'{process_index}, process_count={process_count}.')
+  if batch_size % process_count:
+    raise ValueError(
+        f'The global batch size {batch_size} is not divisible by the number of processes '
+        f'{process_count}; every process must get the same number of rows. Use a batch size '
+        f'that is a multiple of {process_count}.')
+
+
+def _check_common(data: EncodedCorpus, pad_multiple: int) -> None:
+  if not isinstance(data, EncodedCorpus):
+    raise TypeError(f'Expected an EncodedCorpus (from pipeline.encode), got '
+                    f'{type(data).__name__}.')
+  if len(data) == 0:
+    raise ValueError('The dataset has no sentences (empty split, or all were dropped as '
+                     'over-long); check the corpus files and max_length.')
+  if pad_multiple < 1:
+    raise ValueError(f'pad_multiple must be >= 1, got {pad_multiple}.')
+
+
+def make_batch(data: EncodedCorpus, rows: np.ndarray, length: int) -> Batch:
+  """Batch of the given example indices (-1 = padding row), padded to `length` tokens."""
+  rows = np.asarray(rows, dtype=np.int64)
+  tokens = np.full((len(rows), length), PAD, dtype=np.int32)
+  real = rows >= 0
+  for r in np.flatnonzero(real):
+    seq = data[rows[r]]
+    if len(seq) > length:
+      raise ValueError(f'Sentence {rows[r]} has {len(seq)} tokens, more than the batch '
+                       f'length {length}.')
+    tokens[r, :len(seq)] = seq
+  batch = {'tokens': tokens, 'weights': real.astype(np.float32)}
+  if data.labels is not None:
+    batch['labels'] = np.where(real, data.labels[np.maximum(rows, 0)], 0).astype(np.int32)
+  return batch
+
+
+def _padded_length(lengths: np.ndarray, rows: np.ndarray, pad_multiple: int) -> int:
+  real = rows[rows >= 0]
+  return round_up(int(lengths[real].max()) if real.size else 1, pad_multiple)
+
+
+# Training.
+
+
+class TrainIterator(Iterator[Batch]):
+  """Infinite, deterministic, resumable iterator of length-bucketed training batches.
+
+  See the module docstring for the order, padding and sharding rules. Typical use:
+
+    it = TrainIterator(train, batch_size=64, seed=cfg.seed,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+    it.restore(saved_state)       # when resuming
+    batch = next(it)
+    checkpoint(..., data_state=it.state())
+  """
+
+  def __init__(self, data: EncodedCorpus, batch_size: int, *, seed: int = 0,
+               bucket_window: int = 32, pad_multiple: int = 8, process_index: int = 0,
+               process_count: int = 1):
+    """Creates the iterator at epoch 0, position 0.
+
+    Args:
+      data: the encoded training sentences.
+      batch_size: the global batch size B (over all processes).
+      seed: shuffling seed; epoch e uses `np.random.default_rng([seed, e])`.
+      bucket_window: number of batches whose examples are sorted by length together; 1
+        disables bucketing (batches are then random subsets), larger values give less padding
+        but batches that are more alike within an epoch.
+      pad_multiple: the padded length of a batch is a multiple of this.
+      process_index, process_count: this process and the number of processes; each yields
+        `batch_size // process_count` rows.
+    """
+    _check_common(data, pad_multiple)
+    _check_processes(batch_size, process_index, process_count)
+    if bucket_window < 1:
+      raise ValueError(f'bucket_window must be >= 1 (1 = no bucketing), got {bucket_window}.')
+    if seed < 0:
+      raise ValueError(f'seed must be >= 0, got {seed}.')
+    self._data = data
+    self._lengths = data.lengths
+    self._batch_size = batch_size
+    self._bucket_window = bucket_window
+    self._pad_multiple = pad_multiple
+    self._rows = process_rows(batch_size, process_index, process_count)
+    self._seed = seed
+    self._epoch = 0
+    self._position = 0
+    self._plan: tuple[int, np.ndarray] | None = None  # (epoch, [steps, B] row indices)
+    self._fingerprint = data.fingerprint()
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Global batches per epoch: ceil(N / B)."""
+    return math.ceil(len(self._data) / self._batch_size)
+
+  @property
+  def epoch(self) -> int:
+    return self._epoch
+
+  @property
+  def position(self) -> int:
+    """Index of the next batch within the current epoch."""
+    return self._position
+
+  def epoch_plan(self, epoch: int) -> np.ndarray:
+    """int64 [steps_per_epoch, B]: the example index of every row of every global batch of
+    `epoch`, in order (-1 for padding rows)."""
+    if self._plan is not None and self._plan[0] == epoch:
+      return self._plan[1]
+    n, b = len(self._data), self._batch_size
+    rng = np.random.default_rng([self._seed, epoch])
+    perm = rng.permutation(n)
+    window = self._bucket_window * b
+    batches = []
+    for start in range(0, n, window):
+      chunk = perm[start:start + window]
+      chunk = chunk[np.argsort(self._lengths[chunk], kind='stable')]
+      batches.extend(chunk[i:i + b] for i in range(0, len(chunk), b))
+    plan = np.full((len(batches), b), -1, dtype=np.int64)
+    for i, j in enumerate(rng.permutation(len(batches))):
+      plan[i, :len(batches[j])] = batches[j]
+    self._plan = (epoch, plan)
+    return plan
+
+  def __iter__(self) -> TrainIterator:
+    return self
+
+  def __next__(self) -> Batch:
+    plan = self.epoch_plan(self._epoch)
+    rows = plan[self._position]
+    length = _padded_length(self._lengths, rows, self._pad_multiple)
+    batch = make_batch(self._data, rows[self._rows], length)
+    self._position += 1
+    if self._position == len(plan):
+      self._epoch += 1
+      self._position = 0
+    return batch
+
+  def state(self) -> dict[str, Any]:
+    """JSON-able position: seed, epoch, position (+ what must match to resume)."""
+    return {
+        'version': _STATE_VERSION,
+        'seed': self._seed,
+        'epoch': self._epoch,
+        'position': self._position,
+        'batch_size': self._batch_size,
+        'bucket_window': self._bucket_window,
+        'num_examples': len(self._data),
+        'data_fingerprint': self._fingerprint,
+    }
+
+  def restore(self, state: dict[str, Any]) -> None:
+    """Continues from `state()`: the next batch is the one that followed when it was saved.
+
+    The seed is taken from the state. The global batch size, bucket window and data must be
+    the ones the state was saved with; the number of processes may differ.
+    """
+    if not isinstance(state, dict) or state.get('version') != _STATE_VERSION:
+      raise ValueError(f'Not a TrainIterator state (version {_STATE_VERSION}): {state!r}.')
+    mine = self.state()
+    for key in ('batch_size', 'bucket_window', 'num_examples', 'data_fingerprint'):
+      if state.get(key) != mine[key]:
+        raise ValueError(
+            f'Cannot resume the data iterator: the saved state has {key}={state.get(key)!r}, '
+            f'this iterator has {mine[key]!r}. Resume with the same data, vocabulary, batch '
+            'size and bucket_window as the saved run, or start a fresh workdir.')
+    epoch, position = int(state['epoch']), int(state['position'])
+    if epoch < 0 or not 0 <= position < self.steps_per_epoch:
+      raise ValueError(f'Invalid iterator state: epoch {epoch}, position {position} '
+                       f'(steps_per_epoch {self.steps_per_epoch}).')
+    self._seed = int(state['seed'])
+    self._plan = None
+    self._epoch, self._position = epoch, position
+
+
+# Evaluation.
+
+
+class EvalIterator:
+  """Re-iterable, fixed-order evaluation batches.
+
+  Every batch has `batch_size` global rows: the last one is filled with weight-0 padding rows,
+  so every process sees the same number of batches of the same shape (multi-host collectives
+  never wait for a missing batch). Metrics are sums over real rows divided by sums of
+  denominators, so the order does not change the result; `sort_by_length=True` orders the
+  sentences by length (stable) so batches need less padding and evaluation runs faster.
+  `order` maps each global row back to its sentence.
+  """
+
+  def __init__(self, data: EncodedCorpus, batch_size: int, *, sort_by_length: bool = False,
+               pad_multiple: int = 8, fixed_length: bool = False, process_index: int = 0,
+               process_count: int = 1):
+    """Creates the evaluation batches.
+
+    Args:
+      data: the encoded sentences.
+      batch_size: global batch size (over all processes).
+      sort_by_length: order sentences by length instead of keeping the data order.
+      pad_multiple: padded lengths are multiples of this.
+      fixed_length: pad every batch to the same length (the longest sentence, rounded up), so
+        evaluation compiles exactly one shape.
+      process_index, process_count: as for `TrainIterator`.
+    """
+    _check_common(data, pad_multiple)
+    _check_processes(batch_size, process_index, process_count)
+    self._data = data
+    self._batch_size = batch_size
+    self._rows = process_rows(batch_size, process_index, process_count)
+    lengths = data.lengths
+    order = (np.argsort(lengths, kind='stable') if sort_by_length
+             else np.arange(len(data), dtype=np.int64))
+    num_batches = math.ceil(len(data) / batch_size)
+    padded = np.full(num_batches * batch_size, -1, dtype=np.int64)
+    padded[:len(order)] = order
+    self._plan = padded.reshape(num_batches, batch_size)
+    if fixed_length:
+      size = round_up(int(lengths.max()), pad_multiple)
+      self._lengths_per_batch = [size] * num_batches
+    else:
+      self._lengths_per_batch = [_padded_length(lengths, r, pad_multiple) for r in self._plan]
+
+  @property
+  def order(self) -> np.ndarray:
+    """int64 [num_batches * B]: sentence index of every global row (-1 for padding)."""
+    return self._plan.reshape(-1)
+
+  def __len__(self) -> int:
+    return len(self._plan)
+
+  def __iter__(self) -> Iterator[Batch]:
+    for rows, length in zip(self._plan, self._lengths_per_batch):
+      yield make_batch(self._data, rows[self._rows], length)
