@@ -1,0 +1,84 @@
+"""Defaults shared by every experiment config; each config file starts from `base_config()`.
+
+Variants are selected after a colon and may be combined with commas, e.g.
+`--config=experiments/configs/vae.py:ptb,anneal`. Any field can be overridden on the command
+line, e.g. `--config.model.latent_dim=16`.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.corpus = "synthetic"     # a name from vae_jax.data.corpora.CORPORA
+  c.data.dir = ""                 # corpus directory (e.g. ../shared/data/ptb); unused for synthetic
+  c.data.train_split = "train"
+  c.data.valid_split = "valid"
+  c.data.test_split = "test"
+  c.data.max_vocab_size = 0       # 0: no cap
+  c.data.min_count = 1
+  c.data.max_length = 100         # tokens incl. EOS; longer sentences follow `overlong`
+  c.data.overlong = "truncate"    # 'truncate' | 'drop'
+  c.data.batch_size = 32          # global, over all devices and processes
+  c.data.eval_batch_size = 64
+  c.data.bucket_window = 100      # batches per length-sorting window
+  c.data.pad_multiple = 8
+  c.data.max_train_examples = 0   # 0: all (a cap for quick runs)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 256
+  c.model.hidden_dim = 256
+  c.model.encoder_hidden_dim = 0  # 0: same as hidden_dim
+  c.model.latent_dim = 32
+  c.model.pooling = "last"
+  c.model.dropout_in = 0.0
+  c.model.dropout_out = 0.0
+  c.model.word_dropout = 0.0
+  c.model.share_embedding = False
+
+  c.kl = ml_collections.ConfigDict()
+  c.kl.schedule = "constant"      # constant | linear | sigmoid | cyclical
+  c.kl.value = 1.0                # final (or constant) beta
+  c.kl.start = 0.0
+  c.kl.warmup_steps = 0           # linear / sigmoid
+  c.kl.num_cycles = 4             # cyclical
+  c.kl.ratio = 0.5                # cyclical: fraction of a cycle spent rising
+  c.kl.free_bits = 0.0            # 0: off; nats per sentence, or per dimension
+  c.kl.free_bits_per_dimension = False
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"       # adam | sgd
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.grad_clip_norm = 5.0
+  c.optimizer.plateau_patience = 0   # evaluations without improvement before lr *= factor; 0: off
+  c.optimizer.plateau_factor = 0.5
+  c.optimizer.max_decays = 0         # stop after this many decays; 0: never
+
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0
+  c.train.num_epochs = 10.0       # used when num_steps == 0
+  c.train.num_steps = 0
+  c.train.log_every = 100
+  c.train.eval_every = 0          # 0: once per epoch
+  c.train.checkpoint_every = 0    # 0: at every evaluation
+  c.train.best_metric = "nll"
+  c.train.progress_bar = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.k_samples = 500          # importance samples for the reported NLL
+  c.eval.chunk_size = 50          # samples evaluated at once (memory bound)
+  c.eval.max_examples = 0         # 0: the whole split
+  c.eval.splits = "valid,test"    # evaluated with the best checkpoint at the end of training
+  c.eval.num_print = 5            # samples / reconstructions printed
+  c.eval.max_decode_length = 40
+  return c
+
+
+def apply_variants(config: ml_collections.ConfigDict, variants: str, table: dict) -> None:
+  """Applies comma-separated named variants from `table` (name -> function(config))."""
+  for name in filter(None, (v.strip() for v in (variants or "").split(","))):
+    if name not in table:
+      raise ValueError(f"unknown config variant {name!r}; available: {', '.join(sorted(table))}")
+    table[name](config)
