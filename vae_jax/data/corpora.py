@@ -225,8 +225,8 @@ def corpus_dir(name: str, data_dir: os.PathLike[str] | str | None) -> epath.Path
   root = epath.Path(data_dir)
   if not root.is_dir():
     raise FileNotFoundError(
-        f'Data directory not found: {root}. Pass the directory that holds {corpus.subdir}/ '
-        '(in a checkout: ../shared/data).')
+        f'Data directory not found: {root}. Pass the folder of all corpora (the one holding '
+        f'{corpus.subdir}/; in a checkout ../shared/data) or the {corpus.subdir}/ folder itself.')
   sub = root / corpus.subdir
   if sub.is_dir():
     return sub
