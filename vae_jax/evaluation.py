@@ -98,7 +98,7 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
       "elbo": float(out["elbo"].astype(np.float64).mean()),
       "kl": float(out["kl"].astype(np.float64).mean()),
       "mi": float(metrics.gaussian_mutual_information(mi_rng, mean, logvar)),
-      "au": int(metrics.active_units(mean, threshold=au_threshold)),
+      "au": int(metrics.active_units(mean, threshold=au_threshold)[0]),
       "k_samples": int(k_samples),
       "n_sentences": int(log_px.shape[0]),
       "n_tokens": int(n_tokens),

@@ -68,7 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.k_samples = 500          # importance samples for the reported NLL
-  c.eval.chunk_size = 50          # samples evaluated at once (memory bound)
+  c.eval.batch_size = 16          # sentences per IW-NLL batch (global)
+  c.eval.chunk_size = 32          # samples decoded at once: memory ~ batch * chunk * T * V
   c.eval.max_examples = 0         # 0: the whole split
   c.eval.splits = "valid,test"    # evaluated with the best checkpoint at the end of training
   c.eval.num_print = 5            # samples / reconstructions printed

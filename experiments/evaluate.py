@@ -1,0 +1,50 @@
+"""Evaluates a finished (or interrupted) run's best checkpoint on a split.
+
+  python experiments/evaluate.py --workdir=runs/ptb_vae --split=test
+
+Reads the run's config.json and vocab.json from the workdir, writes
+<workdir>/eval_<split>.json (nll, ppl, elbo, kl, mi, au, k_samples, n_sentences, n_tokens,
+examples) and prints the metrics table, reconstructions and prior samples.
+"""
+
+import json
+import os
+
+from absl import app, flags
+import ml_collections
+
+from vae_jax import experiment
+from vae_jax.training import distributed
+
+flags.DEFINE_string("workdir", None, "The run's directory.", required=True)
+flags.DEFINE_string("split", "test", "Split to evaluate.")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint.")
+flags.DEFINE_integer("k_samples", None, "Importance samples (default: the run's config).")
+flags.DEFINE_integer("max_examples", None, "Evaluate only the first N sentences.")
+flags.DEFINE_string("data_dir", None, "Corpus directory, if it moved since training.")
+flags.DEFINE_integer("seed", 0, "Seed of the importance samples.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.initialize()
+  path = os.path.join(FLAGS.workdir, experiment.CONFIG_FILE)
+  if not os.path.exists(path):
+    raise app.UsageError(f"{path} not found: --workdir must be a directory written by an "
+                         "experiments/*.py run.")
+  with open(path) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  if FLAGS.k_samples is not None:
+    cfg.eval.k_samples = FLAGS.k_samples
+  if FLAGS.max_examples is not None:
+    cfg.eval.max_examples = FLAGS.max_examples
+  if FLAGS.data_dir is not None:
+    cfg.data.dir = FLAGS.data_dir
+  experiment.evaluate_workdir(cfg, FLAGS.workdir, [FLAGS.split], which=FLAGS.checkpoint,
+                              seed=FLAGS.seed)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,331 @@
+"""The config boundary: an ml_collections config -> typed objects -> data, model, loop, report.
+
+Every `experiments/*.py` main is a few lines around `run` (train, then evaluate the best
+checkpoint) or `evaluate_workdir` (evaluate a finished run). Below this module nothing sees a
+ConfigDict: it is read here once, field by field, into the frozen dataclasses of the library.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from vae_jax import evaluation, losses, schedules
+from vae_jax.data import corpora, pipeline, synthetic
+from vae_jax.data.vocab import Vocab, VocabMismatchError
+from vae_jax.models.vae import LSTMLanguageModel, SeqVAE, VAEConfig
+from vae_jax.training import checkpoint as checkpoint_lib
+from vae_jax.training import loop, mesh as mesh_lib, optim
+
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config -> typed objects.
+# ---------------------------------------------------------------------------------------------
+
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> VAEConfig:
+  m = cfg.model
+  return VAEConfig(
+      vocab_size=vocab_size, embed_dim=m.embed_dim, hidden_dim=m.hidden_dim,
+      encoder_hidden_dim=m.encoder_hidden_dim or None,
+      latent_dim=0 if m.kind == "lm" else m.latent_dim, pooling=m.pooling,
+      dropout_in=m.dropout_in, dropout_out=m.dropout_out, word_dropout=m.word_dropout,
+      share_embedding=m.share_embedding)
+
+
+def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):
+  kinds = {"vae": SeqVAE, "lm": LSTMLanguageModel}
+  if cfg.model.kind not in kinds:
+    raise ValueError(f"unknown model.kind {cfg.model.kind!r}; choose one of {sorted(kinds)}")
+  return kinds[cfg.model.kind](model_config(cfg, vocab_size))
+
+
+def optimizer_config(cfg: ml_collections.ConfigDict) -> optim.OptimizerConfig:
+  o = cfg.optimizer
+  return optim.OptimizerConfig(
+      name=o.name, learning_rate=o.learning_rate, grad_clip_norm=o.grad_clip_norm or None,
+      plateau=optim.PlateauConfig(patience=o.plateau_patience or None, factor=o.plateau_factor,
+                                  max_decays=o.max_decays or None))
+
+
+def kl_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
+  k = cfg.kl
+  warmup = k.warmup_steps
+  if k.get("warmup_epochs", 0.0):
+    warmup = int(round(k.warmup_epochs * steps_per_epoch))
+  return schedules.from_name(k.schedule, total_steps=total_steps, warmup_steps=warmup,
+                             value=k.value, num_cycles=k.num_cycles, ratio=k.ratio,
+                             start=k.start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+# ---------------------------------------------------------------------------------------------
+
+
+def load_examples(cfg: ml_collections.ConfigDict, split: str):
+  d = cfg.data
+  if d.corpus == "synthetic":
+    return synthetic.generate(split, seed=d.get("synthetic_seed", 0))
+  return corpora.load_split(d.corpus, split, d.dir or None)
+
+
+def load_vocab(cfg: ml_collections.ConfigDict, train_examples, workdir: str) -> Vocab:
+  """Builds the vocabulary from the training split; checks it against the workdir's copy."""
+  vocab = Vocab.build((ex.tokens for ex in train_examples),
+                      max_size=cfg.data.max_vocab_size or None, min_count=cfg.data.min_count)
+  path = os.path.join(workdir, VOCAB_FILE)
+  if os.path.exists(path):
+    saved = Vocab.load(path)
+    try:
+      saved.assert_compatible(vocab)
+    except VocabMismatchError as e:
+      raise VocabMismatchError(
+          f"{e}\nThe vocabulary built from the training data now differs from {path}, "
+          "which the checkpoints in this workdir were trained with. Use the same data and "
+          "vocabulary settings, or a fresh --workdir.") from None
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    vocab.save(path)
+  return vocab
+
+
+def eval_iterator(cfg, data: pipeline.EncodedCorpus, batch_size: int):
+  return pipeline.EvalIterator(data, batch_size, sort_by_length=True,
+                               pad_multiple=cfg.data.pad_multiple,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+
+
+def _cap(examples, n: int):
+  return examples[:n] if n else examples
+
+
+# ---------------------------------------------------------------------------------------------
+# The task the loop trains.
+# ---------------------------------------------------------------------------------------------
+
+
+def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int) -> loop.Task:
+  is_vae = cfg.model.kind != "lm"
+  max_len = cfg.eval.max_decode_length
+
+  def init_fn(rng, batch):
+    params_rng, latent_rng = jax.random.split(rng)
+    return model.init({"params": params_rng, "latent": latent_rng}, batch["tokens"],
+                      deterministic=True)
+
+  def sample_fn(params, model_state, rng):
+    variables = {"params": params, **model_state}
+    n = max(cfg.eval.num_print, 1)
+    if is_vae:
+      ids = evaluation.sample_prior(model, variables, rng, n, model.config.latent_dim, max_len)
+    else:
+      ids = evaluation.generate(model, variables, None, rng, max_length=max_len, greedy=False,
+                                batch_size=n)
+    return [" ".join(vocab.decode(row)) for row in np.asarray(ids)]
+
+  if is_vae:
+    kl_term = losses.KLTermConfig(free_bits=cfg.kl.free_bits,
+                                  free_bits_per_dimension=cfg.kl.free_bits_per_dimension)
+    loss_fn = losses.make_vae_loss(model, kl_schedule(cfg, total_steps, steps_per_epoch),
+                                   kl_term)
+    eval_fn = losses.make_vae_eval(model)
+  else:
+    loss_fn, eval_fn = losses.make_lm_loss(model), losses.make_lm_eval(model)
+  return loop.Task(init_fn=init_fn, loss_fn=loss_fn, eval_fn=eval_fn,
+                   summarize=losses.summarize, sample_fn=sample_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points.
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes config.json once; a resumed run must keep the model and data settings."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = json.loads(cfg.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    for section in ("model", "data"):
+      if saved.get(section) != current.get(section):
+        raise ValueError(
+            f"the {section} settings differ from those this workdir was trained with "
+            f"({path}); resume with the same settings or use a fresh --workdir.")
+    return
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+
+
+class _DropLibraryInfo(pylogging.Filter):
+  """Keeps checkpointing libraries' INFO chatter out of the experiment's log."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  logger = pylogging.getLogger("absl")
+  if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
+    logger.addFilter(_DropLibraryInfo())
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the configured model in `workdir` (resuming if possible), then evaluates the best
+  checkpoint on `cfg.eval.splits`, writing `eval_<split>.json`; returns those metrics."""
+  quiet_library_logs()
+  os.makedirs(workdir, exist_ok=True)
+  _save_config(cfg, workdir)
+  train_examples = _cap(load_examples(cfg, cfg.data.train_split), cfg.data.max_train_examples)
+  vocab = load_vocab(cfg, train_examples, workdir)
+  encode = lambda ex: pipeline.encode(ex, vocab, cfg.data.max_length, cfg.data.overlong)
+  train = encode(train_examples)
+  valid = encode(_cap(load_examples(cfg, cfg.data.valid_split), cfg.eval.max_examples))
+  logging.info("vocabulary %d; train %s; valid %s", len(vocab), train.summary(),
+               valid.summary())
+
+  train_iter = pipeline.TrainIterator(
+      train, cfg.data.batch_size, seed=cfg.train.seed, bucket_window=cfg.data.bucket_window,
+      pad_multiple=cfg.data.pad_multiple, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  steps_per_epoch = train_iter.steps_per_epoch
+  total_steps = cfg.train.num_steps or int(math.ceil(cfg.train.num_epochs * steps_per_epoch))
+  eval_every = cfg.train.eval_every or steps_per_epoch
+  model = build_model(cfg, len(vocab))
+  task = build_task(cfg, model, vocab, total_steps, steps_per_epoch)
+  train_cfg = loop.TrainConfig(
+      num_steps=total_steps, log_every=cfg.train.log_every, eval_every=eval_every,
+      checkpoint_every=cfg.train.checkpoint_every or eval_every, seed=cfg.train.seed,
+      best_metric=cfg.train.best_metric, progress_bar=cfg.train.progress_bar or False,
+      optimizer=optimizer_config(cfg))
+  mesh = mesh_lib.make_mesh()
+  logging.info("training %s for %d steps (%d per epoch) on %d devices", cfg.model.kind,
+               total_steps, steps_per_epoch, mesh.size)
+  loop.train_and_evaluate(
+      task, train_iter,
+      {"valid": lambda: eval_iterator(cfg, valid, cfg.data.eval_batch_size)},
+      train_cfg, workdir, vocab.fingerprint, mesh=mesh)
+  return evaluate_workdir(cfg, workdir, splits=_splits(cfg), vocab=vocab, model=model,
+                          task=task, train=train)
+
+
+def _splits(cfg) -> list[str]:
+  return [s.strip() for s in cfg.eval.splits.split(",") if s.strip()]
+
+
+def restore_variables(cfg, workdir: str, task: loop.Task, example_batch, vocab: Vocab,
+                      which: str = "best"):
+  """Model variables of the best (or latest) checkpoint of a run."""
+  mesh = mesh_lib.make_mesh()
+  target = loop.abstract_train_state(task, optimizer_config(cfg), example_batch, mesh)
+  restore = checkpoint_lib.restore_best if which == "best" else checkpoint_lib.restore_latest
+  state, meta = restore(workdir, target, vocab_fingerprint=vocab.fingerprint)
+  return {"params": state.params, **state.model_state}, meta
+
+
+def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | None = None,
+                     model=None, task=None, train=None, which: str = "best",
+                     seed: int = 0) -> dict[str, Any]:
+  """Evaluates a run's best checkpoint on `splits`; writes `<workdir>/eval_<split>.json`."""
+  quiet_library_logs()
+  if vocab is None:
+    vocab = Vocab.load(os.path.join(workdir, VOCAB_FILE))
+  if model is None:
+    model = build_model(cfg, len(vocab))
+  if task is None:
+    task = build_task(cfg, model, vocab, 1, 1)
+  encode = lambda ex: pipeline.encode(ex, vocab, cfg.data.max_length, cfg.data.overlong)
+  results = {}
+  variables = None
+  for split in splits:
+    data = encode(_cap(load_examples(cfg, split), cfg.eval.max_examples))
+    batches = eval_iterator(cfg, data, cfg.eval.batch_size)
+    if variables is None:
+      variables, meta = restore_variables(cfg, workdir, task, next(iter(batches)), vocab,
+                                          which)
+    mesh = mesh_lib.make_mesh()
+    global_batches = (mesh_lib.to_global(b, mesh) for b in batches)
+    rng = jax.random.PRNGKey(seed)
+    if cfg.model.kind == "lm":
+      out = evaluation.evaluate_lm(model, variables, global_batches, rng)
+    else:
+      out = evaluation.evaluate_vae(model, variables, global_batches, rng,
+                                    k_samples=cfg.eval.k_samples,
+                                    chunk_size=cfg.eval.chunk_size)
+    out.update(split=split, checkpoint=which, step=int(meta.get("step", -1))
+               if isinstance(meta, dict) else -1)
+    results[split] = out
+    examples = _show_examples(cfg, model, variables, vocab, data, rng)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
+        json.dump({**out, "examples": examples}, f, indent=2)
+      print(examples_text(split, examples))
+  if jax.process_index() == 0:
+    print(metrics_table(results))
+  return results
+
+
+def _show_examples(cfg, model, variables, vocab: Vocab, data, rng) -> dict[str, list]:
+  """A few reconstructions (greedy from the posterior mean) and prior samples."""
+  n = min(cfg.eval.num_print, len(data))
+  if n == 0:
+    return {}
+  max_len = cfg.eval.max_decode_length
+  rows = pipeline.make_batch(data, np.arange(n), pipeline.round_up(
+      int(data.lengths[:n].max()), cfg.data.pad_multiple))["tokens"]
+  text = lambda ids: [" ".join(vocab.decode(r)) for r in np.asarray(ids)]
+  if cfg.model.kind == "lm":
+    return {"samples": text(evaluation.generate(model, variables, None, rng,
+                                                max_length=max_len, greedy=False,
+                                                batch_size=n))}
+  recon = evaluation.reconstruct(model, variables, rows, rng, max_len)
+  samples = evaluation.sample_prior(model, variables, rng, n, model.config.latent_dim,
+                                    max_len)
+  return {"inputs": text(rows), "reconstructions": text(recon), "samples": text(samples)}
+
+
+def examples_text(split: str, examples: dict[str, list]) -> str:
+  lines = []
+  if "inputs" in examples:
+    lines.append(f"[{split}] reconstructions (greedy from the posterior mean):")
+    for x, r in zip(examples["inputs"], examples["reconstructions"]):
+      lines += [f"  x: {x}", f"  r: {r}"]
+  if examples.get("samples"):
+    lines.append(f"[{split}] samples:")
+    lines += [f"  - {s}" for s in examples["samples"]]
+  return "\n".join(lines)
+
+
+COLUMNS = ("nll", "ppl", "elbo", "kl", "mi", "au", "k_samples", "n_sentences", "n_tokens")
+
+
+def metrics_table(results: dict[str, dict]) -> str:
+  """A plain-text table: one row per split."""
+  header = ["split", *COLUMNS]
+  rows = [[split] + [_fmt(r.get(c)) for c in COLUMNS] for split, r in results.items()]
+  widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+  line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+  return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _fmt(v) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.3f}" if abs(v) < 1e5 else f"{v:.4g}"
+  return str(v)
