@@ -1,0 +1,472 @@
+"""Evaluation metrics of sequence VAEs (METHODS.md §6), as model-agnostic pure functions.
+
+Every metric is a function of per-example quantities a model returns (posterior parameters,
+log-likelihoods of samples), never of a model object, so that all methods are scored by the
+same code:
+
+- **NLL** by importance weighting (Burda et al. 2016), `iw_log_likelihood`, computed in chunks
+  of samples so that memory is bounded by the chunk rather than by K (K = 500 for reported
+  numbers);
+- **PPL** = exp(sum_x NLL(x) / sum_x (|x| + 1)) from sums, `perplexity`;
+- **KL** per sentence, analytic for a Gaussian posterior (`gaussian_kl_per_example`) or Monte
+  Carlo for any other (`monte_carlo_kl`);
+- **MI** I_q(x; z) (He et al. 2019) over the whole evaluation set, `gaussian_mutual_information`
+  (and the generic pieces `aggregate_posterior_log_prob`, `mutual_information`), with the
+  per-batch variant of He et al.'s code for comparison, `gaussian_mutual_information_per_batch`;
+- **AU**, the number of active units (Burda et al. 2016), `active_units`;
+- the sums pattern of the evaluator: `sentence_sums` (inside jit, per batch),
+  `accumulate_sums` and `finalize_sums` (on the host).
+
+Everything except the host-side `accumulate_sums` / `finalize_sums` is jit-able; sizes such as
+the number of samples or the chunk size are Python ints (static under `jax.jit`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vae_jax.objectives import (LOG_2PI, gaussian_kl, gaussian_log_prob, reparameterize,
+                                standard_normal_log_prob)
+
+LogWeightsFn = Callable[[jax.Array, int], jax.Array]
+PairwiseLogProbFn = Callable[[Any], jax.Array]
+
+# Keys of a sums dict that are denominators rather than per-sentence quantities.
+N_SENTENCES = "n_sentences"
+N_TOKENS = "n_tokens"
+
+
+# ---------------------------------------------------------------------------------------------
+# Importance-weighted log-likelihood.
+# ---------------------------------------------------------------------------------------------
+
+
+def iw_log_likelihood(log_weights_fn: LogWeightsFn, rng: jax.Array, num_samples: int,
+                      chunk_size: int | None = None, *, return_elbo: bool = False):
+  """Importance-weighted estimate of log p(x) (Burda et al. 2016, Eq. 8).
+
+    log p(x) ~= L_K(x) = logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K,
+    z_k ~ q(z|x), k = 1..K.
+
+  L_K is a lower bound of log p(x) in expectation, nondecreasing in K, equal to the ELBO in
+  expectation for K = 1, and converges to log p(x) as K -> inf (Burda et al. 2016, Thm. 1).
+  The NLL reported by He et al. 2019 and METHODS.md §6 is -L_500.
+
+  The K samples are drawn `chunk_size` at a time inside a `lax.scan` that carries a running
+  log-sum-exp (`logaddexp` of the chunk's log-sum-exp into the total), so memory is that of
+  one chunk whatever K. Chunk i (0-based) is drawn with `jax.random.fold_in(rng, i)`; when
+  `chunk_size` does not divide K, the last, shorter chunk has index K // chunk_size. The
+  estimate is therefore deterministic for a given (rng, K, chunk_size); other chunk sizes
+  give other draws of the same estimator.
+
+  Args:
+    log_weights_fn: `(rng, n) -> [n, B]` log importance weights
+      log p(x|z_k) + log p(z_k) - log q(z_k|x) of n fresh samples z_k ~ q(z|x) for each of the
+      B examples. The model supplies it (see `gaussian_log_weights_fn`).
+    rng: PRNG key.
+    num_samples: K (static).
+    chunk_size: samples per chunk (static); `None` or >= K draws all K at once.
+    return_elbo: also return the mean log weight, the K-sample Monte Carlo ELBO.
+
+  Returns:
+    `[B]` L_K(x); with `return_elbo`, the pair (L_K(x) `[B]`, mean_k log w_k `[B]`).
+  """
+  if num_samples <= 0:
+    raise ValueError(f"num_samples must be positive, got {num_samples}")
+  if chunk_size is None or chunk_size >= num_samples:
+    chunk_size = num_samples
+  if chunk_size <= 0:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+  num_full, remainder = divmod(num_samples, chunk_size)
+
+  def chunk_stats(index, n):
+    log_w = log_weights_fn(jax.random.fold_in(rng, index), n).astype(jnp.float32)
+    return jax.nn.logsumexp(log_w, axis=0), jnp.sum(log_w, axis=0)
+
+  def merge(carry, stats):
+    return jnp.logaddexp(carry[0], stats[0]), carry[1] + stats[1]
+
+  if num_full == 1:
+    carry = chunk_stats(0, chunk_size)
+  else:
+    out_shape = jax.eval_shape(lambda: chunk_stats(0, chunk_size))[0].shape
+    init = (jnp.full(out_shape, -jnp.inf, jnp.float32), jnp.zeros(out_shape, jnp.float32))
+
+    def body(carry, index):
+      return merge(carry, chunk_stats(index, chunk_size)), None
+
+    carry, _ = jax.lax.scan(body, init, jnp.arange(num_full))
+  if remainder:
+    carry = merge(carry, chunk_stats(num_full, remainder))
+  log_px = carry[0] - math.log(num_samples)
+  if return_elbo:
+    return log_px, carry[1] / num_samples
+  return log_px
+
+
+def gaussian_log_weights_fn(
+    mean: jax.Array, logvar: jax.Array,
+    log_likelihood_fn: Callable[[jax.Array], jax.Array],
+    log_prior_fn: Callable[[jax.Array], jax.Array] = standard_normal_log_prob,
+) -> LogWeightsFn:
+  """`log_weights_fn` for a diagonal Gaussian posterior q(z|x) = N(mean, diag(exp(logvar))).
+
+    log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x),  z_k = mean + exp(logvar / 2) eps_k.
+
+  Args:
+    mean: `[B, d]` posterior means.
+    logvar: `[B, d]` posterior log-variances.
+    log_likelihood_fn: `z [n, B, d] -> [n, B]` log p(x|z) of each example under each sample
+      (e.g. minus the summed token NLL of the decoder run on the n * B codes).
+    log_prior_fn: `z [n, B, d] -> [n, B]` log p(z); the standard normal by default.
+
+  Returns:
+    `(rng, n) -> [n, B]` log weights, for `iw_log_likelihood`.
+  """
+
+  def log_weights(rng: jax.Array, num_samples: int) -> jax.Array:
+    z = reparameterize(rng, mean, logvar, num_samples)  # [n, B, d]
+    return log_likelihood_fn(z) + log_prior_fn(z) - gaussian_log_prob(z, mean, logvar)
+
+  return log_weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sentence terms: KL.
+# ---------------------------------------------------------------------------------------------
+
+
+def gaussian_kl_per_example(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+  """Analytic KL(N(mean, diag(exp(logvar))) || N(0, I)) per example, `[..., d] -> [...]`.
+
+    KL = 0.5 sum_k (mean_k^2 + exp(logvar_k) - logvar_k - 1)   (Kingma & Welling 2014, App. B).
+  """
+  return jnp.sum(gaussian_kl(mean, logvar), axis=-1)
+
+
+def monte_carlo_kl(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
+  """Monte Carlo KL(q(z|x) || p(z)) per example, for posteriors or priors without a closed form
+  (flows, conditional priors; METHODS.md §6).
+
+    KL ~= (1/S) sum_s [log q(z_s|x) - log p(z_s)],  z_s ~ q(z|x).
+
+  Args:
+    log_q: `[S, ...]` log q(z_s|x) of S samples from q(z|x).
+    log_p: `[S, ...]` log p(z_s) of the same samples.
+
+  Returns:
+    `[...]` the per-example estimate (unbiased; it can be negative for small S).
+  """
+  return jnp.mean(log_q - log_p, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutual information I_q(x; z).
+# ---------------------------------------------------------------------------------------------
+
+
+def gaussian_pairwise_log_prob(mean: jax.Array, logvar: jax.Array) -> PairwiseLogProbFn:
+  """`z [c, d] -> [c, N]` log q(z_i | x_j) for a set of N diagonal Gaussian posteriors.
+
+  Memory of one call: O(c * N * d) (the difference z_i - mean_j is formed explicitly rather than
+  expanded into matrix products, which would cancel catastrophically for small variances).
+  """
+
+  def pairwise(z: jax.Array) -> jax.Array:
+    return gaussian_log_prob(z[:, None, :], mean[None], logvar[None])
+
+  return pairwise
+
+
+def _chunked_rows(fn: Callable[[Any], jax.Array], xs: Any, chunk_size: int) -> jax.Array:
+  """Applies `fn` (`[c, ...] -> [c, ...]`) to the leading axis of the pytree `xs` in chunks."""
+  num_rows = jax.tree.leaves(xs)[0].shape[0]
+  if chunk_size >= num_rows:
+    return fn(xs)
+  num_chunks = -(-num_rows // chunk_size)
+  pad = num_chunks * chunk_size - num_rows
+
+  def to_chunks(a):
+    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+    return a.reshape(num_chunks, chunk_size, *a.shape[1:])
+
+  out = jax.lax.map(fn, jax.tree.map(to_chunks, xs))
+  return out.reshape(num_chunks * chunk_size, *out.shape[2:])[:num_rows]
+
+
+def aggregate_posterior_log_prob(z: Any, pairwise_log_q_fn: PairwiseLogProbFn, *,
+                                 mask: jax.Array | None = None,
+                                 chunk_size: int = 128) -> jax.Array:
+  """log q(z_m) under the aggregate posterior of a set of N examples, for M query points.
+
+    q(z) = (1/N) sum_j q(z|x_j),   log q(z_m) = logsumexp_j log q(z_m|x_j) - log N.
+
+  The queries are processed `chunk_size` at a time (`lax.map`), so memory is that of one call
+  of `pairwise_log_q_fn` on a chunk, O(chunk_size * N * d) for Gaussians, never O(M * N).
+
+  Args:
+    z: a pytree whose leaves have the M query points on the leading axis (an array `[M, d]` for
+      Gaussian posteriors; any representation the posterior family uses otherwise).
+    pairwise_log_q_fn: `z chunk [c, ...] -> [c, N]` log q(z_i|x_j) of each query under each of
+      the N posteriors (e.g. `gaussian_pairwise_log_prob(mean, logvar)`).
+    mask: `[N]` 1 for the posteriors of real examples, 0 for padding rows (excluded from the
+      mixture); all real when `None`.
+    chunk_size: queries per chunk (static).
+
+  Returns:
+    `[M]` log q(z_m).
+  """
+
+  def chunk_log_q(z_chunk):
+    log_q = pairwise_log_q_fn(z_chunk).astype(jnp.float32)
+    if mask is None:
+      return jax.nn.logsumexp(log_q, axis=-1) - math.log(log_q.shape[-1])
+    real = mask.astype(bool)
+    log_q = jnp.where(real, log_q, -jnp.inf)
+    return jax.nn.logsumexp(log_q, axis=-1) - jnp.log(jnp.sum(real.astype(jnp.float32)))
+
+  return _chunked_rows(chunk_log_q, z, chunk_size)
+
+
+def mutual_information(log_q_self: jax.Array, log_q_aggregate: jax.Array,
+                       mask: jax.Array | None = None) -> jax.Array:
+  """Monte Carlo mutual information between x and z under the encoder (He et al. 2019, Eq. 6).
+
+    I_q(x; z) = E_x E_{q(z|x)}[log q(z|x)] - E_{q(z)}[log q(z)]
+             ~= mean_i [log q(z_i|x_i) - log q(z_i)],  z_i ~ q(z|x_i),
+
+  with q(z) the aggregate posterior of the set (`aggregate_posterior_log_prob`). The first term
+  may be the analytic negative entropy E_{q(z|x_i)} log q(z|x_i) instead of its one-sample value
+  (as He et al. do for Gaussians); both give unbiased estimates.
+
+  Args:
+    log_q_self: `[..., N]` log q(z_i|x_i) (or the analytic negative entropy, broadcastable).
+    log_q_aggregate: `[..., N]` log q(z_i) of the same samples; leading axes index extra
+      samples per example.
+    mask: `[N]` 1 for real examples, 0 for padding rows.
+
+  Returns:
+    Scalar estimate in nats.
+  """
+  diff = jnp.broadcast_to(log_q_self, log_q_aggregate.shape) - log_q_aggregate
+  if mask is None:
+    return jnp.mean(diff)
+  real = jnp.broadcast_to(mask.astype(bool), diff.shape)
+  total = jnp.sum(jnp.where(real, diff, 0.0))
+  return total / jnp.maximum(jnp.sum(real.astype(jnp.float32)), 1.0)
+
+
+def gaussian_mutual_information(rng: jax.Array, mean: jax.Array, logvar: jax.Array, *,
+                                mask: jax.Array | None = None, num_samples: int = 1,
+                                chunk_size: int = 128,
+                                analytic_entropy: bool = True) -> jax.Array:
+  """I_q(x; z) of diagonal Gaussian posteriors over the whole evaluation set.
+
+    I ~= (1/(S N)) sum_{s,i} [E_{q(z|x_i)} log q(z|x_i) - log q(z_si)],
+    z_si ~ q(z|x_i),  log q(z) = logsumexp_{j=1..N} log q(z|x_j) - log N,
+    E_{q(z|x)} log q(z|x) = -d/2 log(2 pi) - 1/2 sum_k (1 + logvar_k)
+
+  (He et al. 2019, `calc_mi`; one sample per example by default, as there). All N posteriors
+  form the mixture q(z), as in the whole-set `calc_mi` of the code of Li et al. 2019 and of
+  Optimus (Li et al. 2020), rather than the B posteriors of one batch as in He et al.'s code
+  (see `gaussian_mutual_information_per_batch`). With the whole set, q(z) is the
+  exact aggregate posterior of the empirical data distribution, so the estimate is unbiased for
+  I_q over that distribution, and 0 <= I_q <= log N; the per-batch average is biased down by
+  I(batch; z) >= 0 and its target is at most log B (= 3.47 nats for B = 32). The bound log N
+  holds for every draw with `analytic_entropy=False` (each term log q(z|x_i) - log q(z) is at
+  most log N), in expectation otherwise.
+
+  Memory is O(chunk_size * N * d) (e.g. N = 3,761 PTB test sentences, d = 32, chunk 128:
+  62 MB in float32); time O(S N^2 d).
+
+  Args:
+    rng: PRNG key for the samples z_si.
+    mean: `[N, d]` posterior means of the whole set.
+    logvar: `[N, d]` posterior log-variances.
+    mask: `[N]` 1 for real examples, 0 for padding rows (excluded everywhere).
+    num_samples: S samples per example (static; He et al. use 1).
+    chunk_size: query samples per chunk (static).
+    analytic_entropy: use the analytic E_q log q(z|x_i) (He et al.); otherwise log q(z_si|x_i)
+      of the sample, which makes every term <= log N exactly.
+
+  Returns:
+    Scalar MI in nats.
+  """
+  num_examples, dim = mean.shape
+  z = reparameterize(rng, mean, logvar, num_samples)  # [S, N, d]
+  log_q_agg = aggregate_posterior_log_prob(
+      z.reshape(num_samples * num_examples, dim), gaussian_pairwise_log_prob(mean, logvar),
+      mask=mask, chunk_size=chunk_size).reshape(num_samples, num_examples)
+  if analytic_entropy:
+    log_q_self = -0.5 * jnp.sum(LOG_2PI + 1.0 + logvar, axis=-1)  # [N]
+  else:
+    log_q_self = gaussian_log_prob(z, mean, logvar)  # [S, N]
+  return mutual_information(log_q_self, log_q_agg, mask)
+
+
+def gaussian_mutual_information_per_batch(rng: jax.Array, mean: jax.Array, logvar: jax.Array,
+                                          batch_size: int, *, mask: jax.Array | None = None,
+                                          num_samples: int = 1,
+                                          analytic_entropy: bool = True) -> jax.Array:
+  """He et al. 2019's per-batch MI: the set is cut into consecutive batches of `batch_size`,
+  each batch's MI uses only its own posteriors as the mixture q(z), and the batch estimates are
+  averaged weighted by their number of real examples (`calc_mi` in their `text.py`).
+
+  For comparison with published numbers only: each batch estimate targets an MI of at most
+  log B, and the average is biased down by I(batch; z) >= 0 relative to
+  `gaussian_mutual_information`. The
+  batch estimates depend on how the evaluation set is batched (He et al. batch by length).
+
+  Args: as `gaussian_mutual_information`, plus `batch_size` (static). Batch b uses the key
+    `jax.random.fold_in(rng, b)`.
+
+  Returns:
+    Scalar MI in nats.
+  """
+  num_examples, dim = mean.shape
+  if mask is None:
+    mask = jnp.ones((num_examples,), jnp.float32)
+  num_batches = -(-num_examples // batch_size)
+  pad = num_batches * batch_size - num_examples
+  mean = jnp.pad(mean, [(0, pad), (0, 0)]).reshape(num_batches, batch_size, dim)
+  logvar = jnp.pad(logvar, [(0, pad), (0, 0)]).reshape(num_batches, batch_size, dim)
+  mask = jnp.pad(mask.astype(jnp.float32), [(0, pad)]).reshape(num_batches, batch_size)
+
+  def batch_mi(index, m, lv, msk):
+    return gaussian_mutual_information(
+        jax.random.fold_in(rng, index), m, lv, mask=msk, num_samples=num_samples,
+        chunk_size=num_samples * batch_size, analytic_entropy=analytic_entropy)
+
+  mis = jax.vmap(batch_mi)(jnp.arange(num_batches), mean, logvar, mask)
+  counts = jnp.sum(mask, axis=-1)
+  return jnp.sum(jnp.where(counts > 0, mis * counts, 0.0)) / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Active units.
+# ---------------------------------------------------------------------------------------------
+
+
+def active_units(means: jax.Array, *, threshold: float = 0.01, mask: jax.Array | None = None,
+                 ddof: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Number of active latent dimensions (Burda et al. 2016, §5.2).
+
+    A_k = Cov_x(E_{q(z|x)}[z_k]),   active iff A_k > threshold (0.01).
+
+  A_k is the variance over the evaluation set of the k-th posterior mean, computed in two passes
+  (mean, then squared deviations). `ddof=1` (the unbiased variance, dividing by N - 1) follows
+  He et al. 2019's `calc_au`, whose numbers the literature quotes; `ddof=0` gives the
+  population variance. He et al. compare with `>=`; a dimension exactly at the threshold is
+  a measure-zero event, so `>` (Burda et al.'s definition) gives the same counts.
+
+  Args:
+    means: `[N, d]` posterior means E_{q(z|x)}[z] of the whole set.
+    threshold: activity threshold on the variance.
+    mask: `[N]` 1 for real examples, 0 for padding rows.
+    ddof: delta degrees of freedom of the variance.
+
+  Returns:
+    (number of active units, int32 scalar; per-dimension variances `[d]`).
+  """
+  means = means.astype(jnp.float32)
+  if mask is None:
+    weights = jnp.ones(means.shape[:1], jnp.float32)
+  else:
+    weights = mask.astype(jnp.float32)
+  count = jnp.sum(weights)
+  centre = jnp.sum(means * weights[:, None], axis=0) / jnp.maximum(count, 1.0)
+  sq_dev = jnp.sum(jnp.square(means - centre) * weights[:, None], axis=0)
+  variances = sq_dev / jnp.maximum(count - ddof, 1.0)
+  return jnp.sum(variances > threshold).astype(jnp.int32), variances
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity and the sums pattern of the evaluator.
+# ---------------------------------------------------------------------------------------------
+
+
+def perplexity(nll_sum: jax.typing.ArrayLike, n_tokens: jax.typing.ArrayLike) -> jax.Array:
+  """PPL = exp(sum_x NLL(x) / sum_x (|x| + 1)) (METHODS.md §6).
+
+  Args:
+    nll_sum: total NLL (nats) over the sentences.
+    n_tokens: total number of predicted tokens, words plus one EOS per sentence.
+  """
+  return jnp.exp(jnp.asarray(nll_sum, jnp.float32) / jnp.asarray(n_tokens, jnp.float32))
+
+
+def sentence_sums(weights: jax.Array, n_tokens: jax.Array,
+                  **per_example: jax.Array) -> dict[str, jax.Array]:
+  """Sums over the real rows of a batch, the unit the evaluator reduces (docs/design.md).
+
+    sums[k] = sum_b w_b v_b[k],  n_sentences = sum_b w_b,  n_tokens = sum_b w_b |x_b|+1.
+
+  Sums, not means, so that totals are exact however the data are batched, padded or sharded
+  (a padded row has w_b = 0). Inside jit on a sharded batch the sums are already global.
+
+  Args:
+    weights: `[B]` 1 for real rows, 0 for padding rows.
+    n_tokens: `[B]` tokens per sentence, EOS included.
+    **per_example: `[B]` per-sentence quantities, e.g. `rec=` summed token NLL, `kl=`,
+      `nll=` the IW NLL (-L_K).
+
+  Returns:
+    A dict of float32 scalars with the keys of `per_example` plus `n_sentences`, `n_tokens`.
+  """
+  weights = weights.astype(jnp.float32)
+  sums = {name: jnp.sum(jnp.where(weights > 0, value.astype(jnp.float32) * weights, 0.0))
+          for name, value in per_example.items()}
+  sums[N_SENTENCES] = jnp.sum(weights)
+  sums[N_TOKENS] = jnp.sum(n_tokens.astype(jnp.float32) * weights)
+  return sums
+
+
+def accumulate_sums(total: Mapping[str, float] | None,
+                    sums: Mapping[str, Any]) -> dict[str, float]:
+  """Adds one batch's sums into a running total on the host, in float64 (not jit-able)."""
+  total = dict(total or {})
+  for name, value in sums.items():
+    total[name] = total.get(name, 0.0) + float(np.asarray(value, np.float64))
+  return total
+
+
+def finalize_sums(sums: Mapping[str, Any]) -> dict[str, float]:
+  """Turns accumulated sums into the reported metrics (host side, float64).
+
+  Every key k other than the denominators becomes the per-sentence mean sums[k] / n_sentences
+  (so `rec`, `kl`, `nll` are nats per sentence). Derived metrics, where their inputs exist:
+
+  - `ppl` = exp(nll / n_tokens) from the IW NLL (METHODS.md §6);
+  - `neg_elbo` = (rec + kl) / n_sentences, the ELBO's upper bound on the NLL (positive, like
+    `nll`), and `elbo_ppl` = exp((rec + kl) / n_tokens), the perplexity bound it implies;
+  - `rec_ppl` = exp(rec / n_tokens) when there is no `kl` (a language model's `rec` is its NLL).
+
+  The denominators are returned as well. Only per-sentence sums belong in `sums`; set-level
+  metrics (MI, AU) are computed on the whole set and added to the result by the caller.
+  """
+  sums = {name: float(np.asarray(value, np.float64)) for name, value in sums.items()}
+  n_sentences = sums.get(N_SENTENCES, 0.0)
+  n_tokens = sums.get(N_TOKENS, 0.0)
+  if n_sentences <= 0:
+    raise ValueError(f"no sentences in the sums: {sums}")
+  out = {name: value / n_sentences for name, value in sums.items()
+         if name not in (N_SENTENCES, N_TOKENS)}
+
+  def ppl(nll_total):
+    return math.exp(nll_total / n_tokens) if n_tokens > 0 else float("nan")
+
+  if "nll" in sums:
+    out["ppl"] = ppl(sums["nll"])
+  if "rec" in sums and "kl" in sums:
+    out["neg_elbo"] = (sums["rec"] + sums["kl"]) / n_sentences
+    out["elbo_ppl"] = ppl(sums["rec"] + sums["kl"])
+  elif "rec" in sums:
+    out["rec_ppl"] = ppl(sums["rec"])
+  out[N_SENTENCES] = n_sentences
+  out[N_TOKENS] = n_tokens
+  return out
