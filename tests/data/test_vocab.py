@@ -66,7 +66,8 @@ def test_decode_stops_at_eos_and_strips_specials():
   a, b = v.token_to_id('a'), v.token_to_id('b')
   ids = np.array([BOS, a, PAD, b, EOS, a, PAD])
   assert v.decode(ids) == ['a', 'b']
-  assert v.decode(ids, strip_special=False) == ['<s>', 'a', '<pad>', 'b', '</s>', 'a', '<pad>']
+  assert v.decode(ids, strip_special=False) == ['<s>', 'a', '<pad>', 'b', '</s>']
+  assert v.decode([a, PAD], strip_special=False) == ['a', '<pad>']
   with pytest.raises(ValueError, match='outside'):
     v.decode([len(v)])
 

@@ -210,13 +210,13 @@ class Vocab:
     return [UNK if t in _RESERVED else index.get(t, UNK) for t in tokens]
 
   def decode(self, ids: Iterable[int], strip_special: bool = True) -> list[str]:
-    """Maps ids back to strings.
+    """Maps ids back to strings, up to the first EOS.
 
     Args:
       ids: token ids (a list, or a 1-D numpy / jax array).
-      strip_special: if True (the default, for reading model output), stop at the first EOS
-        and drop PAD and BOS; UNK stays visible as `<unk>`. If False, every id is mapped,
-        specials included, and nothing is cut (for debugging batches).
+      strip_special: if True (the default, for reading model output), PAD, BOS and the EOS
+        are left out; UNK stays visible as `<unk>`. If False, they are kept as strings and the
+        EOS that ends the sequence is included (for inspecting batches and decoder output).
 
     Returns:
       The list of token strings.
@@ -224,11 +224,12 @@ class Vocab:
     out = []
     for i in ids:
       i = int(i)
-      if strip_special:
-        if i == EOS:
-          break
-        if i in (PAD, BOS):
-          continue
+      if i == EOS:
+        if not strip_special:
+          out.append(EOS_TOKEN)
+        break
+      if strip_special and i in (PAD, BOS):
+        continue
       out.append(self.id_to_token(i))
     return out
 
