@@ -211,7 +211,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_cfg = loop.TrainConfig(
       num_steps=total_steps, log_every=cfg.train.log_every, eval_every=eval_every,
       checkpoint_every=cfg.train.checkpoint_every or eval_every, seed=cfg.train.seed,
-      best_metric=cfg.train.best_metric, progress_bar=cfg.train.progress_bar or False,
+      best_metric=cfg.train.best_metric or (
+          "nll" if cfg.model.kind == "lm" else "neg_elbo"), progress_bar=cfg.train.progress_bar or False,
       optimizer=optimizer_config(cfg))
   mesh = mesh_lib.make_mesh()
   logging.info("training %s for %d steps (%d per epoch) on %d devices", cfg.model.kind,

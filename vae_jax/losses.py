@@ -130,20 +130,25 @@ def make_lm_eval(model: nn.Module) -> Callable[..., Sums]:
 def summarize(sums: dict[str, Any], au_threshold: float = 0.01) -> dict[str, float]:
   """Host-side: sums -> metrics.
 
-  nll = (rec + kl) / n_sentences (the negative ELBO per sentence for a VAE, the exact NLL for a
-  language model), ppl = exp((rec + kl) / n_tokens), rec, kl, beta, and `au`, the number of
-  latent dimensions whose posterior mean varies across the data by more than `au_threshold`.
+  For a language model (no 'kl' in the sums): `nll` = rec / n_sentences (exact) and
+  `ppl` = exp(rec / n_tokens). For a VAE: `neg_elbo` = (rec + kl) / n_sentences, the one-sample
+  negative ELBO (an upper bound of the NLL; the importance-weighted NLL comes from
+  `vae_jax.evaluation`), `ppl_elbo` = exp((rec + kl) / n_tokens), `rec`, `kl`, `beta`, and `au`,
+  the number of latent dimensions whose posterior mean varies across the data by more than
+  `au_threshold` (population variance from the running sums of m and m^2).
   """
   s = {k: np.asarray(v, np.float64) for k, v in sums.items()}
   n = max(float(s["n_sentences"]), 1.0)
-  total = s["rec"] + s.get("kl", 0.0)
+  n_tokens = max(float(s["n_tokens"]), 1.0)
+  if "kl" not in s:
+    return {"nll": float(s["rec"] / n), "ppl": float(np.exp(s["rec"] / n_tokens))}
+  total = s["rec"] + s["kl"]
   out = {
-      "nll": float(total / n),
-      "ppl": float(np.exp(total / max(float(s["n_tokens"]), 1.0))),
+      "neg_elbo": float(total / n),
+      "ppl_elbo": float(np.exp(total / n_tokens)),
       "rec": float(s["rec"] / n),
+      "kl": float(s["kl"] / n),
   }
-  if "kl" in s:
-    out["kl"] = float(s["kl"] / n)
   if "beta" in s:
     out["beta"] = float(s["beta"] / n)
   if "mean_sum" in s:

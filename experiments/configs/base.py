@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.eval_every = 0          # 0: once per epoch
   c.train.checkpoint_every = 0    # 0: at every evaluation
-  c.train.best_metric = "nll"
+  c.train.best_metric = ""       # lower is better; "": nll (LM) or neg_elbo (VAE)
   c.train.progress_bar = True
 
   c.eval = ml_collections.ConfigDict()

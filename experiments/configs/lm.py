@@ -17,7 +17,9 @@ def get_config(variants: str = ""):
   c = base_config()
   c.model.kind = "lm"
   c.kl.warmup_epochs = 0.0
-  c.train.num_epochs = 12.0
+  c.model.embed_dim = 128
+  c.train.num_epochs = 5.0
+  c.eval.splits = "test"
   table = {k: v for k, v in vae_variants.VARIANTS.items()
            if k in ("smoke", "ptb", "yahoo", "sgd")}
   apply_variants(c, variants, table)
