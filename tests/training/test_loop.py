@@ -1,0 +1,152 @@
+"""The training loop: metrics, checkpoints, exact resume, NaN guard, plateau stop."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import toy_task
+from vae_jax import training
+from vae_jax.training import checkpoint as checkpoint_lib
+from vae_jax.training import writers
+
+
+# One task object per behaviour, so runs in this module share compiled programs.
+TASK = toy_task.make_task()
+TASK_WITH_SAMPLES = toy_task.make_task(with_samples=True)
+TASK_CONSTANT_EVAL = toy_task.make_task(constant_eval=True)
+
+
+def _config(**kwargs):
+  defaults = dict(num_steps=8, log_every=2, eval_every=4, checkpoint_every=4,
+                  progress_bar=False,
+                  optimizer=training.OptimizerConfig(learning_rate=0.05))
+  defaults.update(kwargs)
+  return training.TrainConfig(**defaults)
+
+
+def _run(workdir, config, task=None, fail_after=None, fingerprint='vocab-1'):
+  return training.train_and_evaluate(
+      task or TASK, toy_task.ToyIterator(fail_after=fail_after),
+      {'valid': toy_task.make_eval_data()}, config, str(workdir), fingerprint)
+
+
+def _params(workdir):
+  state, _ = training.restore_latest(str(workdir))
+  return state['params']
+
+
+def _assert_trees_equal(a, b):
+  flat_a, tree_a = jax.tree.flatten(a)
+  flat_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_run_writes_metrics_checkpoints_and_samples(tmp_path):
+  result = _run(tmp_path, _config(), task=TASK_WITH_SAMPLES)
+  assert result['step'] == 8 and not result['stopped_early']
+  assert set(result['valid']) == {'nll', 'rec', 'kl', 'ppl'}
+  assert np.isfinite(result['train']['loss'])
+  records = writers.read_metrics(tmp_path)
+  train_steps = [r['step'] for r in records if r['split'] == 'train']
+  valid_steps = [r['step'] for r in records if r['split'] == 'valid']
+  assert train_steps == [2, 4, 6, 8] and valid_steps == [4, 8]
+  samples = [r for r in records if r['split'] == 'samples']
+  assert len(samples) == 2 and all(isinstance(t, str) for t in samples[0]['texts'])
+  assert os.listdir(tmp_path / 'tensorboard')
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
+  try:
+    assert ckpt.latest_step() == 8 and ckpt.best_step() in (4, 8)
+  finally:
+    ckpt.close()
+  best = json.loads((tmp_path / 'checkpoints' / 'best.json').read_text())
+  assert best['metric'] == 'nll' and best['step'] in (4, 8)
+
+
+def test_resume_is_exact(tmp_path):
+  config = _config(num_steps=12, checkpoint_every=4, keep=1)
+  _run(tmp_path / 'straight', config)
+  # Killed after 6 batches: the last checkpoint is step 4.
+  with pytest.raises(RuntimeError, match='killed'):
+    _run(tmp_path / 'resumed', config, fail_after=6)
+  assert _params(tmp_path / 'resumed') is not None
+  resumed = _run(tmp_path / 'resumed', config)
+  assert resumed['step'] == 12
+  _assert_trees_equal(_params(tmp_path / 'straight'), _params(tmp_path / 'resumed'))
+  # Stopped by num_steps, then continued with a larger num_steps.
+  _run(tmp_path / 'extended', _config(num_steps=6, checkpoint_every=4))
+  _run(tmp_path / 'extended', config)
+  _assert_trees_equal(_params(tmp_path / 'straight'), _params(tmp_path / 'extended'))
+  # The metric log reads as if the run never stopped.
+  def steps(workdir):
+    return [(r['step'], r['split']) for r in writers.read_metrics(workdir)]
+  assert steps(tmp_path / 'resumed') == steps(tmp_path / 'straight')
+
+
+def test_rerun_of_finished_run_changes_nothing(tmp_path):
+  first = _run(tmp_path, _config())
+  records = writers.read_metrics(tmp_path)
+  again = _run(tmp_path, _config())
+  assert again['step'] == 8
+  assert again['valid'] == pytest.approx(first['valid'])
+  assert writers.read_metrics(tmp_path) == records
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = _config(num_steps=12, log_every=3, checkpoint_every=2, eval_every=100)
+  with pytest.raises(training.NonFiniteLossError) as info:
+    _run(tmp_path, config, task=toy_task.make_task(nan_at_step=7))
+  message = str(info.value)
+  assert 'at step 7' in message
+  assert 'last good checkpoint is step 6' in message
+  assert 'learning_rate' in message and 'grad_clip_norm' in message
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), read_only=True)
+  try:
+    assert ckpt.latest_step() == 6
+    state, data, _ = ckpt.restore_latest()
+  finally:
+    ckpt.close()
+  assert data['position'] == 6
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
+
+
+def test_plateau_decays_learning_rate_and_stops(tmp_path):
+  plateau = training.PlateauConfig(patience=2, factor=0.5, max_decays=2)
+  config = _config(num_steps=100, log_every=1, eval_every=1, checkpoint_every=50,
+                   optimizer=training.OptimizerConfig(
+                       name='sgd', learning_rate=0.1, grad_clip_norm=5.0,
+                       plateau=plateau))
+  result = _run(tmp_path, config, task=TASK_CONSTANT_EVAL)
+  # Evaluation 1 sets the best; 2 and 3 do not improve -> decay; 4, 5 -> decay, stop.
+  assert result['stopped_early'] and result['step'] == 5
+  lrs = [r['metrics']['learning_rate'] for r in writers.read_metrics(tmp_path)
+         if r['split'] == 'train']
+  np.testing.assert_allclose(lrs, [0.1, 0.1, 0.1, 0.05, 0.05], rtol=1e-6)
+  state, _ = training.restore_latest(str(tmp_path))
+  assert int(state['plateau']['num_decays']) == 2
+  # A rerun sees the stopped run and does not train on.
+  again = _run(tmp_path, config, task=TASK_CONSTANT_EVAL)
+  assert again['stopped_early'] and again['step'] == 5
+
+
+def test_resume_with_other_vocabulary_is_a_clear_error(tmp_path):
+  _run(tmp_path, _config(num_steps=2))
+  with pytest.raises(training.VocabularyMismatchError, match='vocab-1.*vocab-2'):
+    _run(tmp_path, _config(num_steps=4), fingerprint='vocab-2')
+
+
+def test_bad_eval_split_and_metric_are_clear_errors(tmp_path):
+  with pytest.raises(ValueError, match='eval_split'):
+    _run(tmp_path, _config(eval_split='test'))
+  with pytest.raises(KeyError, match='best_metric'):
+    _run(tmp_path / 'b', _config(best_metric='elbo'))
+
+
+def test_plain_iterator_is_rejected(tmp_path):
+  with pytest.raises(TypeError, match='resumable'):
+    training.train_and_evaluate(TASK, iter([]), {}, _config(),
+                                str(tmp_path))

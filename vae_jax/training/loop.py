@@ -1,0 +1,521 @@
+"""The training loop every method uses: train, evaluate, checkpoint, resume.
+
+A method hands the loop a `Task` (init, loss, eval and summary functions); the
+loop owns the mesh, the optimiser, the jitted steps, checkpoints, metric
+writers, the plateau controller and the NaN guard. `train_and_evaluate` is
+resumable: rerunning the same command in the same workdir continues from the
+latest checkpoint and ends with the same parameters, bit for bit, as a run
+that never stopped.
+
+Steps are counted in optimiser updates: metrics, evaluations and checkpoints
+at step s describe the state after s updates; `loss_fn` receives the number of
+updates applied before its own (0 for the first batch).
+"""
+
+from collections.abc import Callable, Iterator, Mapping
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vae_jax.training import checkpoint as checkpoint_lib
+from vae_jax.training import mesh as mesh_lib
+from vae_jax.training import optim
+from vae_jax.training import state as state_lib
+from vae_jax.training import writers
+
+Batch = Mapping[str, Any]
+Params = Any
+ModelState = dict[str, Any]
+Sums = dict[str, jax.Array]
+TrainState = state_lib.TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a method hands the loop (built in experiments/ from a config).
+
+  Attributes:
+    init_fn: (rng, example local numpy batch) -> variables {'params': ..., other
+      collections}.
+    loss_fn: (params, model_state, batch, rng, step) -> (scalar loss to minimise,
+      (sums, new model_state)); `sums` are float32 sums over the batch's real
+      rows plus the denominators 'n_sentences' and 'n_tokens'.
+    eval_fn: (params, model_state, batch, rng) -> sums of the same kind.
+    summarize: host-side sums -> scalars (e.g. nll = sum nll / n_sentences).
+    sample_fn: optional (params, model_state, rng) -> text samples to log at
+      every evaluation.
+  """
+  init_fn: Callable[[jax.Array, Batch], Mapping[str, Any]]
+  loss_fn: Callable[[Params, ModelState, Batch, jax.Array, jax.Array],
+                    tuple[jax.Array, tuple[Sums, ModelState]]]
+  eval_fn: Callable[[Params, ModelState, Batch, jax.Array], Sums]
+  summarize: Callable[[Mapping[str, float]], dict[str, float]]
+  sample_fn: Callable[[Params, ModelState, jax.Array], list[str]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Settings of the loop.
+
+  Attributes:
+    num_steps: total optimiser updates of the run (a resumed run counts from 0).
+    log_every: write averaged train metrics every this many steps.
+    eval_every: evaluate every eval split every this many steps (and at the end).
+    checkpoint_every: save the latest checkpoint every this many steps (and at
+      the end).
+    seed: seeds initialisation, the per-step randomness and evaluation.
+    eval_split: the split whose `best_metric` selects the best checkpoint and
+      drives the plateau controller.
+    best_metric: name of a `summarize` output, lower is better.
+    keep: latest checkpoints to keep.
+    progress_bar: show a tqdm bar; None shows it on process 0 when stderr is a
+      terminal.
+    optimizer: optimiser and plateau settings.
+    reload_best_on_decay: on a plateau decay, continue from the best
+      checkpoint's parameters (as He et al. 2019 do).
+    async_checkpoints: write checkpoints in a background thread.
+  """
+  num_steps: int
+  log_every: int = 100
+  eval_every: int = 1000
+  checkpoint_every: int = 1000
+  seed: int = 0
+  eval_split: str = 'valid'
+  best_metric: str = 'nll'
+  keep: int = 2
+  progress_bar: bool | None = None
+  optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
+  reload_best_on_decay: bool = False
+  async_checkpoints: bool = True
+
+  def __post_init__(self):
+    for name in ('log_every', 'eval_every', 'checkpoint_every'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'{name}={getattr(self, name)} must be a positive number of steps.')
+    if self.num_steps < 0:
+      raise ValueError(f'num_steps={self.num_steps} must be >= 0.')
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or Inf; the bad state was not saved."""
+
+
+# Steps (pure functions; `make_*` jit them once for a mesh).
+
+
+def train_step(state: TrainState, batch: Batch, *, task: Task,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """One optimiser update.
+
+  Returns the new state and {'sums': the loss_fn's sums, 'loss': the scalar
+  loss, 'grad_norm': the global gradient norm before clipping}.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+  (loss, (sums, model_state)), grads = grad_fn(
+      state.params, state.model_state, batch, rng, state.step)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            model_state=model_state, opt_state=opt_state)
+  return new_state, {'sums': sums, 'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+
+
+def eval_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task) -> Sums:
+  """Sums of one evaluation batch."""
+  return task.eval_fn(state.params, state.model_state, batch, rng)
+
+
+@functools.lru_cache(maxsize=16)
+def make_train_step(task: Task, tx: optax.GradientTransformation, mesh):
+  """`train_step` jitted for `mesh`: state replicated (and donated), batch sharded.
+
+  Cached: the same (task, tx, mesh) gives the same jitted (compiled once) function.
+  """
+  rep = mesh_lib.replicated(mesh)
+  return jax.jit(functools.partial(train_step, task=task, tx=tx),
+                 in_shardings=(rep, mesh_lib.data_sharding(mesh)),
+                 out_shardings=(rep, rep), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def make_eval_step(task: Task, mesh):
+  """`eval_step` jitted for `mesh`: (state, sharded batch, rng) -> replicated sums (cached)."""
+  rep = mesh_lib.replicated(mesh)
+  return jax.jit(functools.partial(eval_step, task=task),
+                 in_shardings=(rep, mesh_lib.data_sharding(mesh), rep),
+                 out_shardings=rep)
+
+
+def _as_f32(tree):
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _accumulate_train(acc, out, step):
+  """Adds one step's output to the running train sums; remembers the first bad step."""
+  sums = _as_f32(out['sums'])
+  finite = jnp.isfinite(out['loss']) & _all_finite(sums)
+  if acc is None:
+    acc = {'sums': jax.tree.map(jnp.zeros_like, sums),
+           'loss': jnp.zeros((), jnp.float32), 'grad_norm': jnp.zeros((), jnp.float32),
+           'steps': jnp.zeros((), jnp.int32), 'first_bad_step': jnp.asarray(-1, jnp.int32),
+           'bad_loss': jnp.zeros((), jnp.float32)}
+  first_bad = acc['first_bad_step'] < 0
+  newly_bad = first_bad & ~finite
+  return {
+      'sums': jax.tree.map(jnp.add, acc['sums'], sums),
+      'loss': acc['loss'] + out['loss'].astype(jnp.float32),
+      'grad_norm': acc['grad_norm'] + out['grad_norm'].astype(jnp.float32),
+      'steps': acc['steps'] + 1,
+      'first_bad_step': jnp.where(newly_bad, step, acc['first_bad_step']).astype(jnp.int32),
+      'bad_loss': jnp.where(newly_bad, out['loss'], acc['bad_loss']).astype(jnp.float32),
+  }
+
+
+def _add_sums(acc, sums):
+  sums = _as_f32(sums)
+  if acc is None:
+    return sums
+  return jax.tree.map(jnp.add, acc, sums)
+
+
+def _to_host(tree) -> Any:
+  def host(x):
+    x = np.asarray(jax.device_get(x))
+    return x.item() if x.size == 1 else x  # vector sums (e.g. per-dimension) stay arrays
+  return jax.tree.map(host, tree)
+
+
+# Initialisation.
+
+
+def _rngs(seed: int):
+  init_rng, train_rng, eval_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return init_rng, train_rng, eval_rng
+
+
+class _Programs(NamedTuple):
+  """The jitted functions of one (task, optimiser, mesh)."""
+  tx: optax.GradientTransformation
+  init: Callable[..., TrainState]
+  init_fn: Callable[..., TrainState]
+  train_step: Callable[..., tuple[TrainState, dict]]
+  eval_step: Callable[..., Sums]
+  accumulate: Callable[..., dict]
+  apply_plateau: Callable[[TrainState, float], TrainState]
+  apply_config: Callable[[TrainState], TrainState]
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(task: Task, opt_cfg: optim.OptimizerConfig, mesh) -> _Programs:
+  """Builds (once per task, optimiser config and mesh) the jitted programs."""
+  tx = optim.make_optimizer(opt_cfg)
+  rep = mesh_lib.replicated(mesh)
+
+  def init_fn(init_rng, train_rng, example_batch):
+    state = state_lib.create_train_state(task.init_fn, tx, init_rng, train_rng,
+                                         example_batch)
+    return state.replace(opt_state=optim.apply_config(state.opt_state, opt_cfg))
+
+  def apply_plateau(state, val_loss):
+    plateau = optim.plateau_update(state.plateau, val_loss, opt_cfg.plateau)
+    return state.replace(
+        plateau=plateau,
+        opt_state=optim.apply_config(state.opt_state, opt_cfg, plateau.lr_scale))
+
+  def apply_config(state):
+    return state.replace(opt_state=optim.apply_config(
+        state.opt_state, opt_cfg, state.plateau.lr_scale))
+
+  return _Programs(
+      tx=tx,
+      init=jax.jit(init_fn, out_shardings=rep),
+      init_fn=init_fn,
+      train_step=make_train_step(task, tx, mesh),
+      eval_step=make_eval_step(task, mesh),
+      accumulate=jax.jit(_accumulate_train, out_shardings=rep, donate_argnums=0),
+      apply_plateau=jax.jit(apply_plateau, out_shardings=rep, donate_argnums=0),
+      apply_config=jax.jit(apply_config, out_shardings=rep, donate_argnums=0))
+
+
+def init_train_state(task: Task, optimizer: optim.OptimizerConfig,
+                     example_batch: Batch, seed: int, mesh) -> TrainState:
+  """A fresh, replicated TrainState (every process gets process 0's example batch)."""
+  example_batch = multihost_utils.broadcast_one_to_all(dict(example_batch))
+  init_rng, train_rng, _ = _rngs(seed)
+  return _programs(task, optimizer, mesh).init(init_rng, train_rng, example_batch)
+
+
+def abstract_train_state(task: Task, optimizer: optim.OptimizerConfig,
+                         example_batch: Batch, mesh) -> TrainState:
+  """Shapes, dtypes and (replicated) shardings of the TrainState: a restore target."""
+  init_rng, train_rng, _ = _rngs(0)
+  shapes = jax.eval_shape(_programs(task, optimizer, mesh).init_fn, init_rng,
+                          train_rng, dict(example_batch))
+  rep = mesh_lib.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+
+
+# Evaluation.
+
+
+def evaluate(p_eval_step, state: TrainState, make_iter: Callable[[], Iterator[Batch]],
+             summarize, rng: jax.Array, mesh) -> dict[str, float]:
+  """Sums `eval_fn` over every batch of a fresh iterator, then `summarize`s on the host."""
+  acc = None
+  add = _jit_add_sums(mesh)
+  for i, batch in enumerate(make_iter()):
+    acc = add(acc, p_eval_step(state, mesh_lib.to_global(batch, mesh),
+                               jax.random.fold_in(rng, i)))
+  if acc is None:
+    raise ValueError('An evaluation iterator yielded no batches; check the eval split.')
+  sums = _to_host(acc)
+  return dict(summarize(sums))
+
+
+@functools.cache
+def _jit_add_sums(mesh):
+  return jax.jit(_add_sums, out_shardings=mesh_lib.replicated(mesh))
+
+
+# The loop.
+
+
+def _check_iterator(train_iter) -> None:
+  for name in ('state', 'restore'):
+    if not callable(getattr(train_iter, name, None)):
+      raise TypeError(
+          f'The train iterator {type(train_iter).__name__} has no {name}() method; '
+          'the loop needs a resumable iterator (state() -> dict, restore(dict)), '
+          'e.g. the one from vae_jax.data.pipeline.')
+
+
+def _peek(train_iter) -> Batch:
+  position = train_iter.state()
+  batch = next(train_iter)
+  train_iter.restore(position)
+  return batch
+
+
+class _Guard:
+  """Raises NonFiniteLossError with what to do about it."""
+
+  def __init__(self, ckpt: checkpoint_lib.Checkpointer, optimizer: optim.OptimizerConfig):
+    self.ckpt = ckpt
+    self.optimizer = optimizer
+
+  def fail(self, step: int, what: str):
+    last = self.ckpt.latest_step()
+    where = os.path.join(self.ckpt.directory, 'latest')
+    if last is None:
+      saved = 'No checkpoint was saved before it, so nothing is left to resume from.'
+    else:
+      saved = (f'The last good checkpoint is step {last} in {where}; it is intact, '
+               f'and rerunning the command resumes from it.')
+    clip = self.optimizer.grad_clip_norm
+    raise NonFiniteLossError(
+        f'Training diverged: {what} at step {step}. Stopped without saving this '
+        f'state. {saved} Lower the learning rate (optimizer.learning_rate, now '
+        f'{self.optimizer.learning_rate:g}) or clip gradients '
+        f'(optimizer.grad_clip_norm, now {clip}); both take effect on resume.')
+
+  def check_acc(self, acc) -> None:
+    if acc is None:
+      return
+    bad_step, bad_loss = _to_host((acc['first_bad_step'], acc['bad_loss']))
+    if bad_step >= 0:
+      loss = 'the loss' if not math.isfinite(bad_loss) else 'a train sum'
+      self.fail(bad_step, f'{loss} was not finite (loss={bad_loss})')
+
+  def check_state(self, state: TrainState, step: int) -> None:
+    if not bool(_to_host(_jit_all_finite(state.params))):
+      self.fail(step, 'the parameters were not finite after the update')
+
+
+_jit_all_finite = jax.jit(_all_finite)
+
+
+def train_and_evaluate(
+    task: Task,
+    train_iter: Iterator[Batch],
+    eval_data: Mapping[str, Callable[[], Iterator[Batch]]],
+    config: TrainConfig,
+    workdir: str,
+    vocab_fingerprint: str | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, Any]:
+  """Trains `task` to `config.num_steps`, evaluating and checkpointing on the way.
+
+  Resumes from `<workdir>/checkpoints/latest` when it exists (state and data
+  position); otherwise initialises from `config.seed`.
+
+  Args:
+    task: the method's functions.
+    train_iter: infinite iterator of this process's train batches with
+      `state()` / `restore()`.
+    eval_data: split name -> zero-argument callable returning a fresh finite
+      iterator of this process's batches (every process the same number).
+    config: loop settings.
+    workdir: where checkpoints, metrics.jsonl and TensorBoard files go.
+    vocab_fingerprint: identifies the vocabulary; checked on resume.
+    mesh: device mesh (default: all devices on a `data` axis).
+
+  Returns:
+    {'step': final step, 'stopped_early': bool, 'train': last train metrics,
+     <split>: last metrics of each eval split}.
+  """
+  _check_iterator(train_iter)
+  if eval_data and config.eval_split not in eval_data:
+    raise ValueError(
+        f'eval_split={config.eval_split!r} is not among the eval splits '
+        f'{sorted(eval_data)}; set TrainConfig.eval_split to one of them.')
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh()
+  opt_cfg, plateau_cfg = config.optimizer, config.optimizer.plateau
+  programs = _programs(task, opt_cfg, mesh)
+  _, _, eval_rng = _rngs(config.seed)
+
+  ckpt = checkpoint_lib.Checkpointer(
+      workdir, vocab_fingerprint=vocab_fingerprint, keep=config.keep,
+      best_metric=config.best_metric, async_save=config.async_checkpoints)
+  guard = _Guard(ckpt, opt_cfg)
+  writer = None
+  bar = None
+  try:
+    example_batch = _peek(train_iter)
+    resume_step = ckpt.latest_step()
+    if resume_step is None:
+      state = init_train_state(task, opt_cfg, example_batch, config.seed, mesh)
+      logging.info('Initialised a new run in %s.', workdir)
+    else:
+      target = abstract_train_state(task, opt_cfg, example_batch, mesh)
+      state, data_state, _ = ckpt.restore_latest(target)
+      train_iter.restore(data_state)
+      ckpt.discard_after(resume_step)
+      # The config's learning rate and clipping apply on resume (scaled by
+      # the plateau controller), so a diverged run can resume with new ones.
+      state = programs.apply_config(state)
+      logging.info('Resumed from step %d of %s.', resume_step, workdir)
+    writer = writers.MetricWriter(workdir, resume_step=resume_step)
+    step = int(jax.device_get(state.step))
+    if resume_step is not None and step != resume_step:
+      raise ValueError(f'Checkpoint {resume_step} holds a state at step {step}; '
+                       'the checkpoint directory is inconsistent.')
+
+    results: dict[str, Any] = {}
+    train_metrics: dict[str, float] = {}
+    evaluated_at = None
+    stopped_early = optim.should_stop(state.plateau, plateau_cfg)
+    if stopped_early:
+      logging.info('The run already stopped after %d learning-rate decays.',
+                   plateau_cfg.max_decays)
+    bar = writers.progress_bar(config.num_steps, step, config.progress_bar)
+    acc = None
+    tick, tick_step = time.time(), step
+
+    def run_eval(state, step, write=True):
+      nonlocal evaluated_at
+      out = {}
+      for split, make_iter in eval_data.items():
+        metrics = evaluate(programs.eval_step, state, make_iter, task.summarize,
+                           jax.random.fold_in(eval_rng, step), mesh)
+        writers.log_metrics(step, split, metrics)
+        if write:
+          writer.write_scalars(step, split, metrics)
+        out[split] = metrics
+      if task.sample_fn is not None and write:
+        texts = task.sample_fn(state.params, state.model_state,
+                               jax.random.fold_in(eval_rng, step))
+        writer.write_texts(step, 'samples', texts)
+      evaluated_at = step
+      return out
+
+    while step < config.num_steps and not stopped_early:
+      batch = mesh_lib.to_global(next(train_iter), mesh)
+      state, out = programs.train_step(state, batch)
+      acc = programs.accumulate(acc, out, step)
+      step += 1
+      bar.update(1)
+      is_last = step == config.num_steps
+      if step % config.log_every == 0 or is_last:
+        guard.check_acc(acc)
+        host = _to_host(acc)
+        train_metrics = dict(task.summarize(host['sums']))
+        train_metrics['loss'] = host['loss'] / host['steps']
+        train_metrics['grad_norm'] = host['grad_norm'] / host['steps']
+        train_metrics['learning_rate'] = float(jax.device_get(
+            optim.get_learning_rate(state.opt_state)))
+        now = time.time()
+        train_metrics['steps_per_sec'] = (step - tick_step) / max(now - tick, 1e-9)
+        tick, tick_step = now, step
+        writer.write_scalars(step, 'train', train_metrics)
+        writers.log_metrics(step, 'train', train_metrics)
+        bar.set_postfix(loss=f'{train_metrics["loss"]:.4g}')
+        acc = None
+      if eval_data and (step % config.eval_every == 0 or is_last):
+        guard.check_acc(acc)
+        results.update(run_eval(state, step))
+        val = results[config.eval_split]
+        if config.best_metric not in val:
+          raise KeyError(
+              f'best_metric={config.best_metric!r} is not among the '
+              f'{config.eval_split!r} metrics {sorted(val)}; set '
+              'TrainConfig.best_metric to one of them.')
+        guard.check_state(state, step)
+        data_state = train_iter.state()
+        if ckpt.maybe_save_best(step, state, data_state, val):
+          logging.info('New best %s=%.4f at step %d.', config.best_metric,
+                       val[config.best_metric], step)
+        if plateau_cfg.enabled:
+          decays = int(jax.device_get(state.plateau.num_decays))
+          state = programs.apply_plateau(state, val[config.best_metric])
+          if int(jax.device_get(state.plateau.num_decays)) > decays:
+            lr = float(jax.device_get(optim.get_learning_rate(state.opt_state)))
+            logging.info('Validation %s has not improved for %d evaluations: '
+                         'learning rate decayed to %g (decay %d).',
+                         config.best_metric, plateau_cfg.patience, lr, decays + 1)
+            if config.reload_best_on_decay and ckpt.best_step() is not None:
+              ckpt.wait()
+              best, _, _ = ckpt.restore_best(abstract_train_state(
+                  task, opt_cfg, example_batch, mesh))
+              state = state.replace(params=best.params, model_state=best.model_state)
+              logging.info('Continuing from the best parameters (step %d).',
+                           ckpt.best_step())
+          if optim.should_stop(state.plateau, plateau_cfg):
+            stopped_early = True
+            logging.info('Stopping early at step %d: the learning rate was decayed '
+                         '%d times (max_decays).', step, plateau_cfg.max_decays)
+      if step % config.checkpoint_every == 0 or is_last or stopped_early:
+        guard.check_acc(acc)
+        guard.check_state(state, step)
+        ckpt.save_latest(step, state, train_iter.state(), train_metrics)
+
+    if eval_data and evaluated_at != step:
+      # Nothing trained (already finished or stopped): report the final state;
+      # its metrics are in the log already.
+      results.update(run_eval(state, step, write=False))
+    results.update(step=step, stopped_early=stopped_early, train=train_metrics)
+    return results
+  finally:
+    if bar is not None:
+      bar.close()
+    ckpt.wait()
+    ckpt.close()
+    if writer is not None:
+      writer.close()
