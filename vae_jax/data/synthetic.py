@@ -55,15 +55,21 @@ Why this corpus
 ---------------
 The factors shape words far apart. A language model has to infer them from the first words
 and carry them across the factor-independent phrases in between; a VAE decoder can read them
-from z at every step. The corpus is built so that a VAE whose code holds the factors can reach
-a lower NLL than an LSTM language model of the same size trained for the same short time,
-while a collapsed VAE (KL ~ 0) is no better than the language model. The exact reference
-exists: the slots are independent given the factors, so `log_prob` computes the true
-log p(x) = log sum_f p(f) p(x|f) of any token sequence by dynamic programming, and model NLLs
-can be compared with the entropy of the source. On the default validation split (seed 0) the
-true NLL is 26.01 nats per sentence, i.e. 1.509 nats per token with EOS counted (17.23
-tokens per sentence). No model does better on average; a perfect language model reaches it
-too, so any advantage of the VAE is one of learnability, not of the optimum.
+from z at every step. So, early in training, knowing the factors is worth more than the
+3.47 nats they cost in KL: with the library's LSTM decoder (embedding 64, hidden 64, batch 64,
+Adam 1e-3, 2,400 steps, about a minute on 2 CPU cores) the language model reaches 28.6 nats
+per validation sentence while the same decoder given the true factors reaches 23.3, a gap of
+5.3 nats. A VAE whose code holds the factors can therefore beat the language model at that
+budget (23.3 + 3.47 < 28.6), and one whose code holds nothing (posterior collapse) cannot;
+whether a given method gets there is what the corpus is meant to show.
+
+The exact reference exists: the slots are independent given the factors, so `log_prob`
+computes the true log p(x) = log sum_f p(f) p(x|f) of any token sequence by dynamic
+programming, and model NLLs can be compared with the entropy of the source. On the default
+validation split (seed 0) the true NLL is 26.01 nats per sentence, i.e. 1.509 nats per token
+with EOS counted (17.23 tokens per sentence). No model does better on average; a perfect
+language model reaches it too, so any advantage of the VAE is one of learnability, not of the
+optimum.
 
 The splits are independent streams of one generator (`np.random.default_rng([seed, split])`)
 and prefix-stable: the first k examples of `generate(split, n, seed)` are those of
