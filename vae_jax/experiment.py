@@ -319,7 +319,7 @@ def metrics_table(results: dict[str, dict]) -> str:
   """A plain-text table: one row per split."""
   header = ["split", *COLUMNS]
   rows = [[split] + [_fmt(r.get(c)) for c in COLUMNS] for split, r in results.items()]
-  widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+  widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
   line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
   return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 

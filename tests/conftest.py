@@ -1,0 +1,18 @@
+"""Test-wide settings: a persistent XLA compilation cache shared by the test processes.
+
+Many tests compile the same small programs (the smoke config's train and evaluation steps, in
+this process and in the subprocesses of the CLI and multi-process tests); the on-disk cache
+lets each compile once per test session.
+"""
+
+import os
+from pathlib import Path
+
+import jax
+
+CACHE_DIR = Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
