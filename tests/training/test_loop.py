@@ -13,7 +13,6 @@ from vae_jax.training import checkpoint as checkpoint_lib
 from vae_jax.training import writers
 
 
-# One task object per behaviour, so runs in this module share compiled programs.
 TASK = toy_task.make_task()
 TASK_WITH_SAMPLES = toy_task.make_task(with_samples=True)
 TASK_CONSTANT_EVAL = toy_task.make_task(constant_eval=True)
@@ -27,9 +26,9 @@ def _config(**kwargs):
   return training.TrainConfig(**defaults)
 
 
-def _run(workdir, config, task=None, fail_after=None, fingerprint='vocab-1'):
+def _run(workdir, config, task=None, fingerprint='vocab-1', **iterator_kwargs):
   return training.train_and_evaluate(
-      task or TASK, toy_task.ToyIterator(fail_after=fail_after),
+      task or TASK, toy_task.ToyIterator(**iterator_kwargs),
       {'valid': toy_task.make_eval_data()}, config, str(workdir), fingerprint)
 
 
@@ -99,7 +98,7 @@ def test_rerun_of_finished_run_changes_nothing(tmp_path):
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = _config(num_steps=12, log_every=3, checkpoint_every=2, eval_every=100)
   with pytest.raises(training.NonFiniteLossError) as info:
-    _run(tmp_path, config, task=toy_task.make_task(nan_at_step=7))
+    _run(tmp_path, config, nan_from=7)  # The batch of step 7 has a NaN weight.
   message = str(info.value)
   assert 'at step 7' in message
   assert 'last good checkpoint is step 6' in message
@@ -117,9 +116,8 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_plateau_decays_learning_rate_and_stops(tmp_path):
   plateau = training.PlateauConfig(patience=2, factor=0.5, max_decays=2)
   config = _config(num_steps=100, log_every=1, eval_every=1, checkpoint_every=50,
-                   optimizer=training.OptimizerConfig(
-                       name='sgd', learning_rate=0.1, grad_clip_norm=5.0,
-                       plateau=plateau))
+                   optimizer=training.OptimizerConfig(learning_rate=0.1,
+                                                      plateau=plateau))
   result = _run(tmp_path, config, task=TASK_CONSTANT_EVAL)
   # Evaluation 1 sets the best; 2 and 3 do not improve -> decay; 4, 5 -> decay, stop.
   assert result['stopped_early'] and result['step'] == 5
@@ -131,6 +129,21 @@ def test_plateau_decays_learning_rate_and_stops(tmp_path):
   # A rerun sees the stopped run and does not train on.
   again = _run(tmp_path, config, task=TASK_CONSTANT_EVAL)
   assert again['stopped_early'] and again['step'] == 5
+
+
+def test_reload_best_on_decay_continues_from_best_params(tmp_path):
+  plateau = training.PlateauConfig(patience=2, max_decays=1)
+  config = _config(num_steps=100, log_every=1, eval_every=1, checkpoint_every=50,
+                   reload_best_on_decay=True,
+                   optimizer=training.OptimizerConfig(learning_rate=0.1,
+                                                      plateau=plateau))
+  result = _run(tmp_path, config, task=TASK_CONSTANT_EVAL)
+  assert result['stopped_early'] and result['step'] == 3
+  best, meta = training.restore_best(str(tmp_path))
+  assert meta['step'] == 1
+  latest, _ = training.restore_latest(str(tmp_path))
+  assert int(latest['step']) == 3
+  _assert_trees_equal(latest['params'], best['params'])
 
 
 def test_resume_with_other_vocabulary_is_a_clear_error(tmp_path):

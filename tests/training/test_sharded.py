@@ -22,6 +22,5 @@ def test_eight_devices_match_one_device(tmp_path):
   for key in ('params_diff', 'model_state_diff', 'opt_state_diff', 'eval_sums_diff',
               'loop_params_diff'):
     assert report[key] < 1e-5, (key, report[key])
-  np.testing.assert_allclose(*report['loop_nll'], rtol=1e-6)
   assert '12 rows' in report['indivisible_error']
   assert 'multiple of 8' in report['indivisible_error']

@@ -54,40 +54,49 @@ def summarize(sums):
           'ppl': float(np.exp((sums['rec'] + sums['kl']) / max(sums['n_tokens'], 1.0)))}
 
 
-def make_task(nan_at_step=None, constant_eval=False, with_samples=False) -> loop.Task:
-  """The toy task; `nan_at_step` makes the loss NaN from that step on."""
-  model = ToyModel()
+_MODEL = ToyModel()
 
-  def init_fn(rng, batch):
-    return model.init({'params': rng}, jnp.asarray(batch['tokens']), train=False)
 
-  def loss_fn(params, model_state, batch, rng, step):
-    terms, updates = model.apply(
-        {'params': params, **model_state}, batch['tokens'], train=True,
-        rngs={'dropout': rng}, mutable=['batch_stats'])
-    sums = _sums(terms, batch['weights'])
-    loss = (sums['rec'] + sums['kl']) / jnp.maximum(sums['n_sentences'], 1.0)
-    if nan_at_step is not None:
-      loss = jnp.where(step >= nan_at_step, jnp.nan, loss)
-    return loss, (sums, dict(updates))
+def _init_fn(rng, batch):
+  return _MODEL.init({'params': rng}, jnp.asarray(batch['tokens']), train=False)
 
-  def eval_fn(params, model_state, batch, rng):
-    del rng
-    terms = model.apply({'params': params, **model_state}, batch['tokens'], train=False)
-    sums = _sums(terms, batch['weights'])
-    if constant_eval:  # A validation loss that never improves.
-      sums = dict(sums, rec=sums['n_sentences'] * 3.0, kl=sums['n_sentences'] * 0.0)
-    return sums
 
-  def sample_fn(params, model_state, rng):
-    del model_state
-    best = jnp.argmax(params['Dense_0']['bias'])
-    noise = jax.random.randint(rng, (), 0, VOCAB)
-    return [f'token {int(best)} noise {int(noise)}']
+def _loss_fn(params, model_state, batch, rng, step):
+  del step
+  terms, updates = _MODEL.apply(
+      {'params': params, **model_state}, batch['tokens'], train=True,
+      rngs={'dropout': rng}, mutable=['batch_stats'])
+  sums = _sums(terms, batch['weights'])
+  loss = (sums['rec'] + sums['kl']) / jnp.maximum(sums['n_sentences'], 1.0)
+  return loss, (sums, dict(updates))
 
-  return loop.Task(init_fn=init_fn, loss_fn=loss_fn, eval_fn=eval_fn,
+
+def _eval_fn(params, model_state, batch, rng):
+  del rng
+  terms = _MODEL.apply({'params': params, **model_state}, batch['tokens'], train=False)
+  return _sums(terms, batch['weights'])
+
+
+def _constant_eval_fn(params, model_state, batch, rng):
+  """A validation loss that never improves (3 per sentence)."""
+  del params, model_state, rng
+  n = batch['weights'].sum()
+  return {'rec': 3.0 * n, 'kl': 0.0 * n, 'n_sentences': n, 'n_tokens': 4.0 * n}
+
+
+def _sample_fn(params, model_state, rng):
+  del model_state
+  best = jnp.argmax(params['Dense_0']['bias'])
+  noise = jax.random.randint(rng, (), 0, VOCAB)
+  return [f'token {int(best)} noise {int(noise)}']
+
+
+def make_task(constant_eval=False, with_samples=False) -> loop.Task:
+  """The toy task. Its functions are module-level, so tasks share compilations."""
+  return loop.Task(init_fn=_init_fn, loss_fn=_loss_fn,
+                   eval_fn=_constant_eval_fn if constant_eval else _eval_fn,
                    summarize=summarize,
-                   sample_fn=sample_fn if with_samples else None)
+                   sample_fn=_sample_fn if with_samples else None)
 
 
 def global_batch(seed: int, index: int, batch_size: int, pad_rows: int = 0):
@@ -115,14 +124,16 @@ class ToyIterator:
   """Infinite, resumable iterator of (this process's rows of) global batches.
 
   `fail_after` raises RuntimeError when that many batches have been read, to
-  simulate a run killed between checkpoints.
+  simulate a run killed between checkpoints. `nan_from` gives batches with a
+  NaN weight from that batch index on, so the loss of that step is NaN. The
+  last `pad_rows` rows of every global batch are padding (weight 0).
   """
 
   def __init__(self, seed=0, batch_size=8, process_index=0, process_count=1,
-               fail_after=None):
-    self.seed, self.batch_size = seed, batch_size
+               fail_after=None, nan_from=None, pad_rows=0):
+    self.seed, self.batch_size, self.pad_rows = seed, batch_size, pad_rows
     self.process_index, self.process_count = process_index, process_count
-    self.fail_after = fail_after
+    self.fail_after, self.nan_from = fail_after, nan_from
     self.position = 0
 
   def __iter__(self):
@@ -131,7 +142,9 @@ class ToyIterator:
   def __next__(self):
     if self.fail_after is not None and self.position >= self.fail_after:
       raise RuntimeError(f'killed after {self.position} batches')
-    batch = global_batch(self.seed, self.position, self.batch_size)
+    batch = global_batch(self.seed, self.position, self.batch_size, self.pad_rows)
+    if self.nan_from is not None and self.position >= self.nan_from:
+      batch['weights'][0] = np.nan
     self.position += 1
     return process_rows(batch, self.process_index, self.process_count)
 

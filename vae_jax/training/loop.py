@@ -113,15 +113,9 @@ class NonFiniteLossError(FloatingPointError):
 # Steps (pure functions; `make_*` jit them once for a mesh).
 
 
-def train_step(state: TrainState, batch: Batch, *, task: Task,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
-  """One optimiser update.
-
-  Returns the new state and {'sums': the loss_fn's sums, 'loss': the scalar
-  loss, 'grad_norm': the global gradient norm before clipping}.
-  """
+def _loss_step(state, batch, loss_fn, tx):
   rng = jax.random.fold_in(state.rng, state.step)
-  grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (sums, model_state)), grads = grad_fn(
       state.params, state.model_state, batch, rng, state.step)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -131,30 +125,56 @@ def train_step(state: TrainState, batch: Batch, *, task: Task,
   return new_state, {'sums': sums, 'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
+def train_step(state: TrainState, batch: Batch, *, task: Task,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """One optimiser update with randomness `fold_in(state.rng, state.step)`.
+
+  Returns the new state and {'sums': the loss_fn's sums, 'loss': the scalar
+  loss, 'grad_norm': the global gradient norm before clipping}.
+  """
+  return _loss_step(state, batch, task.loss_fn, tx)
+
+
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task) -> Sums:
   """Sums of one evaluation batch."""
   return task.eval_fn(state.params, state.model_state, batch, rng)
 
 
-@functools.lru_cache(maxsize=16)
-def make_train_step(task: Task, tx: optax.GradientTransformation, mesh):
-  """`train_step` jitted for `mesh`: state replicated (and donated), batch sharded.
+# Jitted programs are cached on the functions they run (not the Task), so
+# tasks that share a loss_fn, or configs that differ only in the plateau
+# schedule, compile once per process.
 
-  Cached: the same (task, tx, mesh) gives the same jitted (compiled once) function.
-  """
+
+@functools.lru_cache(maxsize=32)
+def _jit_train_step(loss_fn, tx, mesh):
   rep = mesh_lib.replicated(mesh)
-  return jax.jit(functools.partial(train_step, task=task, tx=tx),
+  return jax.jit(functools.partial(_loss_step, loss_fn=loss_fn, tx=tx),
                  in_shardings=(rep, mesh_lib.data_sharding(mesh)),
                  out_shardings=(rep, rep), donate_argnums=0)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=32)
+def _jit_eval_step(eval_fn, mesh):
+  rep = mesh_lib.replicated(mesh)
+
+  def step(state, batch, rng):
+    return eval_fn(state.params, state.model_state, batch, rng)
+
+  return jax.jit(step, in_shardings=(rep, mesh_lib.data_sharding(mesh), rep),
+                 out_shardings=rep)
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, mesh):
+  """`train_step` jitted for `mesh`: state replicated (and donated), batch sharded.
+
+  Cached: the same (loss_fn, tx, mesh) gives the same compiled function.
+  """
+  return _jit_train_step(task.loss_fn, tx, mesh)
+
+
 def make_eval_step(task: Task, mesh):
   """`eval_step` jitted for `mesh`: (state, sharded batch, rng) -> replicated sums (cached)."""
-  rep = mesh_lib.replicated(mesh)
-  return jax.jit(functools.partial(eval_step, task=task),
-                 in_shardings=(rep, mesh_lib.data_sharding(mesh), rep),
-                 out_shardings=rep)
+  return _jit_eval_step(task.eval_fn, mesh)
 
 
 def _as_f32(tree):
@@ -222,16 +242,26 @@ class _Programs(NamedTuple):
   apply_config: Callable[[TrainState], TrainState]
 
 
-@functools.lru_cache(maxsize=16)
-def _programs(task: Task, opt_cfg: optim.OptimizerConfig, mesh) -> _Programs:
-  """Builds (once per task, optimiser config and mesh) the jitted programs."""
-  tx = optim.make_optimizer(opt_cfg)
-  rep = mesh_lib.replicated(mesh)
+def _without_plateau(opt_cfg: optim.OptimizerConfig) -> optim.OptimizerConfig:
+  return dataclasses.replace(opt_cfg, plateau=optim.PlateauConfig())
 
-  def init_fn(init_rng, train_rng, example_batch):
-    state = state_lib.create_train_state(task.init_fn, tx, init_rng, train_rng,
-                                         example_batch)
+
+@functools.lru_cache(maxsize=32)
+def _init_programs(init_fn, opt_cfg: optim.OptimizerConfig, mesh):
+  """(python init function, its jitted version) for an optimiser without plateau."""
+  tx = optim.make_optimizer(opt_cfg)
+
+  def init(init_rng, train_rng, example_batch):
+    state = state_lib.create_train_state(init_fn, tx, init_rng, train_rng, example_batch)
     return state.replace(opt_state=optim.apply_config(state.opt_state, opt_cfg))
+
+  return init, jax.jit(init, out_shardings=mesh_lib.replicated(mesh))
+
+
+@functools.lru_cache(maxsize=32)
+def _state_programs(opt_cfg: optim.OptimizerConfig, mesh):
+  """Jitted accumulate / plateau / config updates of the state."""
+  rep = mesh_lib.replicated(mesh)
 
   def apply_plateau(state, val_loss):
     plateau = optim.plateau_update(state.plateau, val_loss, opt_cfg.plateau)
@@ -243,15 +273,22 @@ def _programs(task: Task, opt_cfg: optim.OptimizerConfig, mesh) -> _Programs:
     return state.replace(opt_state=optim.apply_config(
         state.opt_state, opt_cfg, state.plateau.lr_scale))
 
+  return (jax.jit(_accumulate_train, out_shardings=rep, donate_argnums=0),
+          jax.jit(apply_plateau, out_shardings=rep, donate_argnums=0),
+          jax.jit(apply_config, out_shardings=rep, donate_argnums=0))
+
+
+def _programs(task: Task, opt_cfg: optim.OptimizerConfig, mesh) -> _Programs:
+  """The jitted programs of a run (each cached on what it depends on)."""
+  base = _without_plateau(opt_cfg)
+  tx = optim.make_optimizer(base)
+  init_fn, init = _init_programs(task.init_fn, base, mesh)
+  accumulate, apply_plateau, apply_config = _state_programs(opt_cfg, mesh)
   return _Programs(
-      tx=tx,
-      init=jax.jit(init_fn, out_shardings=rep),
-      init_fn=init_fn,
+      tx=tx, init=init, init_fn=init_fn,
       train_step=make_train_step(task, tx, mesh),
       eval_step=make_eval_step(task, mesh),
-      accumulate=jax.jit(_accumulate_train, out_shardings=rep, donate_argnums=0),
-      apply_plateau=jax.jit(apply_plateau, out_shardings=rep, donate_argnums=0),
-      apply_config=jax.jit(apply_config, out_shardings=rep, donate_argnums=0))
+      accumulate=accumulate, apply_plateau=apply_plateau, apply_config=apply_config)
 
 
 def init_train_state(task: Task, optimizer: optim.OptimizerConfig,

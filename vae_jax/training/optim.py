@@ -96,15 +96,20 @@ def _clip_value(grad_clip_norm: float | None) -> float:
   return float(grad_clip_norm) if grad_clip_norm else float('inf')
 
 
-@functools.lru_cache(maxsize=32)
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
   """Builds the optimiser from `cfg` (equal configs give the same object).
 
   The learning rate and the clipping norm are injected hyperparameters, stored
   in `opt_state.hyperparams` (`set_hyperparams` changes them). Clipping is always
   in the chain (an infinite norm when off, which is the identity), so a run can
-  resume with clipping turned on or off.
+  resume with clipping turned on or off. The plateau schedule acts on the
+  state from outside (`plateau_update`, `apply_config`), not in the chain.
   """
+  return _make_optimizer(dataclasses.replace(cfg, plateau=PlateauConfig()))
+
+
+@functools.lru_cache(maxsize=32)
+def _make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
   def build(learning_rate, grad_clip_norm):
     parts = [optax.clip_by_global_norm(grad_clip_norm)]
