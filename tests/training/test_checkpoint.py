@@ -56,6 +56,19 @@ def test_best_keeps_only_the_lowest_metric(ckpt, tmp_path):
     ckpt.maybe_save_best(5, _state(5), {}, {'elbo': 1.0})
 
 
+def test_best_selected_by_another_metric_is_replaced(ckpt, tmp_path):
+  ckpt.maybe_save_best(1, _state(1), {}, {'nll': 1.0})
+  ckpt.wait()
+  other = checkpoint_lib.Checkpointer(str(tmp_path), best_metric='elbo')
+  try:
+    assert other.best_value() is None
+    assert other.maybe_save_best(2, _state(2), {}, {'elbo': 5.0})
+    other.wait()
+    assert other.best_step() == 2 and other.best_value() == 5.0
+  finally:
+    other.close()
+
+
 def test_discard_after_removes_newer_best(ckpt):
   ckpt.maybe_save_best(4, _state(4), {}, {'nll': 1.0})
   ckpt.wait()

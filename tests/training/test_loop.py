@@ -157,9 +157,27 @@ def test_bad_eval_split_and_metric_are_clear_errors(tmp_path):
     _run(tmp_path, _config(eval_split='test'))
   with pytest.raises(KeyError, match='best_metric'):
     _run(tmp_path / 'b', _config(best_metric='elbo'))
+  with pytest.raises(ValueError, match='needs validation data'):
+    training.train_and_evaluate(
+        TASK, toy_task.ToyIterator(), {},
+        _config(optimizer=training.OptimizerConfig(
+            plateau=training.PlateauConfig(patience=2))), str(tmp_path / 'c'))
 
 
 def test_plain_iterator_is_rejected(tmp_path):
   with pytest.raises(TypeError, match='resumable'):
     training.train_and_evaluate(TASK, iter([]), {}, _config(),
                                 str(tmp_path))
+
+
+def test_finite_train_iterator_is_a_clear_error(tmp_path):
+
+  class Finite(toy_task.ToyIterator):
+
+    def __next__(self):
+      if self.position >= 3:
+        raise StopIteration
+      return super().__next__()
+
+  with pytest.raises(ValueError, match='ended at step 3.*infinite'):
+    training.train_and_evaluate(TASK, Finite(), {}, _config(), str(tmp_path))

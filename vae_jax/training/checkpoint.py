@@ -114,7 +114,13 @@ class Checkpointer:
       return None
     if self._best_value_step != step:
       meta = self._restore_items(self._best, step, None, ('meta',)).meta
-      self._best_value = float(meta['metrics'][self.best_metric])
+      value = meta['metrics'].get(self.best_metric)
+      if value is None:
+        logging.warning(
+            'The best checkpoint (step %d) has no %r (it was selected by %s); the '
+            'next evaluation replaces it.', step, self.best_metric,
+            sorted(meta['metrics']))
+      self._best_value = None if value is None else float(value)
       self._best_value_step = step
     return self._best_value
 
@@ -151,6 +157,8 @@ class Checkpointer:
       return False
     if step in self._best.all_steps():
       return False
+    if best is None and self.best_step() is not None:
+      self._best.delete(self.best_step())  # Selected by another metric.
     meta = self._meta(step, metrics)
     self._best.save(step, args=self._args(state, data_state, meta),
                     metrics={self.best_metric: value}, force=True)

@@ -15,6 +15,8 @@ updates applied before its own (0 for the first batch).
 from collections.abc import Callable, Iterator, Mapping
 import dataclasses
 import functools
+import hashlib
+import json
 import math
 import os
 import time
@@ -343,6 +345,35 @@ def _check_iterator(train_iter) -> None:
           'e.g. the one from vae_jax.data.pipeline.')
 
 
+def _next_batch(train_iter, step: int) -> Batch:
+  try:
+    return next(train_iter)
+  except StopIteration:
+    raise ValueError(
+        f'The train iterator ended at step {step}; the loop needs an infinite '
+        'iterator (one that repeats epochs) and stops at TrainConfig.num_steps.'
+    ) from None
+
+
+def _data_state(train_iter) -> dict:
+  """The iterator position to checkpoint; checked to be the same on every process.
+
+  Only process 0's copy is written, so the state must describe the position in
+  the global batch stream, not this process's shard.
+  """
+  state = train_iter.state()
+  if jax.process_count() > 1:
+    text = json.dumps(state, sort_keys=True, default=str).encode()
+    digest = np.frombuffer(hashlib.sha256(text).digest(), np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest))
+    if not (digests == digests[:1]).all():
+      raise ValueError(
+          f'The train iterator state differs between processes (process '
+          f'{jax.process_index()}: {state}); state() must describe the position '
+          'in the global batch stream, the same on every process.')
+  return state
+
+
 def _peek(train_iter) -> Batch:
   position = train_iter.state()
   batch = next(train_iter)
@@ -406,7 +437,8 @@ def train_and_evaluate(
   Args:
     task: the method's functions.
     train_iter: infinite iterator of this process's train batches with
-      `state()` / `restore()`.
+      `state()` / `restore()`; `state()` must be the same on every process
+      (the position in the global batch stream): process 0's is saved.
     eval_data: split name -> zero-argument callable returning a fresh finite
       iterator of this process's batches (every process the same number).
     config: loop settings.
@@ -423,6 +455,10 @@ def train_and_evaluate(
     raise ValueError(
         f'eval_split={config.eval_split!r} is not among the eval splits '
         f'{sorted(eval_data)}; set TrainConfig.eval_split to one of them.')
+  if config.optimizer.plateau.enabled and not eval_data:
+    raise ValueError(
+        'The plateau schedule (optimizer.plateau.patience) needs validation data, '
+        'but eval_data is empty; pass an eval split or set patience=None.')
   mesh = mesh if mesh is not None else mesh_lib.make_mesh()
   opt_cfg, plateau_cfg = config.optimizer, config.optimizer.plateau
   programs = _programs(task, opt_cfg, mesh)
@@ -484,7 +520,7 @@ def train_and_evaluate(
       return out
 
     while step < config.num_steps and not stopped_early:
-      batch = mesh_lib.to_global(next(train_iter), mesh)
+      batch = mesh_lib.to_global(_next_batch(train_iter, step), mesh)
       state, out = programs.train_step(state, batch)
       acc = programs.accumulate(acc, out, step)
       step += 1
@@ -515,8 +551,7 @@ def train_and_evaluate(
               f'{config.eval_split!r} metrics {sorted(val)}; set '
               'TrainConfig.best_metric to one of them.')
         guard.check_state(state, step)
-        data_state = train_iter.state()
-        if ckpt.maybe_save_best(step, state, data_state, val):
+        if ckpt.maybe_save_best(step, state, _data_state(train_iter), val):
           logging.info('New best %s=%.4f at step %d.', config.best_metric,
                        val[config.best_metric], step)
         if plateau_cfg.enabled:
@@ -541,7 +576,7 @@ def train_and_evaluate(
       if step % config.checkpoint_every == 0 or is_last or stopped_early:
         guard.check_acc(acc)
         guard.check_state(state, step)
-        ckpt.save_latest(step, state, train_iter.state(), train_metrics)
+        ckpt.save_latest(step, state, _data_state(train_iter), train_metrics)
 
     if eval_data and evaluated_at != step:
       # Nothing trained (already finished or stopped): report the final state;
