@@ -10,6 +10,11 @@ Adam update. Only the LSTM implementation differs between variants:
   hoisted        hoisted x/z projections, autodiff through the scan (no custom VJP)
   ours           `vae_jax.nn.LSTM`: hoisted projections + custom-VJP recurrence
   ours_u{k}      the same with `unroll=k`
+  no_lstm        both LSTMs replaced by a per-step Dense: the cost of everything else
+
+Besides the whole train step, each LSTM variant's layer is also timed alone (forward + backward
+of a decoder-like layer with static z and an initial state), which shows the layer's own
+speed-up undiluted by the softmax, embeddings and optimiser.
 
 A variant name may end in `@PRESET` to compile that variant's step with per-executable XLA
 options (`jax.jit(f).lower(...).compile(compiler_options=...)`, the per-executable form of
@@ -134,7 +139,20 @@ class HoistedAutodiffLSTM(lstm_lib.LSTM):
     return jnp.swapaxes(ys, 0, 1), final
 
 
+class NoLSTM(nn.Module):
+  """Not an LSTM: a per-step Dense with the LSTM's output shapes. A train step with it in
+  place of both LSTMs measures the cost of everything else (embeddings, softmax, Adam)."""
+  features: int
+
+  @nn.compact
+  def __call__(self, inputs, mask, initial_state=None, static_inputs=None):
+    y = nn.Dense(self.features)(inputs) * mask[..., None]
+    return y, (y[:, -1], y[:, -1])
+
+
 def make_lstm(variant: str, features: int) -> nn.Module:
+  if variant == "no_lstm":
+    return NoLSTM(features)
   if variant == "flax_rnn":
     return FlaxRNN(features)
   if variant == "naive_scan":
@@ -199,8 +217,32 @@ def make_batch(size: dict[str, int], seed: int = 0):
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
+def make_layer_step(variant: str, size: dict[str, int]):
+  """Forward + backward of one decoder-like LSTM layer alone (static z, initial state).
+
+  Returns (function, args); the function returns the gradients with respect to the layer's
+  parameters, inputs, z and initial state of a random linear function of its outputs.
+  """
+  b, t, e, h, dz = (size[k] for k in ("batch", "steps", "embed", "hidden", "latent"))
+  keys = jax.random.split(jax.random.PRNGKey(1), 6)
+  x = jax.random.normal(keys[0], (b, t, e))
+  z = jax.random.normal(keys[1], (b, dz))
+  state = (jax.random.normal(keys[2], (b, h)), jax.random.normal(keys[3], (b, h)))
+  w_y = jax.random.normal(keys[4], (b, t, h))
+  mask = jnp.ones((b, t), jnp.float32)
+  lstm = make_lstm(variant, h)
+  params = jax.jit(lstm.init)(keys[5], x, mask, state, z)
+
+  def loss(params, x, z, state):
+    y, (c_t, h_t) = lstm.apply(params, x, mask, state, z)
+    return jnp.sum(y * w_y) + jnp.sum(c_t) + jnp.sum(h_t)
+
+  return jax.grad(loss, argnums=(0, 1, 2, 3)), (params, x, z, state)
+
+
 def bench_size(name: str, variants: list[str], repeats: int, warmup: int,
-               max_seconds: float) -> dict[str, Any]:
+               max_seconds: float, layer: bool = True) -> dict[str, Any]:
+  """Times the train step (and the LSTM layer alone) of every variant, interleaved."""
   size = SIZES[name]
   tokens, mask = make_batch(size)
   rng = jax.random.PRNGKey(0)
@@ -208,70 +250,80 @@ def bench_size(name: str, variants: list[str], repeats: int, warmup: int,
   fns = {}
   for variant in variants:
     lstm_variant, _, preset = variant.partition("@")
+    options = COMPILER_PRESETS[preset or "default"]
     model = BenchVAE(lstm_variant, size["vocab"], size["embed"], size["hidden"], size["latent"])
     params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens, mask, rng)
     opt_state = tx.init(params)
-    fns[variant] = (make_train_step(model, tx), (params, opt_state, tokens, mask, rng),
-                    COMPILER_PRESETS[preset or "default"])
+    fns[("step", variant)] = (make_train_step(model, tx),
+                              (params, opt_state, tokens, mask, rng), options)
+    if layer and lstm_variant != "no_lstm":
+      fns[("layer", variant)] = (*make_layer_step(lstm_variant, size), options)
   # The ceiling matmul is timed in the same rounds, so it sees the same machine load.
   n = CEILING_N
   square = jnp.ones((n, n), jnp.float32)
-  fns[CEILING] = (jnp.matmul, (square, square))
+  fns[("matmul", CEILING)] = (jnp.matmul, (square, square))
   timings = common.time_interleaved(fns, warmup=warmup, repeats=repeats,
                                     max_seconds=max_seconds)
-  ceiling_timing = timings.pop(CEILING)
-  ceiling_interleaved = 2.0 * n ** 3 / ceiling_timing.median_s / 1e9
+  ceiling_interleaved = 2.0 * n ** 3 / timings.pop(("matmul", CEILING)).median_s / 1e9
 
   tokens_per_step = size["batch"] * size["steps"]
-  flops = common.lstm_vae_flops_per_token(size["embed"], size["hidden"], size["vocab"],
-                                          size["latent"], size["steps"])
+  step_flops = common.lstm_vae_flops_per_token(size["embed"], size["hidden"], size["vocab"],
+                                               size["latent"], size["steps"])
+  layer_flops = 3.0 * (common.lstm_flops_per_token(size["embed"], size["hidden"])
+                       + 2.0 * size["latent"] * 4 * size["hidden"] / size["steps"])
   ceiling = common.measure_matmul_ceiling()
-  output_layer = common.matmul_gflops(tokens_per_step, size["hidden"], size["vocab"])
-  recurrent_step = common.matmul_gflops(size["batch"], size["hidden"], 4 * size["hidden"],
-                                        repeats=20)
-  reference = variants[0]
   result = {
       "size": name, **size,
       "tokens_per_step": tokens_per_step,
-      "train_flops_per_token": flops,
+      "train_flops_per_token": step_flops,
+      "layer_train_flops_per_token": layer_flops,
       "matmul_ceiling_gflops": ceiling,
       "matmul_interleaved_median_gflops": ceiling_interleaved,
-      "output_layer_matmul_gflops": output_layer,
-      "recurrent_step_matmul_gflops": recurrent_step,
-      "reference": reference,
-      "variants": {},
+      "output_layer_matmul_gflops": common.matmul_gflops(tokens_per_step, size["hidden"],
+                                                         size["vocab"], repeats=3),
+      "recurrent_step_matmul_gflops": common.matmul_gflops(
+          size["batch"], size["hidden"], 4 * size["hidden"], repeats=20),
+      "reference": variants[0],
+      "train_step": {},
+      "layer": {},
   }
-  ref_median = timings[reference].median_s
-  for variant, timing in timings.items():
+  for (kind, variant), timing in timings.items():
+    flops = step_flops if kind == "step" else layer_flops
+    reference = timings.get((kind, variants[0]))
     tps = tokens_per_step / timing.median_s
-    result["variants"][variant] = {
+    entry = {
         **timing.as_dict(),
         "tokens_per_s": tps,
+        "cpu_tokens_per_s": tokens_per_step / timing.cpu_median_s,
         "gflops": tps * flops / 1e9,
         "fraction_of_ceiling": tps * flops / 1e9 / ceiling,
         "fraction_of_interleaved_matmul": tps * flops / 1e9 / ceiling_interleaved,
-        "speedup_vs_reference": ref_median / timing.median_s,
-        "cpu_speedup_vs_reference": timings[reference].cpu_median_s / timing.cpu_median_s,
     }
+    if reference is not None:
+      entry["speedup_vs_reference"] = reference.median_s / timing.median_s
+      entry["cpu_speedup_vs_reference"] = reference.cpu_median_s / timing.cpu_median_s
+    result["train_step" if kind == "step" else "layer"][variant] = entry
   return result
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--sizes", default="ptb,yahoo")
-  parser.add_argument("--variants", default="flax_rnn,naive_scan,hoisted,ours",
+  parser.add_argument("--variants", default="flax_rnn,naive_scan,ours,no_lstm",
                       help="comma-separated; the first is the reference of the ratios")
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--max_seconds", type=float, default=45.0,
-                      help="timing budget per size (after compilation)")
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--max_seconds", type=float, default=40.0,
+                      help="timing budget per size after compilation (at least one round)")
+  parser.add_argument("--no_layer", action="store_true",
+                      help="time only the train step, not the LSTM layer alone")
   parser.add_argument("--output", default=None, help="also write the JSON here")
   args = parser.parse_args(argv)
   start = time.perf_counter()
   result = {"benchmark": "lstm_layer", "environment": common.environment(), "sizes": {}}
   for name in args.sizes.split(","):
     result["sizes"][name] = bench_size(name, args.variants.split(","), args.repeats,
-                                       args.warmup, args.max_seconds)
+                                       args.warmup, args.max_seconds, not args.no_layer)
   result["wall_s"] = time.perf_counter() - start
   common.write_json(result, args.output)
 

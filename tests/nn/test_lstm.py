@@ -121,6 +121,15 @@ def test_arbitrary_masks_match_reference():
   y_ref, final_ref = reference_lstm(params, x, mask, state, z)
   assert_close((y, final), (y_ref, final_ref), 1e-5)
 
+  def loss(fn, params, x, z, state):
+    y, (c, h) = fn(params, x, z, state)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(c * h)
+
+  ours = lambda p, x, z, s: model.apply(p, x, mask, initial_state=s, static_inputs=z)
+  ref = lambda p, x, z, s: reference_lstm(p, x, mask, s, z)
+  grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3)))
+  assert_close(grad(ours)(params, x, z, state), grad(ref)(params, x, z, state), 1e-4)
+
 
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("init_state", [False, True])

@@ -19,30 +19,41 @@ applied per step, so any mask is handled, not only right padding.)
 
 Why the implementation is shaped as it is. Per token the LSTM costs two matmuls of the same
 size, x_t W_x and h_{t-1} W_hh, but only the second is sequential. A plain `lax.scan` over an
-LSTM cell does both inside the loop as small `[B, D] @ [D, 4H]` products (B = 32 rows keeps
-them far from the machine's matmul peak), and reverse-mode autodiff of that scan additionally
-accumulates dW_hh and dW_x with one `[H, B] @ [B, 4H]` outer-product matmul per step. Here:
+LSTM cell does both inside the loop as small `[B, D] @ [D, 4H]` products, and reverse-mode
+autodiff of that scan accumulates dW_hh and dW_x with `[H, B] @ [B, 4H]` outer products
+(K = B = 32) at every step, plus the elementwise work of the autodiff'd cell. Here:
 
-1. Hoisting. x W_x + b for all steps is ONE `[T*B, D] @ [D, 4H]` matmul before the
-   recurrence, and z W_z is computed once per sequence (`[B, Dz] @ [Dz, 4H]`) and added inside
-   each step's elementwise gate fusion, never concatenated T times.
-2. Time-major layout. The projection is written time-major (`[T, B, 4H]`), so every step
-   reads one contiguous `[B, 4H]` slab.
+1. Hoisting. x W_x for all steps is ONE `[T*B, D] @ [D, 4H]` matmul before the recurrence;
+   z W_z + b is computed once per sequence (`[B, Dz] @ [Dz, 4H]`) and added inside each
+   step's elementwise gate fusion, never concatenated T times.
+2. Time-major layout. The projection is produced time-major (`[T, B, 4H]`; the cheaper
+   `[B, T, D]` input is transposed, not the 4x wider projection), so every step reads one
+   contiguous `[B, 4H]` slab and writes contiguous `[B, H]` rows.
 3. Custom VJP for the recurrence. The forward scan saves the post-nonlinearity gates
    (i, f, g, o), c_{t-1} and h_{t-1}; the backward scan only propagates (dh, dc):
 
      dh~_t = m_t (dh_t + dy_t)
-     dc~_t = m_t dc_t + dh~_t o_t (1 - tanh^2 c~_t)
-     da_t  = [dc~_t g_t i_t (1-i_t),  dc~_t c_{t-1} f_t (1-f_t),
-              dc~_t i_t (1-g_t^2),    dh~_t tanh(c~_t) o_t (1-o_t)]
+     dc~_t = m_t dc_t + dh~_t q_t                       q_t = o_t (1 - tanh^2 c~_t)
+     da_t  = [dc~_t, dc~_t, dc~_t, dh~_t] * p_t         (blockwise)
+     p_t   = [g i (1-i),  c_{t-1} f (1-f),  i (1-g^2),  tanh(c~_t) o (1-o)]
      dh_{t-1} = (1 - m_t) dh_t + da_t W_hh^T       dc_{t-1} = (1 - m_t) dc_t + dc~_t f_t
 
-   and the weight gradients leave the loop: dW_hh = sum_t h_{t-1}^T da_t is ONE
+   p and q do not depend on the incoming gradients, so they are computed for all steps in
+   one vectorised pass before the loop, leaving a few multiply-adds and one matmul per step.
+   The weight gradients leave the loop: dW_hh = sum_t h_{t-1}^T da_t is ONE
    `[H, T*B] @ [T*B, 4H]` matmul after the scan, the gradient of the hoisted projection is the
-   stacked da (so autodiff of step 1 gives dW_x = X^T dA as one matmul too), and
-   d(z W_z + b) = sum_t da_t.
-4. The four gate nonlinearities are one elementwise pass: sigmoid is written as
-   0.5 tanh(0.5 a) + 0.5, so all 4H pre-activations go through a single scaled tanh.
+   stacked da (so autodiff of step 1 gives dW_x = X^T dA and dX = dA W_x^T as one matmul
+   each), and d(z W_z + b) = sum_t da_t.
+4. One elementwise pass for the four gate nonlinearities: sigmoid is written as
+   0.5 tanh(a / 2) + 0.5, so all 4H pre-activations go through a single scaled tanh whose
+   result is stored once. On XLA:CPU this is several times cheaper than `jax.nn.sigmoid` on
+   three slices plus `tanh` on the fourth, which XLA splits into several fusions that
+   recompute the activations.
+5. Sums over steps are matrix-vector products (`ones @ X`): XLA:CPU's default (YNNPACK)
+   reduction over a leading axis is pathologically slow (about 15x at the PTB size and 40x
+   at the Yahoo size for sum_t da_t), whatever `XLA_FLAGS` the user has set.
+6. `unroll=1` by default: unrolling the scans (2, 4, 8) did not help the forward and made the
+   backward slower on CPU.
 
 Initialisation. Kernels default to uniform(-0.1, 0.1), the usual choice in text-VAE code
 (Bowman et al. 2016 lineage); He et al. (2019) use uniform(-0.01, 0.01) for their LSTMs, which
