@@ -3,20 +3,7 @@
   python experiments/lm.py --config=experiments/configs/lm.py --workdir=runs/lm
 """
 
-from absl import app
-
 import main_lib
-from vae_jax import experiment
-
-main_lib.define_flags("experiments/configs/lm.py")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  main_lib.initialize_distributed()
-  experiment.run(main_lib.FLAGS.config, main_lib.FLAGS.workdir)
-
 
 if __name__ == "__main__":
-  app.run(main)
+  main_lib.run_training("lm.py")

@@ -1,6 +1,8 @@
 """Flags shared by the experiment mains (kept out of the library: configs stop here)."""
 
-from absl import flags
+import os
+
+from absl import app, flags
 from ml_collections import config_flags
 
 from vae_jax.training import distributed
@@ -25,3 +27,20 @@ def initialize_distributed() -> None:
   """Joins a multi-process run when asked (must precede any other JAX call)."""
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                          auto_detect=FLAGS.distributed_auto)
+
+
+def _train_main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  initialize_distributed()
+  from vae_jax import experiment  # after jax.distributed is initialised
+  experiment.run(FLAGS.config, FLAGS.workdir)
+
+
+def run_training(config_name: str) -> None:
+  """The whole main of a training experiment: flags, distributed set-up, train, evaluate.
+
+  `config_name` (e.g. 'vae.py') is the default --config, found in experiments/configs/.
+  """
+  define_flags(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", config_name))
+  app.run(_train_main)
