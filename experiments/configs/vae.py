@@ -13,15 +13,23 @@ steps), IW-NLL with K = 100 on the test split. The cure is a mean-pooling encode
 word features the decoder is already learning), plus free bits: a batch-level KL target of
 4 nats per sentence (Li et al. 2019 `target_kl`; a little above the 3.47 nats of the corpus's
 factors), with a constant beta = 1. `vanilla` is the same model and budget with the cure
-removed (last-state encoder, separate embeddings, no free bits, constant beta = 1): it
-collapses (KL -> 0, AU = 0) and ends as a language model, which `experiments/lm.py` (its
-decoder alone, same size and budget) trains directly.
+removed (last-state encoder, separate embeddings, no free bits, constant beta = 1): its KL
+falls to about 0.005 nats within the first epoch (AU = 0) and creeps back only to a few
+tenths of a nat by the end, so it is essentially a language model, which `experiments/lm.py`
+(its decoder alone, same size and budget) trains directly.
 
-Measured on 2 CPU cores (about 20 steps/s unloaded, evaluation included in the wall time),
-test split of the synthetic corpus (true NLL about 26.0 nats per sentence), see the table in
-the commit that set this default: quick start NLL/KL/MI/AU below, vanilla and LM for
-comparison.
-MEASURED_TABLE
+Measured (test split, 2,000 sentences, K = 100; the true NLL of the source is about 26.0 nats
+per sentence, its factors carry 3.47 nats; 3,125 steps each):
+
+  run                       NLL     KL     MI    AU
+  vae.py (quick start)     27.30   4.13   3.82   17
+  vae.py:vanilla           27.15   0.24   0.20   11
+  lm.py (same decoder)     26.77      -      -    -
+
+The cured code holds about as much information as the factors (MI near 3.47 nats), the
+vanilla VAE's almost none, at a cost of about 0.5 nats of NLL against the language model
+at this budget. Training runs at about 20 steps/s on 2 idle CPU cores (about 2.5 minutes);
+the K = 100 evaluation takes roughly as long again on a loaded machine.
 
 Variants, applied left to right: smoke (seconds, for tests), vanilla (the default without the
 cure), ptb (PTB reference sizes, plain VAE: constant beta = 1, no cure), yahoo (Yahoo/Yelp
