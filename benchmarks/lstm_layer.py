@@ -124,19 +124,20 @@ class NaiveScanLSTM(nn.Module):
 
 
 class HoistedAutodiffLSTM(lstm_lib.LSTM):
-  """`vae_jax.nn.LSTM` with the custom VJP switched off (autodiff through the same scan)."""
+  """`vae_jax.nn.LSTM` with the custom VJP switched off (autodiff through the same loop)."""
 
   def __call__(self, inputs, mask, initial_state=None, static_inputs=None):
-    batch = inputs.shape[0]
+    # pylint: disable=protected-access
     static_features = None if static_inputs is None else static_inputs.shape[-1]
     w_ih, w_hh, bias, w_z = self._params(inputs.shape[-1], static_features)
-    c0, h0 = initial_state or self.initial_state(batch)
-    x_proj = jnp.dot(jnp.swapaxes(inputs, 0, 1), w_ih)
+    c0, h0 = initial_state or self.initial_state(inputs.shape[0])
     offset = self._offset(bias, w_z, static_inputs)
-    ys, final = lstm_lib._forward_scan(  # pylint: disable=protected-access
-        x_proj, offset, jnp.swapaxes(mask, 0, 1), c0, h0, w_hh, self.unroll,
+    offset = offset.T if offset.ndim == 2 else offset[:, None]
+    x_proj = lstm_lib._project(jnp.transpose(inputs, (2, 1, 0)), w_ih)
+    buffers, (c_t, h_t) = lstm_lib._forward_loop(
+        x_proj, offset, jnp.swapaxes(mask, 0, 1), c0.T, h0.T, w_hh, self.unroll,
         save_residuals=False)
-    return jnp.swapaxes(ys, 0, 1), final
+    return jnp.transpose(buffers["y"], (2, 1, 0)), (c_t.T, h_t.T)
 
 
 class NoLSTM(nn.Module):

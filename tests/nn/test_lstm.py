@@ -315,17 +315,18 @@ def test_initialisers():
 
 
 def test_recurrence_offset_broadcast_gradient():
-  # A `[4H]` offset (bias only) gets the gradient summed over the batch.
+  # A `[4H, 1]` offset (bias only) gets the gradient summed over the batch.
   rng = np.random.default_rng(0)
-  xp = jnp.asarray(rng.normal(size=(T, B, 4 * H)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(D, T, B)), jnp.float32)
+  w_ih = jnp.asarray(rng.normal(size=(D, 4 * H)) * 0.3, jnp.float32)
   w = jnp.asarray(rng.normal(size=(H, 4 * H)) * 0.3, jnp.float32)
-  bias = jnp.asarray(rng.normal(size=(4 * H,)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(4 * H, 1)), jnp.float32)
   mask = jnp.swapaxes(make_mask(LENGTHS), 0, 1).astype(jnp.float32)
-  zeros = jnp.zeros((B, H))
+  zeros = jnp.zeros((H, B))
 
   def f(bias, full):
-    off = jnp.broadcast_to(bias, (B, 4 * H)) if full else bias
-    ys, (c, _) = lstm_lib.lstm_recurrence(xp, off, mask, zeros, zeros, w)
+    off = jnp.broadcast_to(bias, (4 * H, B)) if full else bias
+    ys, (c, _) = lstm_lib.lstm_recurrence(x, w_ih, off, mask, zeros, zeros, w)
     return jnp.sum(ys ** 2) + jnp.sum(c)
 
   assert_close(jax.grad(f)(bias, False), jax.grad(f)(bias, True), 1e-6)

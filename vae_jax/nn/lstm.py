@@ -23,36 +23,40 @@ LSTM cell does both inside the loop as small `[B, D] @ [D, 4H]` products, and re
 autodiff of that scan accumulates dW_hh and dW_x with `[H, B] @ [B, 4H]` outer products
 (K = B = 32) at every step, plus the elementwise work of the autodiff'd cell. Here:
 
-1. Hoisting. x W_x for all steps is ONE `[T*B, D] @ [D, 4H]` matmul before the recurrence;
+1. Hoisting. x W_x for all steps is ONE `[4H, D] @ [D, T*B]` matmul before the loop;
    z W_z + b is computed once per sequence (`[B, Dz] @ [Dz, 4H]`) and added inside each
    step's elementwise gate fusion, never concatenated T times.
-2. Time-major layout. The projection is produced time-major (`[T, B, 4H]`; the cheaper
-   `[B, T, D]` input is transposed, not the 4x wider projection), so every step reads one
-   contiguous `[B, 4H]` slab and writes contiguous `[B, H]` rows.
-3. Custom VJP for the recurrence. The forward scan saves the post-nonlinearity gates
-   (i, f, g, o), c_{t-1} and h_{t-1}; the backward scan only propagates (dh, dc):
+2. Feature-major layout inside. Per-step arrays are `[F, B]` and stacked ones `[F, T, B]`
+   (only the D-wide input and H-wide output are transposed at the boundary, never the
+   4H-wide projection). Each step's matmul is then W_hh^T `[4H, H]` @ h `[H, B]`: the weight
+   is streamed and only the small `[H, B]` operand is packed, which on CPU is markedly faster
+   than h `[B, H]` @ W_hh `[H, 4H]` once W_hh outgrows the L2 cache (H = 1024: about 25 % per
+   step, forward and backward). Gate blocks are contiguous row blocks, and every matmul after
+   the loops contracts the contiguous trailing (T, B) axes, so nothing large is transposed.
+3. Custom VJP for the whole layer (input projection + recurrence). The forward loop saves
+   the post-nonlinearity gates (i, f, g, o), c_{t-1} and h_{t-1}; the backward loop only
+   propagates (dh, dc):
 
      dh~_t = m_t (dh_t + dy_t)
      dc~_t = m_t dc_t + dh~_t q_t                       q_t = o_t (1 - tanh^2 c~_t)
      da_t  = [dc~_t, dc~_t, dc~_t, dh~_t] * p_t         (blockwise)
      p_t   = [g i (1-i),  c_{t-1} f (1-f),  i (1-g^2),  tanh(c~_t) o (1-o)]
-     dh_{t-1} = (1 - m_t) dh_t + da_t W_hh^T       dc_{t-1} = (1 - m_t) dc_t + dc~_t f_t
+     dh_{t-1} = (1 - m_t) dh_t + W_hh da_t         dc_{t-1} = (1 - m_t) dc_t + dc~_t f_t
 
    p and q do not depend on the incoming gradients, so they are computed for all steps in
    one vectorised pass before the loop, leaving a few multiply-adds and one matmul per step.
-   The weight gradients leave the loop: dW_hh = sum_t h_{t-1}^T da_t is ONE
-   `[H, T*B] @ [T*B, 4H]` matmul after the scan, the gradient of the hoisted projection is the
-   stacked da (so autodiff of step 1 gives dW_x = X^T dA and dX = dA W_x^T as one matmul
-   each), and d(z W_z + b) = sum_t da_t.
+   The weight gradients leave the loop as one matmul each over all T*B positions:
+   dW_hh = H_prev dA^T, dW_x = X dA^T, dX = W_x dA, and d(z W_z + b) = sum_t da_t.
 4. One elementwise pass for the four gate nonlinearities: sigmoid is written as
    0.5 tanh(a / 2) + 0.5, so all 4H pre-activations go through a single scaled tanh whose
    result is stored once. On XLA:CPU this is several times cheaper than `jax.nn.sigmoid` on
    three slices plus `tanh` on the fourth, which XLA splits into several fusions that
    recompute the activations.
-5. Sums over steps are matrix-vector products (`ones @ X`): XLA:CPU's default (YNNPACK)
-   reduction over a leading axis is pathologically slow (about 15x at the PTB size and 40x
-   at the Yahoo size for sum_t da_t), whatever `XLA_FLAGS` the user has set.
-6. `unroll=1` by default: unrolling the scans (2, 4, 8) did not help the forward and made the
+5. The bias-only gradient sum over (T, B) is a matrix-vector product: XLA:CPU's default
+   (YNNPACK) reductions are pathologically slow for some sums over leading or paired axes
+   (e.g. sum over T of `[T, B, 4H]`: ~15x slower than `ones @ X` at the PTB size, ~50x at
+   the Yahoo size), whatever `XLA_FLAGS` the user has set.
+6. `unroll=1` by default: unrolling the loops (2, 4, 8) did not help the forward and made the
    backward slower on CPU.
 
 Initialisation. Kernels default to uniform(-0.1, 0.1), the usual choice in text-VAE code
@@ -65,7 +69,6 @@ text VAEs).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -89,135 +92,162 @@ def uniform_init(scale: float) -> Initializer:
 
 
 # ---------------------------------------------------------------------------------------------
-# The recurrence: a pure function of the hoisted projection, with a hand-written VJP.
+# The layer as a pure function of feature-major arrays ([F, B] per step, [F, T, B] stacked),
+# with a hand-written VJP.
 # ---------------------------------------------------------------------------------------------
 
 
-def _gate_activations(a: Array) -> Array:
-  """[i, f, g, o] = [sigmoid, sigmoid, tanh, sigmoid](a) as one fused tanh over `[.., 4H]`.
+def _gate_activations(a: Array, axis: int = 0) -> Array:
+  """[i, f, g, o] = [sigmoid, sigmoid, tanh, sigmoid](a) as one fused tanh.
 
-  sigmoid(x) = 0.5 + 0.5 tanh(x / 2), so with per-column constants s = (1/2, 1/2, 1, 1/2):
-  act = s' tanh(s a) + (1 - s') where s' = s (the g block has scale 1, offset 0).
+  The 4H gate pre-activations lie along `axis`. sigmoid(x) = 0.5 + 0.5 tanh(x / 2), so with
+  per-gate constants s = (1/2, 1/2, 1, 1/2) and offsets (1/2, 1/2, 0, 1/2):
+  act = s tanh(s a) + offset.
   """
-  four_h = a.shape[-1]
+  axis = axis % a.ndim
+  four_h = a.shape[axis]
   h = four_h // 4
-  col = jnp.arange(four_h)
-  is_g = (col >= 2 * h) & (col < 3 * h)
+  shape = [1] * a.ndim
+  shape[axis] = four_h
+  gate = jnp.arange(four_h).reshape(shape)
+  is_g = (gate >= 2 * h) & (gate < 3 * h)
   scale = jnp.where(is_g, 1.0, 0.5).astype(a.dtype)
   offset = jnp.where(is_g, 0.0, 0.5).astype(a.dtype)
   return scale * jnp.tanh(scale * a) + offset
 
 
-def _split4(x: Array) -> tuple[Array, Array, Array, Array]:
-  h = x.shape[-1] // 4
-  return x[..., :h], x[..., h:2 * h], x[..., 2 * h:3 * h], x[..., 3 * h:]
+def _split4(x: Array, axis: int = 0) -> tuple[Array, Array, Array, Array]:
+  """The (i, f, g, o) blocks of an array with 4H gate entries along `axis`."""
+  return tuple(jnp.split(x, 4, axis=axis))
 
 
-def _sum_leading(x: Array, keep: int) -> Array:
-  """Sums `x` over all but its last `keep` axes, as a matrix-vector product.
-
-  Written as `ones @ x` because XLA:CPU's default library reduction is pathologically slow
-  for sums over leading axes (over 100x slower than the matvec at the Yahoo size).
-  """
-  lead = x.shape[:x.ndim - keep]
-  n = math.prod(lead)
-  if n == 1:
-    return x.reshape(x.shape[x.ndim - keep:])
-  flat = x.reshape(n, -1)
-  return jnp.dot(jnp.ones((n,), x.dtype), flat).reshape(x.shape[x.ndim - keep:])
+def _at(x: Array, t: Array) -> Array:
+  """x[:, t] of a stacked `[F, T, B]` array."""
+  return jax.lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False)
 
 
-def _forward_scan(x_proj, offset, mask, c0, h0, w_hh, unroll, save_residuals):
+def _put(x: Array, value: Array, t: Array) -> Array:
+  """x[:, t] = value, in place inside a loop."""
+  return jax.lax.dynamic_update_index_in_dim(x, value, t, axis=1)
+
+
+def _forward_loop(x_proj, offset, mask, c0, h0, w_hh, unroll, save_residuals):
   """Runs the masked recurrence; optionally stacks what the backward pass needs."""
+  four_h, steps, batch = x_proj.shape
+  hidden = four_h // 4
+  dtype = x_proj.dtype
+  w_hh_t = w_hh.T  # [4H, H], transposed once, outside the loop.
+  stacked = lambda f: jnp.zeros((f, steps, batch), dtype)
+  buffers = {"y": stacked(hidden)}
+  if save_residuals:
+    buffers.update(act=stacked(four_h), c_prev=stacked(hidden), h_prev=stacked(hidden))
 
-  def body(carry, xs):
-    c, h = carry
-    xp_t, m_t = xs
-    a = xp_t + offset + jnp.dot(h, w_hh)
+  def body(t, carry):
+    c, h, bufs = carry
+    a = _at(x_proj, t) + offset + jnp.dot(w_hh_t, h)
     act = _gate_activations(a)
     i, f, g, o = _split4(act)
     c_new = f * c + i * g
     h_new = o * jnp.tanh(c_new)
-    keep = m_t[:, None] > 0
-    c_next = jnp.where(keep, c_new, c)
-    h_next = jnp.where(keep, h_new, h)
-    y = jnp.where(keep, h_new, jnp.zeros_like(h_new))
+    keep = mask[t][None, :] != 0
+    bufs = dict(bufs, y=_put(bufs["y"], jnp.where(keep, h_new, 0.0), t))
     if save_residuals:
-      return (c_next, h_next), (y, act, c, h)
-    return (c_next, h_next), y
+      bufs.update(act=_put(bufs["act"], act, t), c_prev=_put(bufs["c_prev"], c, t),
+                  h_prev=_put(bufs["h_prev"], h, t))
+    return jnp.where(keep, c_new, c), jnp.where(keep, h_new, h), bufs
 
-  (c_t, h_t), ys = jax.lax.scan(body, (c0, h0), (x_proj, mask), unroll=unroll)
-  return ys, (c_t, h_t)
+  c_t, h_t, buffers = jax.lax.fori_loop(0, steps, body, (c0, h0, buffers), unroll=unroll)
+  return buffers, (c_t, h_t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def lstm_recurrence(x_proj: Array, offset: Array, mask: Array, c0: Array, h0: Array,
+def _sum_steps(x: Array, keep_batch: bool) -> Array:
+  """sum_t x[:, t] of `[F, T, B]` -> `[F, B]`, or sum over (t, b) -> `[F, 1]`.
+
+  The (t, b) sum is written as a matrix-vector product: XLA:CPU's default (YNNPACK)
+  reductions are pathologically slow for some sums over leading or paired axes.
+  """
+  if keep_batch:
+    return jnp.sum(x, axis=1)
+  f = x.shape[0]
+  return jnp.dot(x.reshape(f, -1), jnp.ones((x.shape[1] * x.shape[2],), x.dtype))[:, None]
+
+
+def _project(x: Array, w_ih: Array) -> Array:
+  """(x_t W_x)^T for all steps: `[D, T, B]`, `[D, 4H]` -> `[4H, T, B]`, one matmul."""
+  return jax.lax.dot_general(w_ih, x, (((0,), (0,)), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def lstm_recurrence(x: Array, w_ih: Array, offset: Array, mask: Array, c0: Array, h0: Array,
                     w_hh: Array, unroll: int = 1) -> tuple[Array, State]:
-  """The masked LSTM recurrence on a precomputed, time-major input projection.
+  """The masked LSTM over a whole sequence, feature-major, with a hand-written VJP.
 
   Args:
-    x_proj: `[T, B, 4H]` x_t W_x for every step (bias and static terms may be in `offset`).
-    offset: `[B, 4H]` (or broadcastable) per-sequence term added at every step: b + z W_z.
+    x: `[D, T, B]` inputs (feature, step, batch).
+    w_ih: `[D, 4H]` input kernel; x_t W_x is computed for all steps in one matmul.
+    offset: `[4H, B]` or `[4H, 1]` term added at every step: (b + z W_z)^T.
     mask: `[T, B]` float, 1 for real steps, 0 for padding.
-    c0, h0: `[B, H]` initial state.
+    c0, h0: `[H, B]` initial state (transposed).
     w_hh: `[H, 4H]` recurrent kernel.
-    unroll: `lax.scan` unroll factor (forward and backward).
+    unroll: loop unroll factor (forward and backward).
 
   Returns:
-    (`[T, B, H]` outputs y_t (0 at padded steps), (c_T, h_T)).
+    (`[H, T, B]` outputs y_t (0 at padded steps), (c_T, h_T) each `[H, B]`).
   """
-  return _forward_scan(x_proj, offset, mask, c0, h0, w_hh, unroll, save_residuals=False)
+  buffers, final = _forward_loop(_project(x, w_ih), offset, mask, c0, h0, w_hh, unroll, False)
+  return buffers["y"], final
 
 
-def _recurrence_fwd(x_proj, offset, mask, c0, h0, w_hh, unroll):
-  (ys, acts, c_prev, h_prev), final = _forward_scan(
-      x_proj, offset, mask, c0, h0, w_hh, unroll, save_residuals=True)
-  return (ys, final), (acts, c_prev, h_prev, mask, w_hh, offset)
+def _recurrence_fwd(x, w_ih, offset, mask, c0, h0, w_hh, unroll):
+  buffers, final = _forward_loop(_project(x, w_ih), offset, mask, c0, h0, w_hh, unroll, True)
+  residuals = (x, w_ih, buffers["act"], buffers["c_prev"], buffers["h_prev"], mask, w_hh,
+               offset)
+  return (buffers["y"], final), residuals
 
 
 def _recurrence_bwd(unroll, residuals, cotangents):
-  acts, c_prev, h_prev, mask, w_hh, offset = residuals
-  offset_shape = offset.shape
+  x, w_ih, acts, c_prev, h_prev, mask, w_hh, offset = residuals
   dys, (dc_t, dh_t) = cotangents
-  steps, batch, four_h = acts.shape
+  four_h, steps, batch = acts.shape
   hidden = four_h // 4
-  w_hh_t = w_hh.T  # Transposed once, outside the loop.
 
   # Everything that does not depend on the incoming (dh, dc) is computed for all steps at
-  # once, in one vectorised pass, so that the sequential loop only does a few FMAs per step
-  # besides its matmul. With tc = tanh(c~_t):
+  # once, in one vectorised pass, so that the sequential loop only does a few multiply-adds
+  # per step besides its matmul. With tc = tanh(c~_t):
   #   q_t = o (1 - tc^2)                     dc~ = m dc + dh~ q
   #   p_t = [g i (1-i), c_{t-1} f (1-f), i (1-g^2), tc o (1-o)]
   #   da_t = [dc~, dc~, dc~, dh~] * p_t       (blockwise)
   i, f, g, o = _split4(acts)
   tanh_c = jnp.tanh(f * c_prev + i * g)
   q = o * (1.0 - tanh_c * tanh_c)
-  p = jnp.stack([g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g),
-                 tanh_c * o * (1.0 - o)], axis=2)  # [T, B, 4, H]
-  m = mask[..., None]
-  dys = m * dys
-  block = jax.lax.broadcasted_iota(jnp.int32, (1, 4, 1), 1)
+  p = jnp.concatenate([g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g),
+                       tanh_c * o * (1.0 - o)], axis=0)
+  dys = mask[None] * dys
+  block = jax.lax.broadcasted_iota(jnp.int32, (4, 1, 1), 0)
 
-  def body(carry, xs):
-    dc, dh = carry
-    p_t, q_t, f_t, m_t, dy_t = xs
-    dh_new = m_t * dh + dy_t
-    dc_new = m_t * dc + dh_new * q_t
-    da = jnp.where(block == 3, dh_new[:, None], dc_new[:, None]) * p_t
-    da = da.reshape(batch, four_h)
-    dh_prev = (1.0 - m_t) * dh + jnp.dot(da, w_hh_t)
-    dc_prev = (1.0 - m_t) * dc + dc_new * f_t
-    return (dc_prev, dh_prev), da
+  def body(k, carry):
+    dc, dh, d_acts = carry
+    t = steps - 1 - k
+    m = mask[t][None, :]
+    dh_new = m * dh + _at(dys, t)
+    dc_new = m * dc + dh_new * _at(q, t)
+    da = jnp.where(block == 3, dh_new[None], dc_new[None]) * _at(p, t).reshape(4, hidden, batch)
+    da = da.reshape(four_h, batch)
+    dh_prev = (1.0 - m) * dh + jnp.dot(w_hh, da)
+    dc_prev = (1.0 - m) * dc + dc_new * _at(f, t)
+    return dc_prev, dh_prev, _put(d_acts, da, t)
 
-  (dc0, dh0), d_acts = jax.lax.scan(
-      body, (dc_t, dh_t), (p, q, f, m, dys), reverse=True, unroll=unroll)
-  # One [H, T*B] @ [T*B, 4H] matmul instead of T outer products inside the loop.
-  dw_hh = jnp.dot(h_prev.reshape(steps * batch, hidden).T,
-                  d_acts.reshape(steps * batch, four_h))
-  d_offset = _sum_leading(d_acts, len(offset_shape))
-  d_offset = jnp.sum(
-      d_offset, axis=tuple(k for k, n in enumerate(offset_shape) if n == 1), keepdims=True)
-  return d_acts, d_offset.reshape(offset_shape), jnp.zeros_like(mask), dc0, dh0, dw_hh
+  d_acts = jnp.zeros_like(acts)
+  dc0, dh0, d_acts = jax.lax.fori_loop(0, steps, body, (dc_t, dh_t, d_acts), unroll=unroll)
+  # The weight gradients are single matmuls over all T*B positions (contracting the
+  # trailing (T, B) axes), instead of T outer products inside the loop.
+  d_flat = d_acts.reshape(four_h, steps * batch)
+  nt = (((1,), (1,)), ((), ()))
+  dw_hh = jax.lax.dot_general(h_prev.reshape(hidden, steps * batch), d_flat, nt)
+  dw_ih = jax.lax.dot_general(x.reshape(x.shape[0], steps * batch), d_flat, nt)
+  dx = jnp.dot(w_ih, d_flat).reshape(x.shape)
+  d_offset = _sum_steps(d_acts, keep_batch=offset.shape[1] != 1)
+  return dx, dw_ih, d_offset, jnp.zeros_like(mask), dc0, dh0, dw_hh
 
 
 lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -304,11 +334,13 @@ class LSTM(nn.Module):
     if mask is None:
       mask = jnp.ones((batch, steps), inputs.dtype)
     mask_tm = (jnp.swapaxes(mask, 0, 1) != 0).astype(inputs.dtype)
-    # Time-major input projection for all steps at once: [T*B, D] @ [D, 4H].
-    x_proj = jnp.dot(jnp.swapaxes(inputs, 0, 1), kernel_ih)
+    # Feature-major inside: transposing the D-wide input (and the H-wide output) is cheaper
+    # than transposing the 4H-wide projection.
     offset = self._offset(bias, kernel_static, static_inputs)
-    ys, final = lstm_recurrence(x_proj, offset, mask_tm, c0, h0, kernel_hh, self.unroll)
-    return jnp.swapaxes(ys, 0, 1), final
+    offset = offset.T if offset.ndim == 2 else offset[:, None]
+    ys, (c_t, h_t) = lstm_recurrence(jnp.transpose(inputs, (2, 1, 0)), kernel_ih, offset,
+                                     mask_tm, c0.T, h0.T, kernel_hh, self.unroll)
+    return jnp.transpose(ys, (2, 1, 0)), (c_t.T, h_t.T)
 
   def step(self, state: State, x: Array, static_inputs: Array | None = None,
            mask: Array | None = None) -> tuple[State, Array]:
@@ -329,7 +361,7 @@ class LSTM(nn.Module):
     c, h = state
     a = jnp.dot(x, kernel_ih) + self._offset(bias, kernel_static, static_inputs)
     a = a + jnp.dot(h, kernel_hh)
-    i, f, g, o = _split4(_gate_activations(a))
+    i, f, g, o = _split4(_gate_activations(a, axis=-1), axis=-1)
     c_new = f * c + i * g
     h_new = o * jnp.tanh(c_new)
     if mask is None:
