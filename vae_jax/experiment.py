@@ -167,9 +167,11 @@ def _save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
             f"({path}); resume with the same settings or use a fresh --workdir.")
     return
   if jax.process_index() == 0:
+    # Via a temporary file: the other processes of a multi-process run may read it meanwhile.
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
       json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 class _DropLibraryInfo(pylogging.Filter):
@@ -203,6 +205,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       train, cfg.data.batch_size, seed=cfg.train.seed, bucket_window=cfg.data.bucket_window,
       pad_multiple=cfg.data.pad_multiple, process_index=jax.process_index(),
       process_count=jax.process_count())
+  rows = pipeline.process_rows(cfg.data.batch_size, jax.process_index(), jax.process_count())
+  logging.info("process %d of %d reads rows [%d, %d) of every global batch of %d",
+               jax.process_index(), jax.process_count(), rows.start, rows.stop,
+               cfg.data.batch_size)
   steps_per_epoch = train_iter.steps_per_epoch
   total_steps = cfg.train.num_steps or int(math.ceil(cfg.train.num_epochs * steps_per_epoch))
   eval_every = cfg.train.eval_every or steps_per_epoch

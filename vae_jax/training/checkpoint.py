@@ -21,6 +21,8 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from vae_jax.training import mesh as mesh_lib
+
 ITEMS = ('state', 'data', 'meta')
 
 
@@ -185,8 +187,9 @@ class Checkpointer:
   def _restore_items(self, manager, step, target, items):
     args = {}
     if 'state' in items:
-      args['state'] = (ocp.args.StandardRestore(target) if target is not None
-                       else ocp.args.StandardRestore())
+      if target is None:
+        target = _saved_tree_replicated(manager, step)
+      args['state'] = ocp.args.StandardRestore(target)
     if 'data' in items:
       args['data'] = ocp.args.JsonRestore()
     if 'meta' in items:
@@ -210,7 +213,8 @@ class Checkpointer:
     """Returns (state, iterator state, meta) of the latest (or given) checkpoint.
 
     `target` is a pytree of arrays or `jax.ShapeDtypeStruct`s (with shardings)
-    giving the structure to restore into; None restores the saved tree as is.
+    giving the structure to restore into; None restores the saved tree (nested
+    dicts) replicated over this run's devices, whatever devices saved it.
     """
     return self._restore(self._latest, 'latest', step, target)
 
@@ -226,6 +230,21 @@ class Checkpointer:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+
+
+def _saved_tree_replicated(manager: ocp.CheckpointManager, step: int):
+  """The saved state's shapes and dtypes, replicated over this run's devices.
+
+  Restoring into it works whatever devices wrote the checkpoint (orbax refuses to
+  restore without a target onto devices other than the saving ones, e.g. a
+  4-device or 2-process run read back in a 1-device process).
+  """
+  path = ocp.step.standard_name_format().find_step(manager.directory, step).path
+  tree = ocp.StandardCheckpointHandler().metadata(path / 'state').tree
+  rep = mesh_lib.replicated(mesh_lib.make_mesh())
+  return jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=rep), tree,
+      is_leaf=lambda x: isinstance(x, ocp.metadata.ArrayMetadata))
 
 
 def restore_latest(workdir: str, target=None, vocab_fingerprint: str | None = None):
