@@ -25,7 +25,14 @@ process; the JSON reports tokens/s (token positions per second, B*T per step), t
 rate (benchmarks.common.lstm_vae_flops_per_token), its fraction of the measured fp32 matmul
 ceiling, and the speed-up of every variant over the reference.
 
-  python benchmarks/lstm_layer.py --sizes=ptb,yahoo --output=runs/bench/lstm_layer.json
+  python benchmarks/lstm_layer.py --sizes=ptb --output=runs/bench/lstm_layer_ptb.json
+  python benchmarks/lstm_layer.py --sizes=yahoo --variants=flax_rnn,ours \
+      --output=runs/bench/lstm_layer_yahoo.json
+
+One size per run keeps a run short: the PTB size takes about a minute, the Yahoo size (a few
+seconds per train step on 2 CPU cores) one to three minutes depending on the machine's load.
+On a shared machine compare the `speedup_vs_reference` ratios (and their CPU-time
+counterparts, which other processes disturb less) rather than absolute rates.
 """
 
 from __future__ import annotations

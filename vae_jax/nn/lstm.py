@@ -268,7 +268,7 @@ class LSTM(nn.Module):
     recurrent_kernel_init: initialiser of `kernel_hh [H, 4H]`.
     bias_init: initialiser of `bias [4H]` (before `forget_bias` is added to the f block).
     forget_bias: constant added to the forget-gate block of the bias at initialisation.
-    unroll: `lax.scan` unroll factor of the recurrence.
+    unroll: unroll factor of the forward and backward loops (1 is fastest on CPU).
     param_dtype: parameter dtype (computation follows the inputs' dtype, promoted with it).
   """
   features: int
