@@ -59,12 +59,18 @@ def test_lm_run_and_resume_is_a_no_op_when_finished(tmp_path):
   assert second["test"]["nll"] == first["test"]["nll"]
 
 
-def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
+def two_step_run(workdir):
+  """A 2-step smoke run without final evaluation; returns its (unlocked) config."""
   cfg = load_config("vae", "smoke")
   cfg.unlock()
   cfg.train.num_steps = 2
   cfg.eval.splits = ""
-  experiment.run(cfg, str(tmp_path))
+  experiment.run(cfg, str(workdir))
+  return cfg
+
+
+def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
+  cfg = two_step_run(tmp_path)
   vocab = Vocab.load(tmp_path / "vocab.json")
   Vocab.from_words(list(vocab.tokens[4:])[::-1]).save(tmp_path / "vocab.json")
   with pytest.raises(VocabMismatchError, match="fresh --workdir"):
@@ -72,11 +78,7 @@ def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
 
 
 def test_changed_model_settings_are_refused_on_resume(tmp_path):
-  cfg = load_config("vae", "smoke")
-  cfg.unlock()
-  cfg.train.num_steps = 2
-  cfg.eval.splits = ""
-  experiment.run(cfg, str(tmp_path))
+  cfg = two_step_run(tmp_path)
   cfg.model.hidden_dim = 8
   with pytest.raises(ValueError, match="model settings differ"):
     experiment.run(cfg, str(tmp_path))
