@@ -228,7 +228,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       {"valid": lambda: eval_iterator(cfg, valid, cfg.data.eval_batch_size)},
       train_cfg, workdir, vocab.fingerprint, mesh=mesh)
   return evaluate_workdir(cfg, workdir, splits=_splits(cfg), vocab=vocab, model=model,
-                          task=task, train=train)
+                          task=task)
 
 
 def _splits(cfg) -> list[str]:
@@ -236,9 +236,8 @@ def _splits(cfg) -> list[str]:
 
 
 def restore_variables(cfg, workdir: str, task: loop.Task, example_batch, vocab: Vocab,
-                      which: str = "best"):
-  """Model variables of the best (or latest) checkpoint of a run."""
-  mesh = mesh_lib.make_mesh()
+                      mesh, which: str = "best"):
+  """Model variables of the best (or latest) checkpoint of a run, and its metadata."""
   target = loop.abstract_train_state(task, optimizer_config(cfg), example_batch, mesh)
   restore = checkpoint_lib.restore_best if which == "best" else checkpoint_lib.restore_latest
   state, meta = restore(workdir, target, vocab_fingerprint=vocab.fingerprint)
@@ -246,7 +245,7 @@ def restore_variables(cfg, workdir: str, task: loop.Task, example_batch, vocab: 
 
 
 def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | None = None,
-                     model=None, task=None, train=None, which: str = "best",
+                     model=None, task=None, which: str = "best",
                      seed: int = 0) -> dict[str, Any]:
   """Evaluates a run's best checkpoint on `splits`; writes `<workdir>/eval_<split>.json`."""
   quiet_library_logs()
@@ -259,13 +258,14 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
   encode = lambda ex: pipeline.encode(ex, vocab, cfg.data.max_length, cfg.data.overlong)
   results = {}
   variables = None
+  mesh = mesh_lib.make_mesh()
   for split in splits:
     data = encode(_cap(load_examples(cfg, split), cfg.eval.max_examples))
     batches = eval_iterator(cfg, data, cfg.eval.batch_size)
     if variables is None:
       variables, meta = restore_variables(cfg, workdir, task, next(iter(batches)), vocab,
-                                          which)
-    mesh = mesh_lib.make_mesh()
+                                          mesh, which)
+      step = int(meta.get("step", -1)) if isinstance(meta, dict) else -1
     global_batches = (mesh_lib.to_global(b, mesh) for b in batches)
     rng = jax.random.PRNGKey(seed)
     if cfg.model.kind == "lm":
@@ -274,8 +274,7 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
       out = evaluation.evaluate_vae(model, variables, global_batches, rng,
                                     k_samples=cfg.eval.k_samples,
                                     chunk_size=cfg.eval.chunk_size)
-    out.update(split=split, checkpoint=which, step=int(meta.get("step", -1))
-               if isinstance(meta, dict) else -1)
+    out.update(split=split, checkpoint=which, step=step)
     results[split] = out
     examples = _show_examples(cfg, model, variables, vocab, data, rng)
     if jax.process_index() == 0:
