@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vae_jax import metrics
-from vae_jax.models.vae import SeqVAE, token_mask
+from vae_jax.models.vae import PosteriorParams, SeqVAE, token_mask
 from vae_jax.nn import decoding
 
 
@@ -42,23 +42,45 @@ def vae_log_likelihood_fn(model: nn.Module, variables, tokens: jax.Array):
   return log_likelihood
 
 
-def make_vae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int) -> Callable:
-  """Jitted per-batch evaluation: `(variables, tokens, rng) -> dict of [B] / [B, d] arrays`."""
+def make_vae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
+                        mean_samples: int = 32) -> Callable:
+  """Jitted per-batch evaluation: `(variables, tokens, rng) -> dict of [B] / [B, d] arrays`.
+
+  The importance weights come from the model's own posterior (`SeqVAE.sample_codes`), so a flow
+  posterior is scored with its change-of-variables density. The KL is analytic for a Gaussian
+  base (also in the KL-preserving mode); for a flow posterior it is the Monte Carlo average of
+  log q - log p over K fresh samples (no decoding needed). `code_mean` is E_q[z|x] (exact for
+  a Gaussian, a `mean_samples` average otherwise), for the active units.
+  """
+  gaussian = model.config.posterior == "gaussian"
 
   @jax.jit
   def batch_eval(variables, tokens, rng):
-    mean, logvar = model.apply(variables, tokens, method=SeqVAE.encode)
-    log_weights = metrics.gaussian_log_weights_fn(
-        mean, logvar, vae_log_likelihood_fn(model, variables, tokens))
-    log_px, elbo = metrics.iw_log_likelihood(log_weights, rng, k_samples, chunk_size,
-                                             return_elbo=True)
+    iw_rng, mean_rng = jax.random.split(rng)
+    post = model.apply(variables, tokens, method=SeqVAE.encode)
+    sample = lambda r, n: model.apply(variables, post, r, n, method=SeqVAE.sample_codes)
+    log_weights = metrics.posterior_log_weights_fn(
+        sample, vae_log_likelihood_fn(model, variables, tokens))
+    log_px, mean_log_w = metrics.iw_log_likelihood(log_weights, iw_rng, k_samples, chunk_size,
+                                                   return_elbo=True)
+    if gaussian or model.config.posterior == "kl_preserving":
+      kl = metrics.gaussian_kl_per_example(post.mean, post.logvar)
+    else:
+      _, log_q, log_p = sample(jax.random.fold_in(mean_rng, 1), k_samples)
+      kl = metrics.monte_carlo_kl(log_q, log_p)
+    if gaussian:
+      code_mean = post.mean
+    else:
+      code_mean = jnp.mean(sample(mean_rng, mean_samples)[0], axis=0)
     return {
         "log_px": log_px,
-        "elbo": elbo,
-        "kl": metrics.gaussian_kl_per_example(mean, logvar),
+        "elbo": mean_log_w,
+        "kl": kl,
         "n_tokens": jnp.sum(token_mask(tokens), axis=-1),
-        "mean": mean,
-        "logvar": logvar,
+        "mean": post.mean,
+        "logvar": post.logvar,
+        "code_mean": code_mean,
+        **({} if post.context is None else {"context": post.context}),
     }
 
   return batch_eval
@@ -78,13 +100,39 @@ def _collect(batch_eval: Callable, batches: Iterable[dict], rng: jax.Array,
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def flow_mutual_information(model: nn.Module, variables, post: PosteriorParams, rng: jax.Array,
+                            *, chunk_size: int = 16) -> jax.Array:
+  """I_q(x; z) over a set of N sentences for a posterior without a closed form (METHODS.md §6).
+
+    I ~= mean_i [log q(z_i|x_i) - log (1/N) sum_j q(z_i|x_j)],  z_i ~ q(z|x_i),
+
+  with every log q(z|x_j) evaluated by inverting x_j's flow (`SeqVAE.posterior_log_prob`),
+  `chunk_size` query codes against all N posteriors at a time. Cost O(N^2) flow inversions.
+  """
+
+  @jax.jit
+  def mi(variables, post, rng):
+    z, log_q, _ = model.apply(variables, post, rng, 1, method=SeqVAE.sample_codes)
+    pairwise = lambda zc: model.apply(variables, zc[:, None, :], post,
+                                      method=SeqVAE.posterior_log_prob)
+    log_q_agg = metrics.aggregate_posterior_log_prob(z[0], pairwise, chunk_size=chunk_size)
+    return metrics.mutual_information(log_q[0], log_q_agg)
+
+  return mi(variables, post, rng)
+
+
 def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.Array, *,
-                 k_samples: int = 500, chunk_size: int = 50,
-                 au_threshold: float = 0.01) -> dict[str, Any]:
-  """IW-NLL (K = k_samples), PPL, ELBO, KL, MI (whole-set estimator) and AU of a Gaussian VAE.
+                 k_samples: int = 500, chunk_size: int = 50, au_threshold: float = 0.01,
+                 mi_max_examples: int = 0) -> dict[str, Any]:
+  """IW-NLL (K = k_samples), PPL, ELBO, KL, MI (whole-set estimator) and AU of a VAE.
 
   nll = -mean_x L_K(x); ppl = exp(-sum_x L_K(x) / sum_x (|x| + 1)); elbo is the K-sample Monte
-  Carlo ELBO per sentence; kl is the analytic KL per sentence; mi and au follow METHODS.md §6.
+  Carlo ELBO per sentence; kl is the KL per sentence (analytic for a Gaussian base, Monte Carlo
+  for a flow posterior); mi and au follow METHODS.md §6, au from the variance of E_q[z|x].
+  For a Gaussian posterior MI uses the analytic entropy (He et al. 2019); otherwise the flow's
+  density (`flow_mutual_information`) on at most `mi_max_examples` sentences (a random subset;
+  0: all), its cost being quadratic. In the KL-preserving mode MI is computed on z_0, which
+  equals the MI of z_K = f(z_0) because f is a bijection.
   """
   eval_rng, mi_rng = jax.random.split(rng)
   batch_eval = make_vae_batch_eval(model, k_samples, chunk_size)
@@ -92,13 +140,22 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
   log_px = out["log_px"].astype(np.float64)
   n_tokens = float(out["n_tokens"].sum())
   mean, logvar = jnp.asarray(out["mean"]), jnp.asarray(out["logvar"])
+  if model.config.posterior == "flow":
+    rows = np.arange(len(mean))
+    if mi_max_examples and mi_max_examples < len(rows):
+      rows = np.sort(np.random.default_rng(0).choice(rows, mi_max_examples, replace=False))
+    post = PosteriorParams(mean[rows], logvar[rows],
+                           jnp.asarray(out["context"][rows]) if "context" in out else None)
+    mi = flow_mutual_information(model, variables, post, mi_rng)
+  else:
+    mi = metrics.gaussian_mutual_information(mi_rng, mean, logvar)
   return {
       "nll": float(-log_px.mean()),
       "ppl": float(np.exp(-log_px.sum() / n_tokens)),
       "elbo": float(out["elbo"].astype(np.float64).mean()),
       "kl": float(out["kl"].astype(np.float64).mean()),
-      "mi": float(metrics.gaussian_mutual_information(mi_rng, mean, logvar)),
-      "au": int(metrics.active_units(mean, threshold=au_threshold)[0]),
+      "mi": float(mi),
+      "au": int(metrics.active_units(jnp.asarray(out["code_mean"]), threshold=au_threshold)[0]),
       "k_samples": int(k_samples),
       "n_sentences": int(log_px.shape[0]),
       "n_tokens": int(n_tokens),
@@ -150,15 +207,31 @@ def generate(model: nn.Module, variables, z: jax.Array | None, rng: jax.Array, *
 
 def reconstruct(model: nn.Module, variables, tokens: jax.Array, rng: jax.Array,
                 max_length: int) -> jax.Array:
-  """Greedy decoding from the posterior mean of each sentence."""
-  mean, _ = model.apply(variables, tokens, method=SeqVAE.encode)
-  return generate(model, variables, mean, rng, max_length=max_length, greedy=True)
+  """Greedy decoding from each sentence's point code (the posterior mean, or its image under the
+  flow)."""
+  code = model.apply(variables, model.apply(variables, tokens, method=SeqVAE.encode),
+                     method=SeqVAE.point_code)
+  return generate(model, variables, code, rng, max_length=max_length, greedy=True)
 
 
 def sample_prior(model: nn.Module, variables, rng: jax.Array, num: int, latent_dim: int,
                  max_length: int, greedy: bool = True) -> jax.Array:
-  """Decodes z ~ N(0, I) (greedily by default, as in Bowman et al. 2016)."""
+  """Decodes prior samples (greedily by default, as in Bowman et al. 2016): z ~ N(0, I), or
+  f(z) in the KL-preserving mode."""
   z_rng, dec_rng = jax.random.split(rng)
   z = jax.random.normal(z_rng, (num, latent_dim))
+  if isinstance(model, SeqVAE):
+    z = model.apply(variables, z, method=SeqVAE.prior_code)
   return generate(model, variables, z, dec_rng, max_length=max_length, greedy=greedy)
 
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_samples"))
+def features(model: nn.Module, variables, tokens: jax.Array, rng: jax.Array,
+             num_samples: int = 32) -> jax.Array:
+  """A fixed-size feature per sentence `[B, F]` for probing classifiers (METHODS.md §3): the
+  posterior mean E_q[z|x] of a VAE (a `num_samples` average for flow posteriors), the final
+  hidden state of a language model."""
+  if isinstance(model, SeqVAE):
+    return model.apply(variables, tokens, rng, num_samples, method=SeqVAE.code_mean)
+  return model.apply(variables, tokens, method=type(model).final_hidden)

@@ -22,6 +22,7 @@ from vae_jax import evaluation, losses, schedules
 from vae_jax.data import corpora, pipeline, synthetic
 from vae_jax.data.vocab import Vocab, VocabMismatchError
 from vae_jax.models.vae import LSTMLanguageModel, SeqVAE, VAEConfig
+from vae_jax.nn.flows import FlowConfig
 from vae_jax.training import checkpoint as checkpoint_lib
 from vae_jax.training import loop, mesh as mesh_lib, optim
 
@@ -34,6 +35,15 @@ VOCAB_FILE = "vocab.json"
 # ---------------------------------------------------------------------------------------------
 
 
+def flow_config(cfg: ml_collections.ConfigDict) -> FlowConfig | None:
+  if cfg.model.posterior == "gaussian":
+    return None
+  f = cfg.model.flow
+  return FlowConfig(kind=f.kind, num_layers=f.num_layers, hidden_dim=f.hidden_dim,
+                    amortized=f.amortized, context_dim=f.context_dim,
+                    max_log_scale=f.max_log_scale)
+
+
 def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> VAEConfig:
   m = cfg.model
   return VAEConfig(
@@ -41,7 +51,19 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> VAEConfig:
       encoder_hidden_dim=m.encoder_hidden_dim or None,
       latent_dim=0 if m.kind == "lm" else m.latent_dim, pooling=m.pooling,
       dropout_in=m.dropout_in, dropout_out=m.dropout_out, word_dropout=m.word_dropout,
-      share_embedding=m.share_embedding)
+      share_embedding=m.share_embedding, posterior=m.posterior, flow=flow_config(cfg),
+      kl_samples=m.kl_samples, latent_to_output=m.latent_to_output,
+      smoothness_dropout=m.smoothness_dropout)
+
+
+def kl_term_config(cfg: ml_collections.ConfigDict) -> losses.KLTermConfig:
+  k = cfg.kl
+  if k.smoothness_weight > 0 and cfg.model.smoothness_dropout <= 0:
+    raise ValueError("kl.smoothness_weight > 0 needs model.smoothness_dropout > 0 (the token "
+                     "dropout rate of the corrupted copy x~), e.g. 0.1")
+  return losses.KLTermConfig(free_bits=k.free_bits,
+                             free_bits_per_dimension=k.free_bits_per_dimension,
+                             smoothness_weight=k.smoothness_weight)
 
 
 def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):
@@ -75,10 +97,31 @@ def kl_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoc
 
 
 def load_examples(cfg: ml_collections.ConfigDict, split: str):
+  """The examples of `split`; 'a+b' concatenates splits (e.g. 'valid+test')."""
   d = cfg.data
-  if d.corpus == "synthetic":
-    return synthetic.generate(split, seed=d.get("synthetic_seed", 0))
-  return corpora.load_split(d.corpus, split, d.dir or None)
+  examples = []
+  for part in split.split("+"):
+    if d.corpus == "synthetic":
+      examples += synthetic.generate(part, seed=d.get("synthetic_seed", 0))
+    else:
+      examples += corpora.load_split(d.corpus, part, d.dir or None)
+  return examples
+
+
+def load_train_examples(cfg: ml_collections.ConfigDict):
+  """The training examples, minus any sentence of `data.exclude` ('corpus:split'), e.g. the
+  test set of a downstream task that must stay unseen. Returns (examples, number removed)."""
+  examples = _cap(load_examples(cfg, cfg.data.train_split), cfg.data.max_train_examples)
+  if not cfg.data.exclude:
+    return examples, 0
+  corpus, _, split = cfg.data.exclude.partition(":")
+  if not split:
+    raise ValueError(f"data.exclude must be 'corpus:split', got {cfg.data.exclude!r}")
+  held_out = {ex.tokens for ex in corpora.load_split(corpus, split, cfg.data.exclude_dir or None)}
+  kept = [ex for ex in examples if ex.tokens not in held_out]
+  logging.info("removed %d of %d training sentences that also occur in %s",
+               len(examples) - len(kept), len(examples), cfg.data.exclude)
+  return kept, len(examples) - len(kept)
 
 
 def load_vocab(cfg: ml_collections.ConfigDict, train_examples, workdir: str) -> Vocab:
@@ -137,10 +180,8 @@ def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int)
     return [" ".join(vocab.decode(row)) for row in np.asarray(ids)]
 
   if is_vae:
-    kl_term = losses.KLTermConfig(free_bits=cfg.kl.free_bits,
-                                  free_bits_per_dimension=cfg.kl.free_bits_per_dimension)
     loss_fn = losses.make_vae_loss(model, kl_schedule(cfg, total_steps, steps_per_epoch),
-                                   kl_term)
+                                   kl_term_config(cfg))
     eval_fn = losses.make_vae_eval(model)
   else:
     loss_fn, eval_fn = losses.make_lm_loss(model), losses.make_lm_eval(model)
@@ -193,7 +234,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   quiet_library_logs()
   os.makedirs(workdir, exist_ok=True)
   _save_config(cfg, workdir)
-  train_examples = _cap(load_examples(cfg, cfg.data.train_split), cfg.data.max_train_examples)
+  train_examples, n_removed = load_train_examples(cfg)
+  if cfg.data.exclude and jax.process_index() == 0:
+    with open(os.path.join(workdir, "data_filter.json"), "w") as f:
+      json.dump({"exclude": cfg.data.exclude, "removed": n_removed,
+                 "kept": len(train_examples)}, f, indent=2)
   vocab = load_vocab(cfg, train_examples, workdir)
   encode = lambda ex: pipeline.encode(ex, vocab, cfg.data.max_length, cfg.data.overlong)
   train = encode(train_examples)
@@ -273,7 +318,8 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
     else:
       out = evaluation.evaluate_vae(model, variables, global_batches, rng,
                                     k_samples=cfg.eval.k_samples,
-                                    chunk_size=cfg.eval.chunk_size)
+                                    chunk_size=cfg.eval.chunk_size,
+                                    mi_max_examples=cfg.eval.mi_max_examples)
     out.update(split=split, checkpoint=which, step=step)
     results[split] = out
     examples = _show_examples(cfg, model, variables, vocab, data, rng)
@@ -284,6 +330,24 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
   if jax.process_index() == 0:
     print(metrics_table(results))
   return results
+
+
+def load_run(workdir: str, which: str = "best"):
+  """A finished run, for downstream use: (config, model, variables, vocab).
+
+  The config is the run's saved `config.json`; the variables those of its best (or latest)
+  checkpoint, restored on this process's devices.
+  """
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  vocab = Vocab.load(os.path.join(workdir, VOCAB_FILE))
+  model = build_model(cfg, len(vocab))
+  task = build_task(cfg, model, vocab, 1, 1)
+  example = {"tokens": np.full((cfg.data.eval_batch_size, cfg.data.pad_multiple), 4, np.int32),
+             "weights": np.ones((cfg.data.eval_batch_size,), np.float32)}
+  variables, _ = restore_variables(cfg, workdir, task, example, vocab, mesh_lib.make_mesh(),
+                                   which)
+  return cfg, model, variables, vocab
 
 
 def _show_examples(cfg, model, variables, vocab: Vocab, data, rng) -> dict[str, list]:

@@ -32,9 +32,12 @@ LossFn = Callable[..., tuple[jax.Array, tuple[Sums, Any]]]
 
 @dataclasses.dataclass(frozen=True)
 class KLTermConfig:
-  """How the KL enters the loss. `free_bits` = 0 disables free bits."""
+  """How the KL (and the encoder's regulariser) enter the loss. `free_bits` = 0 disables free
+  bits; `smoothness_weight` is λ of the amortised regularisation λ · mean_x ‖μ(x) - μ(x̃)‖²
+  (METHODS.md §3; the model computes the term when its `smoothness_dropout` > 0)."""
   free_bits: float = 0.0
   free_bits_per_dimension: bool = False
+  smoothness_weight: float = 0.0
 
 
 def _weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
@@ -44,17 +47,19 @@ def _weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
 def vae_sums(terms, weights: jax.Array) -> Sums:
   """Sums over real rows of a VAE pass, plus what `summarize` needs for KL, AU and PPL.
 
-  `mean_sum` / `mean_sq_sum` (`[d]`) give the across-data variance of the posterior means, from
-  which active units are counted (Burda et al. 2016) without a second pass.
+  `mean_sum` / `mean_sq_sum` (`[d]`) give the across-data variance of the posterior means
+  E_q[z|x] (`terms.code_mean`), from which active units are counted (Burda et al. 2016) without
+  a second pass.
   """
-  return {
+  sums = {
       "rec": jnp.sum(terms.rec_nll * weights),
       "kl": jnp.sum(terms.kl * weights),
       "n_sentences": jnp.sum(weights),
       "n_tokens": jnp.sum(terms.n_tokens * weights),
-      "mean_sum": _weighted_sum(terms.mean, weights),
-      "mean_sq_sum": _weighted_sum(jnp.square(terms.mean), weights),
+      "mean_sum": _weighted_sum(terms.code_mean, weights),
+      "mean_sq_sum": _weighted_sum(jnp.square(terms.code_mean), weights),
   }
+  return sums
 
 
 def lm_sums(terms, weights: jax.Array) -> Sums:
@@ -71,7 +76,12 @@ def _variables(params, model_state):
 
 def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
                   kl_term: KLTermConfig = KLTermConfig()) -> LossFn:
-  """The (beta-weighted, optionally free-bits) negative ELBO of a VAE returning `VAETerms`."""
+  """The (beta-weighted, optionally free-bits) negative ELBO of a VAE returning `VAETerms`,
+  plus the amortised regulariser when `kl_term.smoothness_weight` > 0.
+
+  A flow posterior has no per-dimension KL (`terms.kl_dims` is None): only batch-level free
+  bits apply to it, on its Monte Carlo KL.
+  """
 
   def loss_fn(params, model_state, batch, rng, step):
     latent_rng, dropout_rng = jax.random.split(rng)
@@ -82,13 +92,23 @@ def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
     beta = kl_weight(step)
     rec = jnp.sum(terms.rec_nll * w) / n
     if kl_term.free_bits > 0:
-      kl = objectives.free_bits_kl(terms.kl_dims, kl_term.free_bits, w,
+      kl_dims = terms.kl_dims
+      if kl_dims is None:
+        if kl_term.free_bits_per_dimension:
+          raise ValueError("per-dimension free bits need a per-dimension KL, which a flow "
+                           "posterior does not have; use batch-level free bits")
+        kl_dims = terms.kl[:, None]
+      kl = objectives.free_bits_kl(kl_dims, kl_term.free_bits, w,
                                    kl_term.free_bits_per_dimension)
     else:
       kl = jnp.sum(terms.kl * w) / n
+    loss = rec + beta * kl
     sums = vae_sums(terms, w)
     sums["beta"] = beta * sums["n_sentences"]
-    return rec + beta * kl, (sums, model_state)
+    if kl_term.smoothness_weight > 0:
+      sums["smoothness"] = jnp.sum(terms.smoothness * w)
+      loss = loss + kl_term.smoothness_weight * sums["smoothness"] / n
+    return loss, (sums, model_state)
 
   return loss_fn
 
@@ -149,8 +169,9 @@ def summarize(sums: dict[str, Any], au_threshold: float = 0.01) -> dict[str, flo
       "rec": float(s["rec"] / n),
       "kl": float(s["kl"] / n),
   }
-  if "beta" in s:
-    out["beta"] = float(s["beta"] / n)
+  for key in ("beta", "smoothness"):
+    if key in s:
+      out[key] = float(s[key] / n)
   if "mean_sum" in s:
     mean = s["mean_sum"] / n
     var = np.maximum(s["mean_sq_sum"] / n - mean ** 2, 0.0)

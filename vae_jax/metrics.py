@@ -109,6 +109,27 @@ def iw_log_likelihood(log_weights_fn: LogWeightsFn, rng: jax.Array, num_samples:
   return log_px
 
 
+def posterior_log_weights_fn(
+    sample_fn: Callable[[jax.Array, int], tuple[jax.Array, jax.Array, jax.Array]],
+    log_likelihood_fn: Callable[[jax.Array], jax.Array],
+) -> LogWeightsFn:
+  """`log_weights_fn` for any posterior family that can sample and score its samples.
+
+    log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x),  z_k ~ q(z|x).
+
+  Args:
+    sample_fn: `(rng, n) -> (z [n, B, d], log q [n, B], log p [n, B])`, e.g. a flow posterior
+      with log q by the change of variables.
+    log_likelihood_fn: `z [n, B, d] -> [n, B]` log p(x|z).
+  """
+
+  def log_weights(rng: jax.Array, num_samples: int) -> jax.Array:
+    z, log_q, log_p = sample_fn(rng, num_samples)
+    return log_likelihood_fn(z) + log_p - log_q
+
+  return log_weights
+
+
 def gaussian_log_weights_fn(
     mean: jax.Array, logvar: jax.Array,
     log_likelihood_fn: Callable[[jax.Array], jax.Array],
@@ -129,11 +150,11 @@ def gaussian_log_weights_fn(
     `(rng, n) -> [n, B]` log weights, for `iw_log_likelihood`.
   """
 
-  def log_weights(rng: jax.Array, num_samples: int) -> jax.Array:
+  def sample(rng: jax.Array, num_samples: int):
     z = reparameterize(rng, mean, logvar, num_samples)  # [n, B, d]
-    return log_likelihood_fn(z) + log_prior_fn(z) - gaussian_log_prob(z, mean, logvar)
+    return z, gaussian_log_prob(z, mean, logvar), log_prior_fn(z)
 
-  return log_weights
+  return posterior_log_weights_fn(sample, log_likelihood_fn)
 
 
 # ---------------------------------------------------------------------------------------------

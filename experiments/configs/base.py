@@ -26,6 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.bucket_window = 100      # batches per length-sorting window
   c.data.pad_multiple = 8
   c.data.max_train_examples = 0   # 0: all (a cap for quick runs)
+  c.data.exclude = ""             # 'corpus:split' whose sentences are removed from training
+  c.data.exclude_dir = ""         # that corpus's directory
 
   c.model = ml_collections.ConfigDict()
   c.model.embed_dim = 256
@@ -37,6 +39,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout_out = 0.0
   c.model.word_dropout = 0.0
   c.model.share_embedding = False
+  c.model.posterior = "gaussian"  # gaussian | flow | kl_preserving (METHODS.md §3)
+  c.model.kl_samples = 1          # Monte Carlo samples of a flow posterior's KL
+  c.model.latent_to_output = False  # skip connection: z also feeds the output layer
+  c.model.smoothness_dropout = 0.0  # amortised regularisation: token dropout rate of x~
+  c.model.flow = ml_collections.ConfigDict()
+  c.model.flow.kind = "iaf"       # planar | iaf | coupling
+  c.model.flow.num_layers = 4
+  c.model.flow.hidden_dim = 64
+  c.model.flow.amortized = True   # flow depends on h(x) (must be False for kl_preserving)
+  c.model.flow.context_dim = 64
+  c.model.flow.max_log_scale = 3.0
 
   c.kl = ml_collections.ConfigDict()
   c.kl.schedule = "constant"      # constant | linear | sigmoid | cyclical
@@ -47,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.kl.ratio = 0.5                # cyclical: fraction of a cycle spent rising
   c.kl.free_bits = 0.0            # 0: off; nats per sentence, or per dimension
   c.kl.free_bits_per_dimension = False
+  c.kl.smoothness_weight = 0.0    # lambda of the amortised regulariser (needs smoothness_dropout)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"       # adam | sgd
@@ -74,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.splits = "valid,test"    # evaluated with the best checkpoint at the end of training
   c.eval.num_print = 5            # samples / reconstructions printed
   c.eval.max_decode_length = 40
+  c.eval.mi_max_examples = 2000   # flow posteriors: MI on a random subset (cost O(N^2)); 0: all
   return c
 
 

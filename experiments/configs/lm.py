@@ -9,7 +9,7 @@ the same decoder (embedding 128, LSTM 256, no dropout), data (the embedded synth
 batch 32), optimiser (Adam 1e-3) and budget (5 epochs, 3,125 steps), evaluated on the test
 split. Its exact NLL is the number a VAE's IW-NLL is compared with: a VAE that beats it has
 learned something from its code; a collapsed VAE (vae.py:vanilla) can at best equal it.
-Variants: smoke, ptb, yahoo, sgd (as in vae.py).
+Variants: smoke, ptb, yahoo, yelp, sgd (as in vae.py).
 """
 
 import os
@@ -29,6 +29,6 @@ def get_config(variants: str = ""):
   c.train.num_epochs = 5.0
   c.eval.splits = "test"
   table = {k: v for k, v in vae_variants.VARIANTS.items()
-           if k in ("smoke", "ptb", "yahoo", "sgd")}
+           if k in ("smoke", "ptb", "yahoo", "yelp", "sgd")}
   apply_variants(c, variants, table)
   return c

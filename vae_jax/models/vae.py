@@ -1,4 +1,6 @@
-"""The LSTM sequence VAE (METHODS.md §0) and the LSTM language model (the same decoder, no z).
+"""The LSTM sequence VAE (METHODS.md §0) with its flow-based variants (the variational
+recurrent autoencoder with flow posteriors, KL-preserving flows, skip connections and amortised
+regularisation, METHODS.md §3), and the LSTM language model (the same decoder, no z).
 
 Models return per-example *terms* (`VAETerms`, `LMTerms`); `vae_jax.losses` weights and
 reduces them. Randomness: the 'latent' rng stream samples z, 'dropout' drives dropout and word
@@ -8,21 +10,40 @@ dropout.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vae_jax import objectives
-from vae_jax.data.vocab import PAD
+from vae_jax import metrics, objectives
+from vae_jax.data.vocab import PAD, UNK
 from vae_jax.nn.decoders import LSTMDecoder, State
 from vae_jax.nn.encoders import GaussianHead, LSTMEncoder, Pooling
+from vae_jax.nn.flows import Flow, FlowConfig
+
+
+Posterior = Literal["gaussian", "flow", "kl_preserving"]
 
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-  """Sizes and switches of the LSTM VAE. Defaults are the PTB reference (METHODS.md §0)."""
+  """Sizes and switches of the LSTM VAE. Defaults are the PTB reference (METHODS.md §0).
+
+  posterior: the code's posterior family (METHODS.md §3):
+    'gaussian': q(z|x) = N(μ(x), σ²(x)), analytic KL;
+    'flow': z_K = f_x(z_0), z_0 ~ N(μ(x), σ²(x)), f_x the (amortised) `flow`; the KL is the
+      Monte Carlo estimate log q(z_K|x) - log p(z_K) over `kl_samples` samples;
+    'kl_preserving': one global bijection f applied to prior and posterior alike, so the
+      KL(f#q || f#p) = KL(q || p) stays the analytic Gaussian KL while the decoder reads
+      z_K = f(z_0) (and prior samples are f(ε), ε ~ N(0, I)).
+  flow: the flow of the two flow modes (must not be amortised for 'kl_preserving').
+  kl_samples: samples of the Monte Carlo KL ('flow'); the reconstruction uses the first.
+  latent_to_output: skip connection, z also feeds the output layer (METHODS.md §3).
+  smoothness_dropout: amortised regularisation; when > 0, the model also returns
+    ‖μ(x) - μ(x̃)‖² with x̃ a copy of x whose tokens are replaced by UNK at this rate.
+  """
   vocab_size: int
   embed_dim: int = 256
   hidden_dim: int = 256
@@ -33,16 +54,40 @@ class VAEConfig:
   dropout_out: float = 0.0
   word_dropout: float = 0.0
   share_embedding: bool = False
+  posterior: Posterior = "gaussian"
+  flow: FlowConfig | None = None
+  kl_samples: int = 1
+  latent_to_output: bool = False
+  smoothness_dropout: float = 0.0
 
   def __post_init__(self):
     if self.vocab_size <= 4:
       raise ValueError(f"vocab_size must exceed the 4 special tokens, got {self.vocab_size}")
     if self.latent_dim < 0:
       raise ValueError(f"latent_dim must be >= 0 (0 = language model), got {self.latent_dim}")
-    for name in ("dropout_in", "dropout_out", "word_dropout"):
+    for name in ("dropout_in", "dropout_out", "word_dropout", "smoothness_dropout"):
       rate = getattr(self, name)
       if not 0.0 <= rate < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {rate}")
+    if self.posterior not in ("gaussian", "flow", "kl_preserving"):
+      raise ValueError(f"unknown posterior {self.posterior!r}; use 'gaussian', 'flow' or "
+                       "'kl_preserving'")
+    if self.posterior != "gaussian" and self.flow is None:
+      raise ValueError(f"posterior {self.posterior!r} needs a flow (model.flow.kind)")
+    if self.posterior == "kl_preserving" and self.flow.amortized:
+      raise ValueError("the KL-preserving mode applies one bijection to prior and posterior, "
+                       "so its flow cannot depend on x: set flow.amortized=False")
+    if self.kl_samples < 1:
+      raise ValueError(f"kl_samples must be >= 1, got {self.kl_samples}")
+
+
+@flax.struct.dataclass
+class PosteriorParams:
+  """What the encoder outputs for each sentence: the base Gaussian N(mean, exp(logvar)) and,
+  for an amortised flow, its context h(x) (`[B, context_dim]`, else None)."""
+  mean: jax.Array
+  logvar: jax.Array
+  context: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -50,18 +95,24 @@ class VAETerms:
   """Per-example terms of one VAE pass (all `[B]` unless noted).
 
   rec_nll: -log p(x|z) summed over tokens, for one sample z ~ q(z|x).
-  kl: KL(q(z|x) || p(z)).
-  kl_dims: `[B, d]` per-dimension KL (analytic).
+  kl: KL(q(z|x) || p(z)) (analytic, or the Monte Carlo estimate of a flow posterior).
+  kl_dims: `[B, d]` per-dimension analytic KL of a Gaussian base, None for a flow posterior.
   n_tokens: number of real tokens (EOS included).
-  z, mean, logvar: `[B, d]` the sample and the posterior parameters.
+  z: `[B, d]` the code fed to the decoder.
+  mean, logvar: `[B, d]` the base Gaussian's parameters.
+  code_mean: `[B, d]` E_q[z] (the mean for a Gaussian, the average of the KL samples of a
+    flow): active units are counted from its variance across the data.
+  smoothness: ‖μ(x) - μ(x̃)‖² (amortised regularisation), zeros when off or deterministic.
   """
   rec_nll: jax.Array
   kl: jax.Array
-  kl_dims: jax.Array
+  kl_dims: jax.Array | None
   n_tokens: jax.Array
   z: jax.Array
   mean: jax.Array
   logvar: jax.Array
+  code_mean: jax.Array
+  smoothness: jax.Array
 
 
 @flax.struct.dataclass
@@ -75,8 +126,15 @@ def token_mask(tokens: jax.Array) -> jax.Array:
   return (tokens != PAD).astype(jnp.float32)
 
 
+def corrupt_tokens(rng: jax.Array, tokens: jax.Array, rate: float) -> jax.Array:
+  """x̃: each real token replaced by UNK with probability `rate` (padding kept)."""
+  drop = jax.random.bernoulli(rng, rate, tokens.shape) & (tokens != PAD)
+  return jnp.where(drop, UNK, tokens)
+
+
 class SeqVAE(nn.Module):
-  """LSTM encoder -> Gaussian q(z|x) -> LSTM decoder p(x|z), prior N(0, I)."""
+  """LSTM encoder -> q(z|x) (Gaussian, flow, or KL-preserving flow) -> LSTM decoder p(x|z),
+  prior N(0, I) (or its image under the global flow in the KL-preserving mode)."""
   config: VAEConfig
 
   def setup(self):
@@ -87,13 +145,77 @@ class SeqVAE(nn.Module):
     self.encoder = LSTMEncoder(self.encoder_embed, c.encoder_hidden_dim or c.hidden_dim,
                                pooling=c.pooling)
     self.head = GaussianHead(c.latent_dim)
+    if c.posterior != "gaussian":
+      self.flow = Flow(c.flow, c.latent_dim)
+      if c.flow.amortized:
+        self.context_head = nn.Dense(c.flow.context_dim, name="context")
     self.decoder = LSTMDecoder(self.decoder_embed, c.vocab_size, c.hidden_dim, c.latent_dim,
                                dropout_in=c.dropout_in, dropout_out=c.dropout_out,
-                               word_dropout=c.word_dropout)
+                               word_dropout=c.word_dropout,
+                               latent_to_output=c.latent_to_output)
 
-  def encode(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Posterior parameters (mean, logvar), each `[B, d]`."""
-    return self.head(self.encoder(tokens, token_mask(tokens)))
+  # -- the posterior ---------------------------------------------------------------------------
+
+  def encode(self, tokens: jax.Array) -> PosteriorParams:
+    """Posterior parameters of each sentence (`[B, d]` mean and logvar, and a flow context)."""
+    features = self.encoder(tokens, token_mask(tokens))
+    mean, logvar = self.head(features)
+    context = None
+    if self.config.posterior != "gaussian" and self.config.flow.amortized:
+      context = jnp.tanh(self.context_head(features))
+    return PosteriorParams(mean, logvar, context)
+
+  def _bijector(self, post: PosteriorParams):
+    return self.flow(post.context)
+
+  def sample_codes(self, post: PosteriorParams, rng: jax.Array,
+                   num_samples: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`num_samples` codes per sentence with their log densities.
+
+    Returns (z `[n, B, d]` the decoder's input, log q `[n, B]`, log p `[n, B]`), such that
+    log p(x|z) + log p - log q is an importance weight of log p(x) (Burda et al. 2016): for a
+    flow posterior q is the density of z_K = f_x(z_0) (change of variables); in the
+    KL-preserving mode both densities are those of z_0 (the model's latent is z_0 and the
+    decoder reads f(z_0), so prior and posterior are pushed through the same f).
+    """
+    z0 = objectives.reparameterize(rng, post.mean, post.logvar, num_samples)
+    log_q0 = objectives.gaussian_log_prob(z0, post.mean, post.logvar)
+    mode = self.config.posterior
+    if mode == "gaussian":
+      return z0, log_q0, objectives.standard_normal_log_prob(z0)
+    z, log_det = self._bijector(post).forward_and_log_det(z0)
+    if mode == "flow":
+      return z, log_q0 - log_det, objectives.standard_normal_log_prob(z)
+    return z, log_q0, objectives.standard_normal_log_prob(z0)
+
+  def posterior_log_prob(self, z: jax.Array, post: PosteriorParams) -> jax.Array:
+    """log q(z|x) of decoder-space codes `z [..., d]` (batch shape broadcast against `post`)."""
+    if self.config.posterior == "gaussian":
+      return objectives.gaussian_log_prob(z, post.mean, post.logvar)
+    z = jnp.broadcast_to(z, jnp.broadcast_shapes(z.shape, post.mean.shape))
+    z0, inverse_log_det = self._bijector(post).inverse_and_log_det(z)
+    return objectives.gaussian_log_prob(z0, post.mean, post.logvar) + inverse_log_det
+
+  def point_code(self, post: PosteriorParams) -> jax.Array:
+    """A deterministic code per sentence for reconstruction: μ, or its image f(μ) under the flow."""
+    if self.config.posterior == "gaussian":
+      return post.mean
+    return self._bijector(post).forward(post.mean)
+
+  def prior_code(self, eps: jax.Array) -> jax.Array:
+    """Decoder-space prior samples from ε ~ N(0, I): ε itself, or f(ε) when KL-preserving."""
+    if self.config.posterior == "kl_preserving":
+      return self.flow(None).forward(eps)
+    return eps
+
+  def code_mean(self, tokens: jax.Array, rng: jax.Array, num_samples: int = 32) -> jax.Array:
+    """E_q[z|x] `[B, d]`: exact for a Gaussian, a `num_samples` average for flows."""
+    post = self.encode(tokens)
+    if self.config.posterior == "gaussian":
+      return post.mean
+    return jnp.mean(self.sample_codes(post, rng, num_samples)[0], axis=0)
+
+  # -- the decoder -----------------------------------------------------------------------------
 
   def log_likelihood(self, tokens: jax.Array, z: jax.Array,
                      deterministic: bool = True) -> jax.Array:
@@ -103,13 +225,25 @@ class SeqVAE(nn.Module):
     return -objectives.token_nll(logits, tokens, mask)
 
   def __call__(self, tokens: jax.Array, deterministic: bool = False) -> VAETerms:
-    mean, logvar = self.encode(tokens)
-    z = objectives.reparameterize(self.make_rng("latent"), mean, logvar)
-    rec_nll = -self.log_likelihood(tokens, z, deterministic=deterministic)
-    kl_dims = objectives.gaussian_kl(mean, logvar)
-    return VAETerms(rec_nll=rec_nll, kl=jnp.sum(kl_dims, axis=-1), kl_dims=kl_dims,
-                    n_tokens=jnp.sum(token_mask(tokens), axis=-1), z=z, mean=mean,
-                    logvar=logvar)
+    c = self.config
+    post = self.encode(tokens)
+    z, log_q, log_p = self.sample_codes(post, self.make_rng("latent"), c.kl_samples)
+    rec_nll = -self.log_likelihood(tokens, z[0], deterministic=deterministic)
+    if c.posterior == "flow":
+      kl_dims = None
+      kl = metrics.monte_carlo_kl(log_q, log_p)
+      code_mean = jnp.mean(z, axis=0)
+    else:
+      kl_dims = objectives.gaussian_kl(post.mean, post.logvar)
+      kl = jnp.sum(kl_dims, axis=-1)
+      code_mean = post.mean if c.posterior == "gaussian" else jnp.mean(z, axis=0)
+    smoothness = jnp.zeros_like(kl)
+    if not deterministic and c.smoothness_dropout > 0:
+      noisy = corrupt_tokens(self.make_rng("dropout"), tokens, c.smoothness_dropout)
+      smoothness = jnp.sum(jnp.square(post.mean - self.encode(noisy).mean), axis=-1)
+    return VAETerms(rec_nll=rec_nll, kl=kl, kl_dims=kl_dims,
+                    n_tokens=jnp.sum(token_mask(tokens), axis=-1), z=z[0], mean=post.mean,
+                    logvar=post.logvar, code_mean=code_mean, smoothness=smoothness)
 
   # Decoding interface (see vae_jax.nn.decoding): pure step functions over these methods.
   def initial_state(self, z: jax.Array) -> State:
@@ -136,6 +270,10 @@ class LSTMLanguageModel(nn.Module):
     logits = self.decoder(tokens, mask, None, deterministic=deterministic)
     return LMTerms(rec_nll=objectives.token_nll(logits, tokens, mask),
                    n_tokens=jnp.sum(mask, axis=-1))
+
+  def final_hidden(self, tokens: jax.Array) -> jax.Array:
+    """`[B, H]` the LSTM state after reading the sentence: the LM's sentence feature."""
+    return self.decoder.final_hidden(tokens, token_mask(tokens))
 
   def initial_state(self, batch_size: int) -> State:
     return self.decoder.initial_state(None, batch_size)

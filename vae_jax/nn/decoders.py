@@ -3,7 +3,11 @@
 p(x|z) = prod_t softmax(W_o h_t + b_o)[x_t], with h_t = LSTM([e(x_{t-1}); z], h_{t-1}) and
 the latent code entering twice (Bowman et al. 2016; He et al. 2019):
   (a) the initial state: c_0 = W_c z + b_c, h_0 = tanh(c_0);
-  (b) concatenated to the input embedding at every step.
+  (b) concatenated to the input embedding at every step;
+  (c) optionally (`latent_to_output`), added to the output layer as well,
+      softmax(W_o h_t + W_z z + b_o): with (b) this is the skip connection of the skip-VAE
+      (Dieng et al. 2019), z reaching every step and the prediction directly, so the decoder
+      cannot route around it (METHODS.md §3).
 With `latent_dim = 0` the same module is the LSTM language model (zero initial state, no z).
 """
 
@@ -46,6 +50,7 @@ class LSTMDecoder(nn.Module):
     dropout_in: dropout on input embeddings (He et al. 2019 use 0.5 at Yahoo size).
     dropout_out: dropout on LSTM outputs before the softmax.
     word_dropout: probability of replacing an input word by UNK.
+    latent_to_output: also feed z to the output layer (skip connection).
   """
   embed: nn.Module
   vocab_size: int
@@ -54,12 +59,15 @@ class LSTMDecoder(nn.Module):
   dropout_in: float = 0.0
   dropout_out: float = 0.0
   word_dropout: float = 0.0
+  latent_to_output: bool = False
 
   def setup(self):
     self.lstm = LSTM(self.hidden_dim)
     if self.latent_dim:
       self.latent_to_cell = nn.Dense(self.hidden_dim)
     self.output = nn.Dense(self.vocab_size)
+    if self.latent_dim and self.latent_to_output:
+      self.latent_to_logits = nn.Dense(self.vocab_size, use_bias=False)
     self.drop_in = nn.Dropout(self.dropout_in)
     self.drop_out = nn.Dropout(self.dropout_out)
 
@@ -83,7 +91,22 @@ class LSTMDecoder(nn.Module):
     static = z if self.latent_dim else None
     outputs, _ = self.lstm(x, mask, initial_state=state, static_inputs=static)
     outputs = self.drop_out(outputs, deterministic=deterministic)
-    return self.output(outputs)
+    return self._logits(outputs, z, time_axis=True)
+
+  def final_hidden(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """`[B, H]` the state after reading `BOS w_1 … w_n` (the one that predicts EOS): a
+    fixed-size feature of the whole sentence (the language-model baseline of METHODS.md §3)."""
+    x = self.embed(shift_right(tokens))
+    state = self.initial_state(None, tokens.shape[0])
+    _, (_, h_last) = self.lstm(x, mask, initial_state=state)
+    return h_last
+
+  def _logits(self, outputs: jax.Array, z: jax.Array | None, time_axis: bool) -> jax.Array:
+    logits = self.output(outputs)
+    if self.latent_dim and self.latent_to_output:
+      skip = self.latent_to_logits(z)
+      logits = logits + (skip[:, None, :] if time_axis else skip)
+    return logits
 
   def step(self, state: State, token: jax.Array,
            z: jax.Array | None) -> tuple[State, jax.Array]:
@@ -91,4 +114,4 @@ class LSTMDecoder(nn.Module):
     x = self.embed(token)
     static = z if self.latent_dim else None
     state, h = self.lstm.step(state, x, static_inputs=static)
-    return state, self.output(h)
+    return state, self._logits(h, z, time_axis=False)

@@ -1,0 +1,125 @@
+"""Sentiment (or factor) classification from the codes of trained runs (Li et al. 2019).
+
+  python experiments/classify.py --workdir=runs/yelp_vae --workdir=runs/yelp_flow \
+      --data_dir=../shared/data --corpus=short_yelp \
+      --train_splits=train_100,train_500,train_1000,train_2000,train_10000 \
+      --test_split=test --out=runs/classify_yelp.json
+
+For every workdir the best checkpoint is loaded, every labelled sentence of the training
+subsets and of the test split is mapped to its features (`evaluation.features`: the posterior
+mean of a VAE, the final hidden state of a language model), and for every training subset an
+L2-penalised logistic regression is fitted, its penalty chosen by 5-fold cross-validation on
+that subset (`vae_jax.probe`). Training sentences that also occur in the test split are removed
+first (`--remove_overlap`; short Yelp repeats 6.5% of train_10000 in test). Sentences are
+encoded with the run's vocabulary and max_length (longer ones truncated, never dropped, so every
+test sentence is scored). Prints test accuracies (%) as a table, rows = workdirs, columns =
+training subsets, and writes {workdir: {split: {accuracy, l2, n_train, n_test, n_removed}}} to
+--out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+
+from vae_jax import evaluation, experiment, probe
+from vae_jax.data import corpora, pipeline
+
+flags.DEFINE_multi_string("workdir", None, "A trained run's directory (repeat for several).",
+                          required=True)
+flags.DEFINE_string("data_dir", None, "Corpus directory (default: each run's data.dir).")
+flags.DEFINE_string("corpus", "short_yelp", "Labelled corpus.")
+flags.DEFINE_list("train_splits", ["train_100", "train_500", "train_1000", "train_2000",
+                                   "train_10000"], "Labelled training subsets.")
+flags.DEFINE_string("test_split", "test", "Split the accuracy is reported on.")
+flags.DEFINE_bool("remove_overlap", True,
+                  "Drop training sentences that also occur in the test split.")
+flags.DEFINE_string("out", None, "JSON file for the results.")
+flags.DEFINE_integer("seed", 0, "Seed of the cross-validation folds and feature rng.")
+FLAGS = flags.FLAGS
+
+_features = jax.jit(evaluation.features, static_argnums=0)
+
+
+def encoded_features(cfg, model, variables, vocab, examples, rng: jax.Array) -> np.ndarray:
+  """float32 [N, F] features of `examples` (row i = examples[i]) under a trained model."""
+  data = pipeline.encode(examples, vocab, cfg.data.max_length, "truncate")
+  logging.info("%d sentences: %s", len(examples), data.summary())
+
+  def feature_fn(tokens: np.ndarray, index: int) -> np.ndarray:
+    return np.asarray(_features(model, variables, tokens, jax.random.fold_in(rng, index)))
+
+  return probe.feature_matrix(data, feature_fn, cfg.eval.batch_size, cfg.data.pad_multiple)
+
+
+def classify_run(workdir: str, corpus: str, train_splits: list[str], test_split: str,
+                 data_dir: str | None, remove_overlap: bool, seed: int) -> dict[str, dict]:
+  """Test accuracy of a linear probe on the run's features, for every training subset."""
+  cfg, model, variables, vocab = experiment.load_run(workdir, which="best")
+  data_dir = data_dir or cfg.data.dir or None
+  num_classes = corpora.get_corpus(corpus).num_classes
+  rng = jax.random.PRNGKey(seed)
+  test = corpora.load_split(corpus, test_split, data_dir)
+  test_x = encoded_features(cfg, model, variables, vocab, test, jax.random.fold_in(rng, 0))
+  test_y = np.array([ex.label for ex in test], dtype=np.int32)
+  results = {}
+  for i, split in enumerate(train_splits, start=1):
+    train = corpora.load_split(corpus, split, data_dir)
+    removed = 0
+    if remove_overlap:
+      train, removed = probe.remove_overlap(train, test)
+    if not train:
+      raise ValueError(f"{corpus}/{split} has no sentences left after removing the "
+                       f"{removed} that also occur in {test_split}.")
+    train_x = encoded_features(cfg, model, variables, vocab, train, jax.random.fold_in(rng, i))
+    train_y = np.array([ex.label for ex in train], dtype=np.int32)
+    out = probe.probe_accuracy(train_x, train_y, test_x, test_y, num_classes, seed=seed)
+    results[split] = {**out, "n_removed": removed}
+    logging.info("%s %s: %s", workdir, split, results[split])
+  return results
+
+
+def accuracy_table(results: dict[str, dict[str, dict]], splits: list[str]) -> str:
+  """Plain-text table of test accuracies in %: one row per workdir, one column per split."""
+  header = ["workdir", *splits]
+  rows = [[w] + [f"{100 * r[s]['accuracy']:.1f}" if s in r else "-" for s in splits]
+          for w, r in results.items()]
+  widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
+  line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+  return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  experiment.quiet_library_logs()
+  corpus = corpora.get_corpus(FLAGS.corpus)
+  if corpus.num_classes is None:
+    raise app.UsageError(f"corpus {FLAGS.corpus!r} has no labels; choose a labelled corpus.")
+  splits = [s.strip() for s in FLAGS.train_splits if s.strip()]
+  for split in [*splits, FLAGS.test_split]:
+    corpora.canonical_split(FLAGS.corpus, split)
+  for workdir in FLAGS.workdir:
+    path = os.path.join(workdir, experiment.CONFIG_FILE)
+    if not os.path.exists(path):
+      raise app.UsageError(f"{path} not found: --workdir must be a directory written by an "
+                           "experiments/*.py run.")
+  results = {}
+  for workdir in FLAGS.workdir:
+    results[workdir] = classify_run(workdir, FLAGS.corpus, splits, FLAGS.test_split,
+                                    FLAGS.data_dir, FLAGS.remove_overlap, FLAGS.seed)
+    if FLAGS.out:
+      os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+      with open(FLAGS.out + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+      os.replace(FLAGS.out + ".tmp", FLAGS.out)
+  print(f"{FLAGS.corpus} {FLAGS.test_split} accuracy (%) of a linear probe:")
+  print(accuracy_table(results, splits))
+
+
+if __name__ == "__main__":
+  app.run(main)
