@@ -15,6 +15,10 @@ encoded with the run's vocabulary and max_length (longer ones truncated, never d
 test sentence is scored). Prints test accuracies (%) as a table, rows = workdirs, columns =
 training subsets, and writes {workdir: {split: {accuracy, l2, n_train, n_test, n_removed}}} to
 --out.
+
+On the embedded corpus (`--corpus=synthetic --train_splits=train_100,train_1000
+--test_split=test`), 'train_N' is the first N training sentences and each of the four known
+factors (topic, sentiment, tense, number) is probed separately.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import jax
 import numpy as np
 
 from vae_jax import evaluation, experiment, probe
-from vae_jax.data import corpora, pipeline
+from vae_jax.data import corpora, pipeline, synthetic
 
 flags.DEFINE_multi_string("workdir", None, "A trained run's directory (repeat for several).",
                           required=True)
@@ -42,8 +46,6 @@ flags.DEFINE_string("out", None, "JSON file for the results.")
 flags.DEFINE_integer("seed", 0, "Seed of the cross-validation folds and feature rng.")
 FLAGS = flags.FLAGS
 
-_features = jax.jit(evaluation.features, static_argnums=0)
-
 
 def encoded_features(cfg, model, variables, vocab, examples, rng: jax.Array) -> np.ndarray:
   """float32 [N, F] features of `examples` (row i = examples[i]) under a trained model."""
@@ -51,24 +53,42 @@ def encoded_features(cfg, model, variables, vocab, examples, rng: jax.Array) -> 
   logging.info("%d sentences: %s", len(examples), data.summary())
 
   def feature_fn(tokens: np.ndarray, index: int) -> np.ndarray:
-    return np.asarray(_features(model, variables, tokens, jax.random.fold_in(rng, index)))
+    return np.asarray(evaluation.features(model, variables, tokens,
+                                          jax.random.fold_in(rng, index)))
 
   return probe.feature_matrix(data, feature_fn, cfg.eval.batch_size, cfg.data.pad_multiple)
 
 
+def load_labelled(corpus: str, split: str, data_dir: str | None):
+  """Examples of a labelled split; for the embedded corpus 'train_N' is its first N sentences."""
+  if corpus != "synthetic":
+    return corpora.load_split(corpus, split, data_dir)
+  name, _, size = split.partition("_")
+  examples = synthetic.generate(name)
+  return examples[:int(size)] if size else examples
+
+
+def label_sets(corpus: str, examples) -> dict[str, np.ndarray]:
+  """Targets to probe: the label, or each of the embedded corpus's four factors."""
+  if corpus == "synthetic":
+    factors = np.array([ex.factors for ex in examples], dtype=np.int32)
+    return {name: factors[:, i] for i, name in enumerate(synthetic.FACTOR_NAMES)}
+  return {"label": np.array([ex.label for ex in examples], dtype=np.int32)}
+
+
 def classify_run(workdir: str, corpus: str, train_splits: list[str], test_split: str,
                  data_dir: str | None, remove_overlap: bool, seed: int) -> dict[str, dict]:
-  """Test accuracy of a linear probe on the run's features, for every training subset."""
+  """Test accuracy of a linear probe on the run's features, for every training subset (and,
+  on the embedded corpus, every factor: keys 'factor/split')."""
   cfg, model, variables, vocab = experiment.load_run(workdir, which="best")
   data_dir = data_dir or cfg.data.dir or None
-  num_classes = corpora.get_corpus(corpus).num_classes
   rng = jax.random.PRNGKey(seed)
-  test = corpora.load_split(corpus, test_split, data_dir)
+  test = load_labelled(corpus, test_split, data_dir)
   test_x = encoded_features(cfg, model, variables, vocab, test, jax.random.fold_in(rng, 0))
-  test_y = np.array([ex.label for ex in test], dtype=np.int32)
+  test_labels = label_sets(corpus, test)
   results = {}
   for i, split in enumerate(train_splits, start=1):
-    train = corpora.load_split(corpus, split, data_dir)
+    train = load_labelled(corpus, split, data_dir)
     removed = 0
     if remove_overlap:
       train, removed = probe.remove_overlap(train, test)
@@ -76,10 +96,13 @@ def classify_run(workdir: str, corpus: str, train_splits: list[str], test_split:
       raise ValueError(f"{corpus}/{split} has no sentences left after removing the "
                        f"{removed} that also occur in {test_split}.")
     train_x = encoded_features(cfg, model, variables, vocab, train, jax.random.fold_in(rng, i))
-    train_y = np.array([ex.label for ex in train], dtype=np.int32)
-    out = probe.probe_accuracy(train_x, train_y, test_x, test_y, num_classes, seed=seed)
-    results[split] = {**out, "n_removed": removed}
-    logging.info("%s %s: %s", workdir, split, results[split])
+    for target, train_y in label_sets(corpus, train).items():
+      test_y = test_labels[target]
+      num_classes = int(max(train_y.max(), test_y.max())) + 1
+      out = probe.probe_accuracy(train_x, train_y, test_x, test_y, num_classes, seed=seed)
+      key = split if target == "label" else f"{target}/{split}"
+      results[key] = {**out, "n_removed": removed}
+      logging.info("%s %s: %s", workdir, key, results[key])
   return results
 
 
@@ -97,12 +120,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   experiment.quiet_library_logs()
-  corpus = corpora.get_corpus(FLAGS.corpus)
-  if corpus.num_classes is None:
-    raise app.UsageError(f"corpus {FLAGS.corpus!r} has no labels; choose a labelled corpus.")
   splits = [s.strip() for s in FLAGS.train_splits if s.strip()]
-  for split in [*splits, FLAGS.test_split]:
-    corpora.canonical_split(FLAGS.corpus, split)
+  if FLAGS.corpus != "synthetic":
+    if corpora.get_corpus(FLAGS.corpus).num_classes is None:
+      raise app.UsageError(f"corpus {FLAGS.corpus!r} has no labels; choose a labelled corpus.")
+    for split in [*splits, FLAGS.test_split]:
+      corpora.canonical_split(FLAGS.corpus, split)
   for workdir in FLAGS.workdir:
     path = os.path.join(workdir, experiment.CONFIG_FILE)
     if not os.path.exists(path):
@@ -118,7 +141,10 @@ def main(argv):
         json.dump(results, f, indent=2)
       os.replace(FLAGS.out + ".tmp", FLAGS.out)
   print(f"{FLAGS.corpus} {FLAGS.test_split} accuracy (%) of a linear probe:")
-  print(accuracy_table(results, splits))
+  columns = splits
+  if FLAGS.corpus == "synthetic":
+    columns = [f"{f}/{s}" for f in synthetic.FACTOR_NAMES for s in splits]
+  print(accuracy_table(results, columns))
 
 
 if __name__ == "__main__":

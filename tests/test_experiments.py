@@ -87,3 +87,54 @@ def test_changed_model_settings_are_refused_on_resume(tmp_path):
 def test_unknown_variant_names_the_choices():
   with pytest.raises(ValueError, match="available: .*anneal"):
     load_config("vae", "smoke,nonsense")
+
+
+def test_flow_vrae_cli_and_factor_probes(tmp_path):
+  """The flagship main on the smoke config, then linear probes of the embedded corpus's
+  factors from its codes (experiments/classify.py)."""
+  workdir = tmp_path / "flow"
+  run_main("flow_vrae.py", "--config=experiments/configs/flow_vrae.py:smoke",
+           f"--workdir={workdir}")
+  result = json.loads((workdir / "eval_test.json").read_text())
+  assert EVAL_KEYS <= set(result) and -result["nll"] >= result["elbo"] - 1e-3
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["posterior"] == "flow" and saved["model"]["latent_to_output"]
+  out_file = tmp_path / "probes.json"
+  out = run_main("classify.py", f"--workdir={workdir}", "--corpus=synthetic",
+                 "--train_splits=train_40", "--test_split=test", f"--out={out_file}")
+  assert "topic/train_40" in out
+  probes = json.loads(out_file.read_text())[str(workdir)]
+  assert set(probes) == {f"{f}/train_40" for f in ("topic", "sentiment", "tense", "number")}
+  for r in probes.values():
+    assert 0.0 <= r["accuracy"] <= 1.0 and r["n_train"] == 40 and r["n_test"] == 2000
+
+
+def test_load_run_restores_the_trained_model(tmp_path):
+  cfg = load_config("flow_vrae", "smoke,coupling")
+  first = experiment.run(cfg, str(tmp_path))
+  saved_cfg, model, variables, vocab = experiment.load_run(str(tmp_path))
+  assert saved_cfg.model.flow.kind == "coupling" and len(vocab) == model.config.vocab_size
+  again = experiment.evaluate_workdir(saved_cfg, str(tmp_path), ["test"])
+  assert again["test"]["nll"] == pytest.approx(first["test"]["nll"], abs=1e-5)
+
+
+def test_training_sentences_of_a_held_out_split_are_removed():
+  cfg = load_config("vae", "smoke")
+  cfg.unlock()
+  cfg.data.max_train_examples = 0
+  cfg.data.train_split = "valid+test"   # '+' concatenates splits
+  cfg.data.exclude = "synthetic:test"
+  kept, removed = experiment.load_train_examples(cfg)
+  train = experiment.load_examples(cfg, "valid") + experiment.load_examples(cfg, "test")
+  held_out = {ex.tokens for ex in experiment.load_examples(cfg, "test")}
+  assert removed == sum(ex.tokens in held_out for ex in train) > 0
+  assert len(kept) == len(train) - removed
+  assert not any(ex.tokens in held_out for ex in kept)
+
+
+def test_regulariser_weight_without_token_dropout_is_refused():
+  cfg = load_config("flow_vrae", "smoke")
+  cfg.unlock()
+  cfg.model.smoothness_dropout = 0.0
+  with pytest.raises(ValueError, match="smoothness_dropout"):
+    experiment.kl_term_config(cfg)

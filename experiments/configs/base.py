@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.splits = "valid,test"    # evaluated with the best checkpoint at the end of training
   c.eval.num_print = 5            # samples / reconstructions printed
   c.eval.max_decode_length = 40
-  c.eval.mi_max_examples = 2000   # flow posteriors: MI on a random subset (cost O(N^2)); 0: all
+  c.eval.mi_max_examples = 1000   # flow posteriors: MI on a random subset (cost O(N^2)); 0: all
   return c
 
 

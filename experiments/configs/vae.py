@@ -126,7 +126,7 @@ def yelp(c):
   c.model.embed_dim = 256
   c.model.hidden_dim = 256
   c.model.latent_dim = 32
-  c.train.num_epochs = 2.0
+  c.train.num_epochs = 1.0
   c.train.log_every = 200
   c.eval.splits = "valid"
   c.eval.max_examples = 2000
