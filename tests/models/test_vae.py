@@ -97,8 +97,8 @@ def test_pooling_variants_shapes(pooling):
   cfg = VAEConfig(vocab_size=11, embed_dim=8, hidden_dim=12, latent_dim=3, pooling=pooling)
   model, tokens = SeqVAE(cfg), batch()
   variables = init(model, tokens)
-  mean, logvar = model.apply(variables, tokens, method=SeqVAE.encode)
-  assert mean.shape == logvar.shape == (3, 3)
+  post = model.apply(variables, tokens, method=SeqVAE.encode)
+  assert post.mean.shape == post.logvar.shape == (3, 3) and post.context is None
 
 
 def test_config_errors_are_clear():
