@@ -475,3 +475,26 @@ def test_finalize_sums_language_model_and_empty():
   assert "ppl" not in out and "neg_elbo" not in out
   with pytest.raises(ValueError):
     metrics.finalize_sums({"nll": 0.0, "n_sentences": 0, "n_tokens": 0})
+
+
+def test_active_units_from_two_noisy_estimates_removes_the_noise_bias():
+  """Sampled posterior means carry Monte Carlo noise (variance 1/32 here, above the 0.01
+  threshold): their plain variance counts every unit, the covariance of two independent
+  estimates recovers the true across-data variances (0, 0.005, 0.02, 0.5)."""
+  rng = np.random.default_rng(0)
+  true_var = np.array([0.0, 0.005, 0.02, 0.5])
+  n = 20000
+  exact = rng.normal(size=(n, 4)) * np.sqrt(true_var)
+  noisy_a = exact + rng.normal(size=(n, 4)) / np.sqrt(32)
+  noisy_b = exact + rng.normal(size=(n, 4)) / np.sqrt(32)
+  count, _ = metrics.active_units(jnp.asarray(noisy_a))
+  assert int(count) == 4
+  count, cov = metrics.active_units(jnp.asarray(noisy_a), independent_means=jnp.asarray(noisy_b))
+  np.testing.assert_allclose(cov, np.var(exact, axis=0, ddof=1), atol=3e-3)
+  np.testing.assert_allclose(cov[:3], true_var[:3], atol=1e-3)
+  assert int(count) == 2
+  # With exact means, both forms agree.
+  np.testing.assert_allclose(metrics.active_units(jnp.asarray(exact))[1],
+                             metrics.active_units(jnp.asarray(exact),
+                                                  independent_means=jnp.asarray(exact))[1],
+                             rtol=1e-5)

@@ -49,8 +49,9 @@ def make_vae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
   The importance weights come from the model's own posterior (`SeqVAE.sample_codes`), so a flow
   posterior is scored with its change-of-variables density. The KL is analytic for a Gaussian
   base (also in the KL-preserving mode); for a flow posterior it is the Monte Carlo average of
-  log q - log p over K fresh samples (no decoding needed). `code_mean` is E_q[z|x] (exact for
-  a Gaussian, a `mean_samples` average otherwise), for the active units.
+  log q - log p over K fresh samples (no decoding needed). `code_mean` and `code_mean_b` are
+  E_q[z|x], exact for a Gaussian, otherwise two independent `mean_samples` averages (their
+  covariance over the set gives the active units without the Monte Carlo noise's bias).
   """
   gaussian = model.config.posterior == "gaussian"
 
@@ -69,9 +70,10 @@ def make_vae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
       _, log_q, log_p = sample(jax.random.fold_in(mean_rng, 1), k_samples)
       kl = metrics.monte_carlo_kl(log_q, log_p)
     if gaussian:
-      code_mean = post.mean
-    else:
-      code_mean = jnp.mean(sample(mean_rng, mean_samples)[0], axis=0)
+      code_mean = code_mean_b = post.mean
+    else:  # two independent estimates, for an unbiased variance (metrics.active_units)
+      halves = sample(mean_rng, 2 * mean_samples)[0].reshape(2, mean_samples, *post.mean.shape)
+      code_mean, code_mean_b = jnp.mean(halves, axis=1)
     return {
         "log_px": log_px,
         "elbo": mean_log_w,
@@ -80,6 +82,7 @@ def make_vae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
         "mean": post.mean,
         "logvar": post.logvar,
         "code_mean": code_mean,
+        "code_mean_b": code_mean_b,
         **({} if post.context is None else {"context": post.context}),
     }
 
@@ -128,7 +131,8 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
 
   nll = -mean_x L_K(x); ppl = exp(-sum_x L_K(x) / sum_x (|x| + 1)); elbo is the K-sample Monte
   Carlo ELBO per sentence; kl is the KL per sentence (analytic for a Gaussian base, Monte Carlo
-  for a flow posterior); mi and au follow METHODS.md §6, au from the variance of E_q[z|x].
+  for a flow posterior); mi and au follow METHODS.md §6, au from the variance of E_q[z|x]
+  (for flows, the covariance of two independent sampled estimates of it).
   For a Gaussian posterior MI uses the analytic entropy (He et al. 2019); otherwise the flow's
   density (`flow_mutual_information`) on at most `mi_max_examples` sentences (a random subset;
   0: all), its cost being quadratic. In the KL-preserving mode MI is computed on z_0, which
@@ -155,7 +159,9 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
       "elbo": float(out["elbo"].astype(np.float64).mean()),
       "kl": float(out["kl"].astype(np.float64).mean()),
       "mi": float(mi),
-      "au": int(metrics.active_units(jnp.asarray(out["code_mean"]), threshold=au_threshold)[0]),
+      "au": int(metrics.active_units(
+          jnp.asarray(out["code_mean"]), threshold=au_threshold,
+          independent_means=jnp.asarray(out["code_mean_b"]))[0]),
       "k_samples": int(k_samples),
       "n_sentences": int(log_px.shape[0]),
       "n_tokens": int(n_tokens),

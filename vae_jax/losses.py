@@ -47,17 +47,16 @@ def _weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
 def vae_sums(terms, weights: jax.Array) -> Sums:
   """Sums over real rows of a VAE pass, plus what `summarize` needs for KL, AU and PPL.
 
-  `mean_sum` / `mean_sq_sum` (`[d]`) give the across-data variance of the posterior means
-  E_q[z|x] (`terms.code_mean`), from which active units are counted (Burda et al. 2016) without
-  a second pass.
+  `mean_sum` / `mean_sq_sum` (`[d]`) give the across-data variance of the (base) posterior
+  means, from which active units are counted (Burda et al. 2016) without a second pass.
   """
   sums = {
       "rec": jnp.sum(terms.rec_nll * weights),
       "kl": jnp.sum(terms.kl * weights),
       "n_sentences": jnp.sum(weights),
       "n_tokens": jnp.sum(terms.n_tokens * weights),
-      "mean_sum": _weighted_sum(terms.code_mean, weights),
-      "mean_sq_sum": _weighted_sum(jnp.square(terms.code_mean), weights),
+      "mean_sum": _weighted_sum(terms.mean, weights),
+      "mean_sq_sum": _weighted_sum(jnp.square(terms.mean), weights),
   }
   return sums
 

@@ -374,7 +374,8 @@ def gaussian_mutual_information_per_batch(rng: jax.Array, mean: jax.Array, logva
 
 
 def active_units(means: jax.Array, *, threshold: float = 0.01, mask: jax.Array | None = None,
-                 ddof: int = 1) -> tuple[jax.Array, jax.Array]:
+                 ddof: int = 1,
+                 independent_means: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Number of active latent dimensions (Burda et al. 2016, §5.2).
 
     A_k = Cov_x(E_{q(z|x)}[z_k]),   active iff A_k > threshold (0.01).
@@ -385,24 +386,33 @@ def active_units(means: jax.Array, *, threshold: float = 0.01, mask: jax.Array |
   population variance. He et al. compare with `>=`; a dimension exactly at the threshold is
   a measure-zero event, so `>` (Burda et al.'s definition) gives the same counts.
 
+  When E_q[z|x] has no closed form (flow posteriors) it is estimated by averaging S samples,
+  and the variance of such estimates is inflated by their Monte Carlo noise (Var_q(z_k)/S per
+  sentence, enough to make every unit look active). Pass a second, independent estimate as
+  `independent_means`: A_k is then the covariance over the set of the two estimates, which is
+  unbiased for Var_x(E_q[z_k|x]) because their noises are independent.
+
   Args:
     means: `[N, d]` posterior means E_{q(z|x)}[z] of the whole set.
     threshold: activity threshold on the variance.
     mask: `[N]` 1 for real examples, 0 for padding rows.
     ddof: delta degrees of freedom of the variance.
+    independent_means: `[N, d]` a second estimate of the posterior means with noise
+      independent of that of `means` (None: `means` are exact).
 
   Returns:
     (number of active units, int32 scalar; per-dimension variances `[d]`).
   """
   means = means.astype(jnp.float32)
+  other = means if independent_means is None else independent_means.astype(jnp.float32)
   if mask is None:
     weights = jnp.ones(means.shape[:1], jnp.float32)
   else:
     weights = mask.astype(jnp.float32)
   count = jnp.sum(weights)
-  centre = jnp.sum(means * weights[:, None], axis=0) / jnp.maximum(count, 1.0)
-  sq_dev = jnp.sum(jnp.square(means - centre) * weights[:, None], axis=0)
-  variances = sq_dev / jnp.maximum(count - ddof, 1.0)
+  centre = lambda m: jnp.sum(m * weights[:, None], axis=0) / jnp.maximum(count, 1.0)
+  products = (means - centre(means)) * (other - centre(other))
+  variances = jnp.sum(products * weights[:, None], axis=0) / jnp.maximum(count - ddof, 1.0)
   return jnp.sum(variances > threshold).astype(jnp.int32), variances
 
 

@@ -99,9 +99,9 @@ class VAETerms:
   kl_dims: `[B, d]` per-dimension analytic KL of a Gaussian base, None for a flow posterior.
   n_tokens: number of real tokens (EOS included).
   z: `[B, d]` the code fed to the decoder.
-  mean, logvar: `[B, d]` the base Gaussian's parameters.
-  code_mean: `[B, d]` E_q[z] (the mean for a Gaussian, the average of the KL samples of a
-    flow): active units are counted from its variance across the data.
+  mean, logvar: `[B, d]` the base Gaussian's parameters. The training logs count active units
+    from the variance of `mean` in every mode (for flows an exact E_q[z_K|x] needs sampling,
+    whose noise would inflate that variance; evaluation estimates it without the bias).
   smoothness: ‖μ(x) - μ(x̃)‖² (amortised regularisation), zeros when off or deterministic.
   """
   rec_nll: jax.Array
@@ -111,7 +111,6 @@ class VAETerms:
   z: jax.Array
   mean: jax.Array
   logvar: jax.Array
-  code_mean: jax.Array
   smoothness: jax.Array
 
 
@@ -232,18 +231,16 @@ class SeqVAE(nn.Module):
     if c.posterior == "flow":
       kl_dims = None
       kl = metrics.monte_carlo_kl(log_q, log_p)
-      code_mean = jnp.mean(z, axis=0)
     else:
       kl_dims = objectives.gaussian_kl(post.mean, post.logvar)
       kl = jnp.sum(kl_dims, axis=-1)
-      code_mean = post.mean if c.posterior == "gaussian" else jnp.mean(z, axis=0)
     smoothness = jnp.zeros_like(kl)
     if not deterministic and c.smoothness_dropout > 0:
       noisy = corrupt_tokens(self.make_rng("dropout"), tokens, c.smoothness_dropout)
       smoothness = jnp.sum(jnp.square(post.mean - self.encode(noisy).mean), axis=-1)
     return VAETerms(rec_nll=rec_nll, kl=kl, kl_dims=kl_dims,
                     n_tokens=jnp.sum(token_mask(tokens), axis=-1), z=z[0], mean=post.mean,
-                    logvar=post.logvar, code_mean=code_mean, smoothness=smoothness)
+                    logvar=post.logvar, smoothness=smoothness)
 
   # Decoding interface (see vae_jax.nn.decoding): pure step functions over these methods.
   def initial_state(self, z: jax.Array) -> State:
