@@ -126,11 +126,11 @@ def main(argv):
       raise app.UsageError(f"corpus {FLAGS.corpus!r} has no labels; choose a labelled corpus.")
     for split in [*splits, FLAGS.test_split]:
       corpora.canonical_split(FLAGS.corpus, split)
-  for workdir in FLAGS.workdir:
-    path = os.path.join(workdir, experiment.CONFIG_FILE)
-    if not os.path.exists(path):
-      raise app.UsageError(f"{path} not found: --workdir must be a directory written by an "
-                           "experiments/*.py run.")
+  for workdir in FLAGS.workdir:  # every run checked before the first is evaluated
+    try:
+      experiment.saved_config(workdir)
+    except FileNotFoundError as e:
+      raise app.UsageError(str(e)) from None
   results = {}
   for workdir in FLAGS.workdir:
     results[workdir] = classify_run(workdir, FLAGS.corpus, splits, FLAGS.test_split,

@@ -7,11 +7,7 @@ Reads the run's config.json and vocab.json from the workdir, writes
 examples) and prints the metrics table, reconstructions and prior samples.
 """
 
-import json
-import os
-
 from absl import app, flags
-import ml_collections
 
 from vae_jax import experiment
 from vae_jax.training import distributed
@@ -30,12 +26,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   distributed.initialize()
-  path = os.path.join(FLAGS.workdir, experiment.CONFIG_FILE)
-  if not os.path.exists(path):
-    raise app.UsageError(f"{path} not found: --workdir must be a directory written by an "
-                         "experiments/*.py run.")
-  with open(path) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  try:
+    cfg = experiment.saved_config(FLAGS.workdir)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from None
   if FLAGS.k_samples is not None:
     cfg.eval.k_samples = FLAGS.k_samples
   if FLAGS.max_examples is not None:

@@ -231,7 +231,6 @@ def sample_prior(model: nn.Module, variables, rng: jax.Array, num: int, latent_d
   return generate(model, variables, z, dec_rng, max_length=max_length, greedy=greedy)
 
 
-
 @functools.partial(jax.jit, static_argnames=("model", "num_samples"))
 def features(model: nn.Module, variables, tokens: jax.Array, rng: jax.Array,
              num_samples: int = 32) -> jax.Array:

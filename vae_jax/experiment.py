@@ -332,14 +332,23 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
   return results
 
 
+def saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with (its `config.json`); a clear error if there is none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: the workdir must be a directory written by an "
+                            "experiments/*.py run.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def load_run(workdir: str, which: str = "best"):
   """A finished run, for downstream use: (config, model, variables, vocab).
 
   The config is the run's saved `config.json`; the variables those of its best (or latest)
   checkpoint, restored on this process's devices.
   """
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = saved_config(workdir)
   vocab = Vocab.load(os.path.join(workdir, VOCAB_FILE))
   model = build_model(cfg, len(vocab))
   task = build_task(cfg, model, vocab, 1, 1)
