@@ -7,6 +7,8 @@ ConfigDict: it is read here once, field by field, into the frozen dataclasses of
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging as pylogging
 import math
@@ -21,7 +23,8 @@ from absl import logging
 from vae_jax import evaluation, losses, schedules
 from vae_jax.data import corpora, pipeline, synthetic
 from vae_jax.data.vocab import Vocab, VocabMismatchError
-from vae_jax.models.vae import LSTMLanguageModel, SeqVAE, VAEConfig
+from vae_jax.models.vae import (LSTMLanguageModel, SeqVAE, VAEConfig, encoder_param_mask,
+                                param_groups)
 from vae_jax.nn.flows import FlowConfig
 from vae_jax.training import checkpoint as checkpoint_lib
 from vae_jax.training import loop, mesh as mesh_lib, optim
@@ -53,7 +56,7 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> VAEConfig:
       dropout_in=m.dropout_in, dropout_out=m.dropout_out, word_dropout=m.word_dropout,
       share_embedding=m.share_embedding, posterior=m.posterior, flow=flow_config(cfg),
       kl_samples=m.kl_samples, latent_to_output=m.latent_to_output,
-      smoothness_dropout=m.smoothness_dropout)
+      smoothness_dropout=m.smoothness_dropout, mean_batch_norm=m.get("mean_batch_norm", 0.0))
 
 
 def kl_term_config(cfg: ml_collections.ConfigDict) -> losses.KLTermConfig:
@@ -63,7 +66,10 @@ def kl_term_config(cfg: ml_collections.ConfigDict) -> losses.KLTermConfig:
                      "dropout rate of the corrupted copy x~), e.g. 0.1")
   return losses.KLTermConfig(free_bits=k.free_bits,
                              free_bits_per_dimension=k.free_bits_per_dimension,
-                             smoothness_weight=k.smoothness_weight)
+                             smoothness_weight=k.smoothness_weight,
+                             kind=k.get("kind", "kl"),
+                             density_gap_samples=k.get("density_gap_samples", 32),
+                             density_gap_chunk=k.get("density_gap_chunk", 0))
 
 
 def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):
@@ -73,12 +79,25 @@ def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):
   return kinds[cfg.model.kind](model_config(cfg, vocab_size))
 
 
+def aggressive_config(cfg: ml_collections.ConfigDict) -> loop.AggressiveConfig | None:
+  t = cfg.train
+  if not t.get("aggressive", False):
+    return None
+  if cfg.model.kind != "vae":
+    raise ValueError("train.aggressive applies to VAEs (model.kind='vae')")
+  return loop.AggressiveConfig(max_inner_steps=t.aggressive_max_inner_steps,
+                               check_every=t.aggressive_check_every,
+                               stop_metric=t.aggressive_stop_metric)
+
+
 def optimizer_config(cfg: ml_collections.ConfigDict) -> optim.OptimizerConfig:
+  """Aggressive runs keep separate encoder and decoder optimiser states (`param_groups`)."""
   o = cfg.optimizer
   return optim.OptimizerConfig(
       name=o.name, learning_rate=o.learning_rate, grad_clip_norm=o.grad_clip_norm or None,
       plateau=optim.PlateauConfig(patience=o.plateau_patience or None, factor=o.plateau_factor,
-                                  max_decays=o.max_decays or None))
+                                  max_decays=o.max_decays or None),
+      param_labels=param_groups if aggressive_config(cfg) is not None else None)
 
 
 def kl_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
@@ -259,21 +278,80 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_every = cfg.train.eval_every or steps_per_epoch
   model = build_model(cfg, len(vocab))
   task = build_task(cfg, model, vocab, total_steps, steps_per_epoch)
+  mesh = mesh_lib.make_mesh()
+  if cfg.get("pretrain") and cfg.pretrain.steps:
+    pre_steps = total_steps if cfg.pretrain.steps < 0 else cfg.pretrain.steps
+    pretrained = _pretrain_autoencoder(cfg, workdir, vocab, mesh, train_iter, pre_steps)
+    task = dataclasses.replace(task, init_fn=_with_encoder(task.init_fn, pretrained))
+  aggressive = aggressive_config(cfg)
+  encoder_iter = None
+  if aggressive is not None:
+    # The inner steps' batches: the same data in an independent order (He et al. draw them at
+    # random from the training set).
+    encoder_iter = pipeline.TrainIterator(
+        train, cfg.data.batch_size, seed=cfg.train.seed + 1,
+        bucket_window=cfg.data.bucket_window, pad_multiple=cfg.data.pad_multiple,
+        process_index=jax.process_index(), process_count=jax.process_count())
   train_cfg = loop.TrainConfig(
       num_steps=total_steps, log_every=cfg.train.log_every, eval_every=eval_every,
       checkpoint_every=cfg.train.checkpoint_every or eval_every, seed=cfg.train.seed,
       best_metric=cfg.train.best_metric or (
           "nll" if cfg.model.kind == "lm" else "neg_elbo"), progress_bar=cfg.train.progress_bar or False,
-      optimizer=optimizer_config(cfg))
-  mesh = mesh_lib.make_mesh()
+      optimizer=optimizer_config(cfg), aggressive=aggressive)
   logging.info("training %s for %d steps (%d per epoch) on %d devices", cfg.model.kind,
                total_steps, steps_per_epoch, mesh.size)
   loop.train_and_evaluate(
       task, train_iter,
       {"valid": lambda: eval_iterator(cfg, valid, cfg.data.eval_batch_size)},
-      train_cfg, workdir, vocab.fingerprint, mesh=mesh)
+      train_cfg, workdir, vocab.fingerprint, mesh=mesh, encoder_iter=encoder_iter)
   return evaluate_workdir(cfg, workdir, splits=_splits(cfg), vocab=vocab, model=model,
                           task=task)
+
+
+PRETRAIN_DIR = "pretrain"
+
+
+def _pretrain_autoencoder(cfg, workdir: str, vocab: Vocab, mesh, train_iter, steps: int):
+  """Autoencoder pretraining (Li et al. 2019): the same model trained `steps` steps
+  with beta = 0 (reconstruction only, no KL term), in `<workdir>/pretrain` (resumable like any
+  run). Returns the variables of its best checkpoint (lowest validation reconstruction)."""
+  pre = copy.deepcopy(cfg)
+  with pre.unlocked():
+    pre.pretrain.steps = 0
+    pre.kl.kind = "kl"
+    pre.kl.schedule, pre.kl.value, pre.kl.start = "constant", 0.0, 0.0
+    pre.kl.free_bits = 0.0
+    pre.train.num_steps, pre.train.num_epochs = steps, 0.0
+    pre.train.aggressive = False
+    pre.train.best_metric = "rec"
+    pre.eval.splits = ""
+  pre_dir = os.path.join(workdir, PRETRAIN_DIR)
+  logging.info("autoencoder pretraining for %d steps in %s", steps, pre_dir)
+  run(pre, pre_dir)
+  pre_model = build_model(pre, len(vocab))
+  pre_task = build_task(pre, pre_model, vocab, 1, 1)
+  position = train_iter.state()
+  example = next(train_iter)
+  train_iter.restore(position)
+  variables, _ = restore_variables(pre, pre_dir, pre_task, example, vocab, mesh, "best")
+  return jax.device_get(variables)
+
+
+def _with_encoder(init_fn, pretrained):
+  """`init_fn` whose inference network (`encoder_param_mask`) and non-parameter collections
+  come from `pretrained`; the decoder is freshly initialised (Li et al. 2019 reset it)."""
+
+  def init(rng, batch):
+    variables = dict(init_fn(rng, batch))
+    mask = encoder_param_mask(variables["params"])
+    variables["params"] = jax.tree.map(lambda enc, new, old: old if enc else new, mask,
+                                       variables["params"], pretrained["params"])
+    for name in variables:
+      if name != "params":
+        variables[name] = pretrained[name]
+    return variables
+
+  return init
 
 
 def _splits(cfg) -> list[str]:

@@ -9,8 +9,9 @@ real rows plus the denominators `n_sentences` and `n_tokens`, reduced across dev
 divided on the host by `summarize`, so reported numbers are exact however data are batched.
 
 The negative ELBO of a sentence is  rec + KL  with rec = -log p(x|z), z ~ q(z|x); training
-minimises  mean_x [rec(x)] + beta(step) * KL_term,  where KL_term is the batch-mean KL or its
-free-bits form (vae_jax.objectives.free_bits_kl).
+minimises  mean_x [rec(x)] + beta(step) * KL_term,  where KL_term is the batch-mean KL, its
+free-bits form (vae_jax.objectives.free_bits_kl), or DG-VAE's density-gap estimate of
+KL(q_agg || p) (vae_jax.objectives.density_gap_kl).
 """
 
 from __future__ import annotations
@@ -24,20 +25,43 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vae_jax import objectives
+from vae_jax import metrics, objectives
 
 Sums = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, tuple[Sums, Any]]]
 
 
+KL_KINDS = ("kl", "density_gap")
+
+
 @dataclasses.dataclass(frozen=True)
 class KLTermConfig:
-  """How the KL (and the encoder's regulariser) enter the loss. `free_bits` = 0 disables free
-  bits; `smoothness_weight` is λ of the amortised regularisation λ · mean_x ‖μ(x) - μ(x̃)‖²
-  (METHODS.md §3; the model computes the term when its `smoothness_dropout` > 0)."""
+  """How the KL (and the encoder's regulariser) enter the loss.
+
+  kind: 'kl', the per-sentence KL(q(z|x) || p(z)) averaged over the batch (optionally in its
+    free-bits form: `free_bits` > 0 nats per sentence, or per dimension); 'density_gap', DG-VAE's
+    dimension-wise estimate of KL(q_agg(z) || p(z)) from `density_gap_samples` samples per
+    posterior over mixtures of `density_gap_chunk` rows (0: the whole batch) (Zhang et al. 2022,
+    METHODS.md §2; Gaussian posteriors, or the Gaussian base of a KL-preserving flow).
+  smoothness_weight: λ of the amortised regularisation λ · mean_x ‖μ(x) - μ(x̃)‖²
+    (METHODS.md §3; the model computes the term when its `smoothness_dropout` > 0).
+  """
   free_bits: float = 0.0
   free_bits_per_dimension: bool = False
   smoothness_weight: float = 0.0
+  kind: str = "kl"
+  density_gap_samples: int = 32
+  density_gap_chunk: int = 0
+
+  def __post_init__(self):
+    if self.kind not in KL_KINDS:
+      raise ValueError(f"unknown KL term {self.kind!r}; use one of {KL_KINDS}")
+    if self.kind == "density_gap" and self.free_bits > 0:
+      raise ValueError("free bits apply to the per-sentence KL, not to the density gap; set "
+                       "free_bits=0 or kind='kl'")
+    if self.density_gap_samples < 1 or self.density_gap_chunk < 0:
+      raise ValueError("density_gap_samples must be >= 1 and density_gap_chunk >= 0, got "
+                       f"{self.density_gap_samples}, {self.density_gap_chunk}")
 
 
 def _weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
@@ -48,7 +72,9 @@ def vae_sums(terms, weights: jax.Array) -> Sums:
   """Sums over real rows of a VAE pass, plus what `summarize` needs for KL, AU and PPL.
 
   `mean_sum` / `mean_sq_sum` (`[d]`) give the across-data variance of the (base) posterior
-  means, from which active units are counted (Burda et al. 2016) without a second pass.
+  means, from which active units are counted (Burda et al. 2016) without a second pass;
+  `feature_sum` / `feature_sq_sum` (`[F]`) that of the encoder feature (the dispersion
+  diagnostic of Long et al. 2019).
   """
   sums = {
       "rec": jnp.sum(terms.rec_nll * weights),
@@ -57,6 +83,8 @@ def vae_sums(terms, weights: jax.Array) -> Sums:
       "n_tokens": jnp.sum(terms.n_tokens * weights),
       "mean_sum": _weighted_sum(terms.mean, weights),
       "mean_sq_sum": _weighted_sum(jnp.square(terms.mean), weights),
+      "feature_sum": _weighted_sum(terms.features, weights),
+      "feature_sq_sum": _weighted_sum(jnp.square(terms.features), weights),
   }
   return sums
 
@@ -73,24 +101,43 @@ def _variables(params, model_state):
   return {"params": params, **(model_state or {})}
 
 
+def _apply_train(model, params, model_state, tokens, rngs):
+  """A training pass; mutable collections (BN-VAE's 'batch_stats') are updated and returned."""
+  variables = _variables(params, model_state)
+  if model_state:
+    return model.apply(variables, tokens, deterministic=False, rngs=rngs,
+                       mutable=list(model_state))
+  return model.apply(variables, tokens, deterministic=False, rngs=rngs), model_state
+
+
 def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
                   kl_term: KLTermConfig = KLTermConfig()) -> LossFn:
-  """The (beta-weighted, optionally free-bits) negative ELBO of a VAE returning `VAETerms`,
-  plus the amortised regulariser when `kl_term.smoothness_weight` > 0.
+  """The (beta-weighted, optionally free-bits) negative ELBO of a VAE returning `VAETerms`, or
+  reconstruction + beta * density gap (DG-VAE), plus the amortised regulariser when
+  `kl_term.smoothness_weight` > 0.
 
   A flow posterior has no per-dimension KL (`terms.kl_dims` is None): only batch-level free
   bits apply to it, on its Monte Carlo KL.
   """
+  if kl_term.kind == "density_gap" and model.config.posterior == "flow":
+    raise ValueError("the density gap needs Gaussian posteriors (posterior='gaussian' or "
+                     "'kl_preserving'), not posterior='flow'")
 
   def loss_fn(params, model_state, batch, rng, step):
-    latent_rng, dropout_rng = jax.random.split(rng)
-    terms = model.apply(_variables(params, model_state), batch["tokens"], deterministic=False,
-                        rngs={"latent": latent_rng, "dropout": dropout_rng})
+    latent_rng, dropout_rng, gap_rng = jax.random.split(rng, 3)
+    terms, model_state = _apply_train(model, params, model_state, batch["tokens"],
+                                      {"latent": latent_rng, "dropout": dropout_rng})
     w = batch["weights"]
     n = jnp.maximum(jnp.sum(w), 1.0)
     beta = kl_weight(step)
     rec = jnp.sum(terms.rec_nll * w) / n
-    if kl_term.free_bits > 0:
+    gap = None
+    if kl_term.kind == "density_gap":
+      gap = objectives.density_gap_kl(gap_rng, terms.mean, terms.logvar, w,
+                                      num_samples=kl_term.density_gap_samples,
+                                      chunk_size=kl_term.density_gap_chunk)
+      kl = gap
+    elif kl_term.free_bits > 0:
       kl_dims = terms.kl_dims
       if kl_dims is None:
         if kl_term.free_bits_per_dimension:
@@ -104,6 +151,8 @@ def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
     loss = rec + beta * kl
     sums = vae_sums(terms, w)
     sums["beta"] = beta * sums["n_sentences"]
+    if gap is not None:
+      sums["density_gap"] = gap * sums["n_sentences"]
     if kl_term.smoothness_weight > 0:
       sums["smoothness"] = jnp.sum(terms.smoothness * w)
       loss = loss + kl_term.smoothness_weight * sums["smoothness"] / n
@@ -113,12 +162,21 @@ def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
 
 
 def make_vae_eval(model: nn.Module) -> Callable[..., Sums]:
-  """Eval sums of a VAE: one-sample ELBO terms with dropout off."""
+  """Eval sums of a VAE: one-sample ELBO terms with dropout off and, for Gaussian posteriors
+  (or the Gaussian base of a KL-preserving flow, whose MI is the same), He et al. 2019's
+  per-batch MI (`mi` in `summarize`; the quick validation signal aggressive training watches;
+  evaluation reports the whole-set MI)."""
 
   def eval_fn(params, model_state, batch, rng):
+    latent_rng, mi_rng = jax.random.split(rng)
     terms = model.apply(_variables(params, model_state), batch["tokens"], deterministic=True,
-                        rngs={"latent": rng})
-    return vae_sums(terms, batch["weights"])
+                        rngs={"latent": latent_rng})
+    sums = vae_sums(terms, batch["weights"])
+    if model.config.posterior != "flow":
+      mi = metrics.gaussian_mutual_information(mi_rng, terms.mean, terms.logvar,
+                                               mask=batch["weights"])
+      sums["mi"] = mi * sums["n_sentences"]
+    return sums
 
   return eval_fn
 
@@ -168,11 +226,14 @@ def summarize(sums: dict[str, Any], au_threshold: float = 0.01) -> dict[str, flo
       "rec": float(s["rec"] / n),
       "kl": float(s["kl"] / n),
   }
-  for key in ("beta", "smoothness"):
+  for key in ("beta", "smoothness", "density_gap", "mi"):
     if key in s:
       out[key] = float(s[key] / n)
   if "mean_sum" in s:
     mean = s["mean_sum"] / n
     var = np.maximum(s["mean_sq_sum"] / n - mean ** 2, 0.0)
     out["au"] = int(np.sum(var > au_threshold))
+  if "feature_sum" in s:
+    mean = s["feature_sum"] / n
+    out["dispersion"] = float(np.mean(np.maximum(s["feature_sq_sum"] / n - mean ** 2, 0.0)))
   return out

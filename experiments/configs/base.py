@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.kl_samples = 1          # Monte Carlo samples of a flow posterior's KL
   c.model.latent_to_output = False  # skip connection: z also feeds the output layer
   c.model.smoothness_dropout = 0.0  # amortised regularisation: token dropout rate of x~
+  c.model.mean_batch_norm = 0.0   # BN-VAE: fixed gamma of the batch-normalised means; 0: off
   c.model.flow = ml_collections.ConfigDict()
   c.model.flow.kind = "iaf"       # planar | iaf | coupling
   c.model.flow.num_layers = 4
@@ -61,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.kl.free_bits = 0.0            # 0: off; nats per sentence, or per dimension
   c.kl.free_bits_per_dimension = False
   c.kl.smoothness_weight = 0.0    # lambda of the amortised regulariser (needs smoothness_dropout)
+  c.kl.kind = "kl"                # kl | density_gap (DG-VAE, METHODS.md §2)
+  c.kl.density_gap_samples = 32   # M samples per posterior
+  c.kl.density_gap_chunk = 0      # rows per aggregate-posterior mixture; 0: the whole batch
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"       # adam | sgd
@@ -79,6 +83,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 0    # 0: at every evaluation
   c.train.best_metric = ""       # lower is better; "": nll (LM) or neg_elbo (VAE)
   c.train.progress_bar = True
+  c.train.aggressive = False      # aggressive inference-network training (He et al. 2019)
+  c.train.aggressive_max_inner_steps = 100
+  c.train.aggressive_check_every = 15
+  c.train.aggressive_stop_metric = "mi"  # ends when this validation metric stops rising
+
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.steps = 0            # autoencoder pretraining (beta = 0) steps, then decoder
+                                  # reset; -1: as many as the main run; 0: none
 
   c.eval = ml_collections.ConfigDict()
   c.eval.k_samples = 500          # importance samples for the reported NLL

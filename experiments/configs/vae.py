@@ -156,6 +156,62 @@ def beta(c):
   c.kl.value = 0.5
 
 
+def free_bits_batch(c):
+  """Free bits on the whole code: a target of 5 nats per sentence (Li et al. 2019 target_kl)."""
+  c.kl.free_bits = 5.0
+  c.kl.free_bits_per_dimension = False
+
+
+def bn_vae(c):
+  """BN-VAE (Zhu et al. 2020): batch-normalised posterior means with fixed gamma = 0.5, so the
+  expected KL is at least d * gamma^2 / 2 = 4 nats for d = 32."""
+  c.model.mean_batch_norm = 0.5
+
+
+def ae_free_bits(c):
+  """Autoencoder pretraining, then a reset decoder trained with free bits (0.5 nats per
+  dimension) and linear KL annealing from 0 (Li et al. 2019). Pretraining takes as many steps
+  as the main run."""
+  c.pretrain.steps = -1   # -1: as many steps as the main run
+  c.kl.free_bits = 0.5
+  c.kl.free_bits_per_dimension = True
+  c.kl.schedule = "linear"
+  c.kl.start = 0.0
+  c.kl.warmup_epochs = 10.0
+
+
+def aggressive(c):
+  """Aggressive inference-network training with linear KL annealing from 0.1 (He et al. 2019,
+  their recommended setting): encoder-only inner steps until the encoder converges, until the
+  validation MI stops rising; then plain VAE training."""
+  anneal(c)
+  c.train.aggressive = True
+
+
+def dg_vae(c):
+  """DG-VAE (Zhang et al. 2022): the density-gap estimate of KL(q_agg || p) with M = 32 samples
+  per posterior over the whole batch, its weight annealed linearly from 0 to 1 (10 epochs)."""
+  c.kl.kind = "density_gap"
+  c.kl.density_gap_samples = 32
+  c.kl.density_gap_chunk = 0
+  c.kl.free_bits = 0.0
+  c.kl.schedule = "linear"
+  c.kl.start = 0.0
+  c.kl.warmup_epochs = 10.0
+
+
+def mean_pool(c):
+  c.model.pooling = "mean"
+
+
+def max_pool(c):
+  c.model.pooling = "max"
+
+
+def mean_max_pool(c):
+  c.model.pooling = "mean_max"
+
+
 def sgd(c):
   c.optimizer.name = "sgd"
   c.optimizer.learning_rate = 1.0
@@ -165,7 +221,10 @@ def sgd(c):
 
 
 VARIANTS = dict(smoke=smoke, vanilla=vanilla, ptb=ptb, yahoo=yahoo, yelp=yelp, anneal=anneal,
-                cyclical=cyclical, free_bits=free_bits, beta=beta, sgd=sgd)
+                cyclical=cyclical, free_bits=free_bits, free_bits_batch=free_bits_batch,
+                beta=beta, bn_vae=bn_vae, ae_free_bits=ae_free_bits, aggressive=aggressive,
+                dg_vae=dg_vae, mean_pool=mean_pool, max_pool=max_pool,
+                mean_max_pool=mean_max_pool, sgd=sgd)
 
 
 def get_config(variants: str = ""):

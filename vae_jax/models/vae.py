@@ -43,6 +43,9 @@ class VAEConfig:
   latent_to_output: skip connection, z also feeds the output layer (METHODS.md §3).
   smoothness_dropout: amortised regularisation; when > 0, the model also returns
     ‖μ(x) - μ(x̃)‖² with x̃ a copy of x whose tokens are replaced by UNK at this rate.
+  mean_batch_norm: BN-VAE (Zhu et al. 2020): γ > 0 batch-normalises the posterior means with
+    the fixed scale γ (see `GaussianHead`); 0 turns it off. Its running statistics live in the
+    'batch_stats' collection.
   """
   vocab_size: int
   embed_dim: int = 256
@@ -59,6 +62,7 @@ class VAEConfig:
   kl_samples: int = 1
   latent_to_output: bool = False
   smoothness_dropout: float = 0.0
+  mean_batch_norm: float = 0.0
 
   def __post_init__(self):
     if self.vocab_size <= 4:
@@ -77,6 +81,8 @@ class VAEConfig:
     if self.posterior == "kl_preserving" and self.flow.amortized:
       raise ValueError("the KL-preserving mode applies one bijection to prior and posterior, "
                        "so its flow cannot depend on x: set flow.amortized=False")
+    if self.mean_batch_norm < 0:
+      raise ValueError(f"mean_batch_norm (BN-VAE gamma) must be >= 0, got {self.mean_batch_norm}")
     if self.kl_samples < 1:
       raise ValueError(f"kl_samples must be >= 1, got {self.kl_samples}")
 
@@ -103,6 +109,8 @@ class VAETerms:
     from the variance of `mean` in every mode (for flows an exact E_q[z_K|x] needs sampling,
     whose noise would inflate that variance; evaluation estimates it without the bias).
   smoothness: ‖μ(x) - μ(x̃)‖² (amortised regularisation), zeros when off or deterministic.
+  features: `[B, F]` the encoder feature fed to the posterior heads (h_T or a pooling of all
+    states), whose variance across the data is the dispersion diagnostic of Long et al. 2019.
   """
   rec_nll: jax.Array
   kl: jax.Array
@@ -112,6 +120,7 @@ class VAETerms:
   mean: jax.Array
   logvar: jax.Array
   smoothness: jax.Array
+  features: jax.Array
 
 
 @flax.struct.dataclass
@@ -143,7 +152,7 @@ class SeqVAE(nn.Module):
                           nn.Embed(c.vocab_size, c.embed_dim, name="decoder_embed"))
     self.encoder = LSTMEncoder(self.encoder_embed, c.encoder_hidden_dim or c.hidden_dim,
                                pooling=c.pooling)
-    self.head = GaussianHead(c.latent_dim)
+    self.head = GaussianHead(c.latent_dim, batch_norm_gamma=c.mean_batch_norm)
     if c.posterior != "gaussian":
       self.flow = Flow(c.flow, c.latent_dim)
       if c.flow.amortized:
@@ -155,10 +164,21 @@ class SeqVAE(nn.Module):
 
   # -- the posterior ---------------------------------------------------------------------------
 
-  def encode(self, tokens: jax.Array) -> PosteriorParams:
-    """Posterior parameters of each sentence (`[B, d]` mean and logvar, and a flow context)."""
-    features = self.encoder(tokens, token_mask(tokens))
-    mean, logvar = self.head(features)
+  def encoder_features(self, tokens: jax.Array) -> jax.Array:
+    """`[B, F]` the encoder's summary of each sentence, the input of the posterior heads."""
+    return self.encoder(tokens, token_mask(tokens))
+
+  def encode(self, tokens: jax.Array, deterministic: bool = True,
+             features: jax.Array | None = None) -> PosteriorParams:
+    """Posterior parameters of each sentence (`[B, d]` mean and logvar, and a flow context).
+
+    `deterministic=False` only matters for BN-VAE, whose batch normalisation then uses (and
+    updates) the statistics of this batch instead of the running averages.
+    """
+    if features is None:
+      features = self.encoder_features(tokens)
+    real_rows = jnp.any(tokens != PAD, axis=-1)
+    mean, logvar = self.head(features, deterministic=deterministic, row_mask=real_rows)
     context = None
     if self.config.posterior != "gaussian" and self.config.flow.amortized:
       context = jnp.tanh(self.context_head(features))
@@ -225,7 +245,8 @@ class SeqVAE(nn.Module):
 
   def __call__(self, tokens: jax.Array, deterministic: bool = False) -> VAETerms:
     c = self.config
-    post = self.encode(tokens)
+    features = self.encoder_features(tokens)
+    post = self.encode(tokens, deterministic, features)
     z, log_q, log_p = self.sample_codes(post, self.make_rng("latent"), c.kl_samples)
     rec_nll = -self.log_likelihood(tokens, z[0], deterministic=deterministic)
     if c.posterior == "flow":
@@ -237,10 +258,11 @@ class SeqVAE(nn.Module):
     smoothness = jnp.zeros_like(kl)
     if not deterministic and c.smoothness_dropout > 0:
       noisy = corrupt_tokens(self.make_rng("dropout"), tokens, c.smoothness_dropout)
-      smoothness = jnp.sum(jnp.square(post.mean - self.encode(noisy).mean), axis=-1)
+      smoothness = jnp.sum(jnp.square(post.mean - self.encode(noisy, deterministic).mean),
+                           axis=-1)
     return VAETerms(rec_nll=rec_nll, kl=kl, kl_dims=kl_dims,
                     n_tokens=jnp.sum(token_mask(tokens), axis=-1), z=z[0], mean=post.mean,
-                    logvar=post.logvar, smoothness=smoothness)
+                    logvar=post.logvar, smoothness=smoothness, features=features)
 
   # Decoding interface (see vae_jax.nn.decoding): pure step functions over these methods.
   def initial_state(self, z: jax.Array) -> State:
@@ -249,6 +271,18 @@ class SeqVAE(nn.Module):
   def decode_step(self, state: State, token: jax.Array,
                   z: jax.Array) -> tuple[State, jax.Array]:
     return self.decoder.step(state, token, z)
+
+
+DECODER_PARAMS = ("decoder", "decoder_embed")
+
+
+def encoder_param_mask(params) -> dict:
+  """A pytree of bools over a `SeqVAE`'s params: True for the inference network (encoder,
+  its embedding, the posterior heads and flows), False for the generative part (the decoder and
+  its own embedding). A shared embedding belongs to the encoder. Used by aggressive training
+  (He et al. 2019) and by the decoder reset after autoencoder pretraining (Li et al. 2019)."""
+  return {k: jax.tree.map(lambda _, enc=k not in DECODER_PARAMS: enc, v)
+          for k, v in params.items()}
 
 
 class LSTMLanguageModel(nn.Module):
@@ -278,3 +312,9 @@ class LSTMLanguageModel(nn.Module):
   def decode_step(self, state: State, token: jax.Array,
                   z: jax.Array | None = None) -> tuple[State, jax.Array]:
     return self.decoder.step(state, token, None)
+
+
+def param_groups(params) -> dict:
+  """`encoder_param_mask` as optimiser labels ('encoder' / 'decoder'), for
+  `OptimizerConfig.param_labels`."""
+  return jax.tree.map(lambda enc: "encoder" if enc else "decoder", encoder_param_mask(params))

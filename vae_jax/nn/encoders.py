@@ -62,11 +62,27 @@ class LSTMEncoder(nn.Module):
 
 
 class GaussianHead(nn.Module):
-  """Linear maps from an encoder feature to the diagonal-Gaussian posterior (mean, log σ²)."""
+  """Linear maps from an encoder feature to the diagonal-Gaussian posterior (mean, log σ²).
+
+  With `batch_norm_gamma` = γ > 0 the means are batch-normalised with a fixed scale (BN-VAE,
+  Zhu et al. 2020): μ = γ (μ̂ − E_B[μ̂]) / sqrt(Var_B[μ̂] + ε) + b, with b learned and γ not, so
+  that every dimension's posterior means have variance γ² over the data and the expected KL
+  is bounded below by d γ² / 2 > 0: the code cannot collapse. Batch statistics (running
+  averages at evaluation, the 'batch_stats' collection) use only the rows where `row_mask` is
+  true (padding rows excluded).
+  """
   latent_dim: int
+  batch_norm_gamma: float = 0.0
 
   @nn.compact
-  def __call__(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, features: jax.Array, deterministic: bool = True,
+               row_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     mean = nn.Dense(self.latent_dim, name="mean")(features)
     logvar = nn.Dense(self.latent_dim, name="logvar")(features)
+    if self.batch_norm_gamma > 0:
+      mask = None if row_mask is None else jnp.broadcast_to(row_mask[:, None], mean.shape)
+      normed = nn.BatchNorm(use_running_average=deterministic, use_scale=False, use_bias=False,
+                            momentum=0.9, epsilon=1e-5, name="mean_bn")(mean, mask=mask)
+      bias = self.param("mean_bn_bias", nn.initializers.zeros, (self.latent_dim,))
+      mean = self.batch_norm_gamma * normed + bias
     return mean, logvar

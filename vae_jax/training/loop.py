@@ -66,6 +66,32 @@ class Task:
 
 
 @dataclasses.dataclass(frozen=True)
+class AggressiveConfig:
+  """Aggressive inference-network training (He et al. 2019, "Lagging inference networks").
+
+  While the mode is on, every optimiser update of the model (an *outer* step) is preceded by
+  encoder-only updates on fresh training batches (drawn from a second iterator), until the
+  encoder has converged: the word-normalised loss of a window of `check_every` inner steps is
+  no lower than that of the previous window, or `max_inner_steps` were taken. The outer step
+  then updates the decoder only, on its own batch. At every evaluation the validation metric
+  `stop_metric` (the mutual information by default) is compared with its previous value
+  (initially 0, as in He et al.'s code); once it fails to rise, the mode ends for good and
+  training continues as a plain VAE, both parts updated by every step. Encoder and decoder keep
+  separate optimiser states (`OptimizerConfig.param_labels`), as the reference code's two
+  optimisers do. Inner steps do not count as steps: `num_steps`, KL schedules, logging and
+  evaluation all count outer steps.
+  """
+  max_inner_steps: int = 100
+  check_every: int = 15
+  stop_metric: str = 'mi'
+
+  def __post_init__(self):
+    if self.max_inner_steps < 1 or self.check_every < 1:
+      raise ValueError(f'aggressive.max_inner_steps={self.max_inner_steps} and '
+                       f'check_every={self.check_every} must be positive.')
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Settings of the loop.
 
@@ -86,6 +112,8 @@ class TrainConfig:
     reload_best_on_decay: on a plateau decay, continue from the best
       checkpoint's parameters (as He et al. 2019 do).
     async_checkpoints: write checkpoints in a background thread.
+    aggressive: aggressive inference-network training (needs an optimiser with
+      `param_labels` and an `encoder_iter`); None: every step updates everything.
   """
   num_steps: int
   log_every: int = 100
@@ -99,6 +127,7 @@ class TrainConfig:
   optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
   reload_best_on_decay: bool = False
   async_checkpoints: bool = True
+  aggressive: AggressiveConfig | None = None
 
   def __post_init__(self):
     for name in ('log_every', 'eval_every', 'checkpoint_every'):
@@ -106,6 +135,9 @@ class TrainConfig:
         raise ValueError(f'{name}={getattr(self, name)} must be a positive number of steps.')
     if self.num_steps < 0:
       raise ValueError(f'num_steps={self.num_steps} must be >= 0.')
+    if self.aggressive is not None and self.optimizer.param_labels is None:
+      raise ValueError('Aggressive training updates the encoder and the decoder separately: '
+                       'set optimizer.param_labels (e.g. vae_jax.models.vae.param_groups).')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -137,6 +169,35 @@ def train_step(state: TrainState, batch: Batch, *, task: Task,
   return _loss_step(state, batch, task.loss_fn, tx)
 
 
+def group_step(state: TrainState, batch: Batch, inner: jax.Array | None = None, *,
+               task: Task, tx: optax.GradientTransformation, labels_fn: Callable,
+               group: str) -> tuple[TrainState, dict]:
+  """An update of one parameter group only ('encoder' or 'decoder', by the optimiser's
+  `param_labels`); the other group's parameters and optimiser state stand still.
+
+  A decoder update is an outer step (the step counter advances, randomness
+  `fold_in(rng, step)`); an encoder update with `inner` = i is the i-th inner step of
+  aggressive training before the next outer step (randomness
+  `fold_in(fold_in(rng, step), i + 1)`, the step counter unchanged).
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  if inner is not None:
+    rng = jax.random.fold_in(rng, inner + 1)
+  grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+  (loss, (sums, model_state)), grads = grad_fn(
+      state.params, state.model_state, batch, rng, state.step)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  labels = labels_fn(state.params)
+  updates = jax.tree.map(lambda u, label: u if label == group else jnp.zeros_like(u),
+                         updates, labels)
+  other = next(g for g in optim.GROUPS if g != group)
+  opt_state = optim.keep_group_state(opt_state, state.opt_state, other)
+  new_state = state.replace(step=state.step + (0 if inner is not None else 1),
+                            params=optax.apply_updates(state.params, updates),
+                            model_state=model_state, opt_state=opt_state)
+  return new_state, {'sums': sums, 'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+
+
 def eval_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task) -> Sums:
   """Sums of one evaluation batch."""
   return task.eval_fn(state.params, state.model_state, batch, rng)
@@ -151,6 +212,19 @@ def eval_step(state: TrainState, batch: Batch, rng: jax.Array, *, task: Task) ->
 def _jit_train_step(loss_fn, tx, mesh):
   rep = mesh_lib.replicated(mesh)
   return jax.jit(functools.partial(_loss_step, loss_fn=loss_fn, tx=tx),
+                 in_shardings=(rep, mesh_lib.data_sharding(mesh)),
+                 out_shardings=(rep, rep), donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=32)
+def _jit_group_step(loss_fn, tx, labels_fn, group, mesh):
+  rep = mesh_lib.replicated(mesh)
+  task = Task(init_fn=None, loss_fn=loss_fn, eval_fn=None, summarize=None)
+  step = functools.partial(group_step, task=task, tx=tx, labels_fn=labels_fn, group=group)
+  if group == 'encoder':
+    return jax.jit(step, in_shardings=(rep, mesh_lib.data_sharding(mesh), rep),
+                   out_shardings=(rep, rep), donate_argnums=0)
+  return jax.jit(lambda state, batch: step(state, batch),
                  in_shardings=(rep, mesh_lib.data_sharding(mesh)),
                  out_shardings=(rep, rep), donate_argnums=0)
 
@@ -242,6 +316,8 @@ class _Programs(NamedTuple):
   accumulate: Callable[..., dict]
   apply_plateau: Callable[[TrainState, float], TrainState]
   apply_config: Callable[[TrainState], TrainState]
+  encoder_step: Callable[..., tuple[TrainState, dict]] | None = None
+  decoder_step: Callable[..., tuple[TrainState, dict]] | None = None
 
 
 def _without_plateau(opt_cfg: optim.OptimizerConfig) -> optim.OptimizerConfig:
@@ -286,11 +362,16 @@ def _programs(task: Task, opt_cfg: optim.OptimizerConfig, mesh) -> _Programs:
   tx = optim.make_optimizer(base)
   init_fn, init = _init_programs(task.init_fn, base, mesh)
   accumulate, apply_plateau, apply_config = _state_programs(opt_cfg, mesh)
+  groups = {}
+  if opt_cfg.param_labels is not None:
+    groups = {f'{g}_step': _jit_group_step(task.loss_fn, tx, opt_cfg.param_labels, g, mesh)
+              for g in optim.GROUPS}
   return _Programs(
       tx=tx, init=init, init_fn=init_fn,
       train_step=make_train_step(task, tx, mesh),
       eval_step=make_eval_step(task, mesh),
-      accumulate=accumulate, apply_plateau=apply_plateau, apply_config=apply_config)
+      accumulate=accumulate, apply_plateau=apply_plateau, apply_config=apply_config,
+      **groups)
 
 
 def init_train_state(task: Task, optimizer: optim.OptimizerConfig,
@@ -381,6 +462,33 @@ def _peek(train_iter) -> Batch:
   return batch
 
 
+def _aggressive_inner_steps(programs: _Programs, state: TrainState, first_batch: Batch,
+                            encoder_iter, cfg: AggressiveConfig, mesh) -> tuple[TrainState, int]:
+  """Encoder-only updates until the encoder converges (He et al. 2019, Algorithm 1).
+
+  The first inner step uses the outer batch, the next ones fresh batches of `encoder_iter`.
+  Every `check_every` steps the loss per word of the window is compared with the previous
+  window's; the inner loop ends when it stopped decreasing, or after `max_inner_steps`.
+  """
+  previous = math.inf
+  window_loss, window_words = 0.0, 0.0
+  batch = first_batch
+  taken = 0
+  for i in range(cfg.max_inner_steps):
+    state, out = programs.encoder_step(state, batch, jnp.asarray(i, jnp.int32))
+    taken += 1
+    window_loss = window_loss + out['loss'] * out['sums']['n_sentences']
+    window_words = window_words + out['sums']['n_tokens']
+    if (i + 1) % cfg.check_every == 0:
+      current = float(_to_host(window_loss / jnp.maximum(window_words, 1.0)))
+      if previous - current < 0:
+        break
+      previous, window_loss, window_words = current, 0.0, 0.0
+    if i + 1 < cfg.max_inner_steps:
+      batch = mesh_lib.to_global(_next_batch(encoder_iter, -1), mesh)
+  return state, taken
+
+
 class _Guard:
   """Raises NonFiniteLossError with what to do about it."""
 
@@ -428,6 +536,7 @@ def train_and_evaluate(
     vocab_fingerprint: str | None = None,
     *,
     mesh: jax.sharding.Mesh | None = None,
+    encoder_iter: Iterator[Batch] | None = None,
 ) -> dict[str, Any]:
   """Trains `task` to `config.num_steps`, evaluating and checkpointing on the way.
 
@@ -445,12 +554,24 @@ def train_and_evaluate(
     workdir: where checkpoints, metrics.jsonl and TensorBoard files go.
     vocab_fingerprint: identifies the vocabulary; checked on resume.
     mesh: device mesh (default: all devices on a `data` axis).
+    encoder_iter: with `config.aggressive`, an infinite resumable iterator of
+      train batches for the encoder's inner steps (a stream independent of
+      `train_iter`, e.g. the same data with another seed).
 
   Returns:
     {'step': final step, 'stopped_early': bool, 'train': last train metrics,
      <split>: last metrics of each eval split}.
   """
   _check_iterator(train_iter)
+  aggressive = config.aggressive
+  if aggressive is not None:
+    if encoder_iter is None:
+      raise ValueError('Aggressive training needs encoder_iter, a second train iterator for '
+                       'the inner encoder steps.')
+    _check_iterator(encoder_iter)
+    if not eval_data:
+      raise ValueError('Aggressive training stops when the validation '
+                       f'{aggressive.stop_metric!r} stops rising, so it needs eval_data.')
   if eval_data and config.eval_split not in eval_data:
     raise ValueError(
         f'eval_split={config.eval_split!r} is not among the eval splits '
@@ -470,6 +591,16 @@ def train_and_evaluate(
   guard = _Guard(ckpt, opt_cfg)
   writer = None
   bar = None
+  # Aggressive training's controller (He et al. start from a previous MI of 0).
+  aggressive_state = {'active': aggressive is not None, 'previous': 0.0}
+
+  def data_state():
+    position = _data_state(train_iter)
+    if aggressive is None:
+      return position
+    return {'train': position, 'encoder': _data_state(encoder_iter),
+            'aggressive': dict(aggressive_state)}
+
   try:
     example_batch = _peek(train_iter)
     resume_step = ckpt.latest_step()
@@ -479,6 +610,10 @@ def train_and_evaluate(
     else:
       target = abstract_train_state(task, opt_cfg, example_batch, mesh)
       state, data_state, _ = ckpt.restore_latest(target)
+      if aggressive is not None:
+        encoder_iter.restore(data_state['encoder'])
+        aggressive_state.update(data_state['aggressive'])
+        data_state = data_state['train']
       train_iter.restore(data_state)
       ckpt.discard_after(resume_step)
       # The config's learning rate and clipping apply on resume (scaled by
@@ -500,6 +635,7 @@ def train_and_evaluate(
                    plateau_cfg.max_decays)
     bar = writers.progress_bar(config.num_steps, step, config.progress_bar)
     acc = None
+    inner_steps = 0
     tick, tick_step = time.time(), step
 
     def run_eval(state, step, write=True):
@@ -521,7 +657,13 @@ def train_and_evaluate(
 
     while step < config.num_steps and not stopped_early:
       batch = mesh_lib.to_global(_next_batch(train_iter, step), mesh)
-      state, out = programs.train_step(state, batch)
+      if aggressive_state['active']:
+        state, taken = _aggressive_inner_steps(programs, state, batch, encoder_iter,
+                                               aggressive, mesh)
+        inner_steps += taken
+        state, out = programs.decoder_step(state, batch)
+      else:
+        state, out = programs.train_step(state, batch)
       acc = programs.accumulate(acc, out, step)
       step += 1
       bar.update(1)
@@ -536,6 +678,10 @@ def train_and_evaluate(
             optim.get_learning_rate(state.opt_state)))
         now = time.time()
         train_metrics['steps_per_sec'] = (step - tick_step) / max(now - tick, 1e-9)
+        if aggressive is not None:
+          train_metrics['aggressive'] = float(aggressive_state['active'])
+          train_metrics['inner_steps'] = inner_steps / max(step - tick_step, 1)
+          inner_steps = 0
         tick, tick_step = now, step
         writer.write_scalars(step, 'train', train_metrics)
         writers.log_metrics(step, 'train', train_metrics)
@@ -551,7 +697,19 @@ def train_and_evaluate(
               f'{config.eval_split!r} metrics {sorted(val)}; set '
               'TrainConfig.best_metric to one of them.')
         guard.check_state(state, step)
-        if ckpt.maybe_save_best(step, state, _data_state(train_iter), val):
+        if aggressive_state['active']:
+          if aggressive.stop_metric not in val:
+            raise KeyError(
+                f'aggressive.stop_metric={aggressive.stop_metric!r} is not among the '
+                f'{config.eval_split!r} metrics {sorted(val)}.')
+          value = float(val[aggressive.stop_metric])
+          if value - aggressive_state['previous'] < 0:
+            aggressive_state['active'] = False
+            logging.info('Validation %s fell from %.4f to %.4f: aggressive training ends at '
+                         'step %d.', aggressive.stop_metric, aggressive_state['previous'],
+                         value, step)
+          aggressive_state['previous'] = value
+        if ckpt.maybe_save_best(step, state, data_state(), val):
           logging.info('New best %s=%.4f at step %d.', config.best_metric,
                        val[config.best_metric], step)
         if plateau_cfg.enabled:
@@ -576,7 +734,7 @@ def train_and_evaluate(
       if step % config.checkpoint_every == 0 or is_last or stopped_early:
         guard.check_acc(acc)
         guard.check_state(state, step)
-        ckpt.save_latest(step, state, _data_state(train_iter), train_metrics)
+        ckpt.save_latest(step, state, data_state(), train_metrics)
 
     if eval_data and evaluated_at != step:
       # Nothing trained (already finished or stopped): report the final state;

@@ -8,8 +8,10 @@ hyperparameter (`optax.inject_hyperparams`), so the controller changes it in the
 optimiser state at run time and checkpoints carry it.
 """
 
+from collections.abc import Callable
 import dataclasses
 import functools
+from typing import Any
 
 import flax
 import jax
@@ -68,6 +70,11 @@ class OptimizerConfig:
     momentum: SGD momentum; None for plain SGD.
     b1, b2, eps: Adam moments.
     plateau: the halve-on-plateau controller.
+    param_labels: None (one optimiser for all parameters), or a function
+      params -> pytree of 'encoder' / 'decoder' labels: each group then has its
+      own optimiser state (`optax.multi_transform`), so one group can be updated
+      while the other's state stands still (aggressive training, He et al.
+      2019, whose code keeps separate encoder and decoder optimisers).
   """
   name: str = 'adam'
   learning_rate: float = 1e-3
@@ -78,6 +85,7 @@ class OptimizerConfig:
   b2: float = 0.999
   eps: float = 1e-8
   plateau: PlateauConfig = PlateauConfig()
+  param_labels: Callable[[Any], Any] | None = None
 
   def __post_init__(self):
     if self.name not in OPTIMIZERS:
@@ -111,23 +119,40 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 @functools.lru_cache(maxsize=32)
 def _make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
 
-  def build(learning_rate, grad_clip_norm):
-    parts = [optax.clip_by_global_norm(grad_clip_norm)]
+  def base(learning_rate) -> list[optax.GradientTransformation]:
     if cfg.name == 'adam':
       if cfg.weight_decay:
-        parts.append(optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay))
-      else:
-        parts.append(optax.adam(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
-    else:
-      if cfg.weight_decay:
-        parts.append(optax.add_decayed_weights(cfg.weight_decay))
-      parts.append(optax.sgd(learning_rate, momentum=cfg.momentum))
-    return optax.chain(*parts)
+        return [optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)]
+      return [optax.adam(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)]
+    parts = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
+    return parts + [optax.sgd(learning_rate, momentum=cfg.momentum)]
+
+  def build(learning_rate, grad_clip_norm):
+    clip = optax.clip_by_global_norm(grad_clip_norm)
+    if cfg.param_labels is None:
+      return optax.chain(clip, *base(learning_rate))
+    groups = {group: optax.chain(*base(learning_rate)) for group in GROUPS}
+    return optax.chain(clip, optax.multi_transform(groups, cfg.param_labels))
 
   return optax.inject_hyperparams(build)(
       learning_rate=cfg.learning_rate,
       grad_clip_norm=_clip_value(cfg.grad_clip_norm))
+
+
+GROUPS = ('encoder', 'decoder')
+
+
+def keep_group_state(new_state: optax.OptState, old_state: optax.OptState,
+                     group: str) -> optax.OptState:
+  """`new_state` with the optimiser state of parameter group `group` taken from
+  `old_state` (a state of `make_optimizer` with `param_labels`): after an update
+  of the other group only, the frozen group's moments and counts stand still."""
+  clip_state, groups = new_state.inner_state
+  old_groups = old_state.inner_state[1]
+  inner = dict(groups.inner_states)
+  inner[group] = old_groups.inner_states[group]
+  return new_state._replace(inner_state=(clip_state, groups._replace(inner_states=inner)))
 
 
 def get_learning_rate(opt_state: optax.OptState) -> jax.Array:

@@ -1,0 +1,216 @@
+"""Tests of vae_jax.holes against independent computations.
+
+Marginal KLs are checked against the closed-form KL between two 1-D Gaussians and against
+float64 numpy quadrature of Gaussian mixtures on grids ~100x finer; the joint Monte Carlo hole
+estimate against the closed-form KL between two diagonal Gaussians, within a few of its own
+standard errors. numpy only (no scipy).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vae_jax import holes
+from vae_jax.metrics import gaussian_pairwise_log_prob
+
+
+def analytic_kl_prior_to_gaussian(m, s):
+  """KL(N(0, 1) || N(m, s^2)) per dimension, numpy float64."""
+  m, s = np.asarray(m, np.float64), np.asarray(s, np.float64)
+  return np.log(s) + (1.0 + m ** 2) / (2.0 * s ** 2) - 0.5
+
+
+def brute_force_marginal_kl(mean, logvar, limit=12.0, grid_size=200_001):
+  """KL(N(0,1) || (1/N) sum_n N(mu_nk, sigma_nk^2)) per dimension, float64 trapezoid."""
+  mean, logvar = np.asarray(mean, np.float64), np.asarray(logvar, np.float64)
+  t = np.linspace(-limit, limit, grid_size)
+  log_p = -0.5 * (math.log(2 * math.pi) + t ** 2)
+  out = []
+  for k in range(mean.shape[1]):
+    log_n = -0.5 * (math.log(2 * math.pi) + logvar[:, k, None]
+                    + (t[None] - mean[:, k, None]) ** 2 * np.exp(-logvar[:, k, None]))
+    top = log_n.max(axis=0)
+    log_q = top + np.log(np.exp(log_n - top).sum(axis=0)) - math.log(mean.shape[0])
+    f = np.exp(log_p) * (log_p - log_q)
+    out.append(np.sum(0.5 * (f[1:] + f[:-1])) * (t[1] - t[0]))
+  return np.array(out)
+
+
+def f32(a):
+  return jnp.asarray(a, jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-dimension marginal KL by quadrature.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_marginal_kl_single_gaussian_matches_closed_form():
+  m = np.array([0.0, 0.7, -1.5, 2.0, 0.3])
+  s = np.array([1.0, 0.5, 1.3, 0.2, 3.0])
+  kl = holes.gaussian_marginal_prior_kl(f32(m[None]), f32(2 * np.log(s)[None]))
+  assert kl.shape == (5,)
+  np.testing.assert_allclose(np.asarray(kl), analytic_kl_prior_to_gaussian(m, s),
+                             rtol=1e-5, atol=1e-4)
+
+
+def test_marginal_kl_of_prior_mixture_is_zero_and_matched():
+  n, d = 6, 4
+  mean = np.zeros((n, d))
+  logvar = np.zeros((n, d))
+  # Dimension 2 is a hole: far narrow posteriors; dimension 3 is slightly off the prior.
+  mean[:, 2] = np.linspace(-3, 3, n)
+  logvar[:, 2] = 2 * np.log(0.1)
+  logvar[:, 3] = 2 * np.log(1.3)
+  kl = np.asarray(holes.gaussian_marginal_prior_kl(f32(mean), f32(logvar)))
+  np.testing.assert_allclose(kl[:2], 0.0, atol=1e-6)
+  assert kl[2] > 1.0
+  np.testing.assert_allclose(kl[3], analytic_kl_prior_to_gaussian(0.0, 1.3), atol=1e-5)
+  assert 0.03 < kl[3]
+  assert int(holes.count_prior_matched_dimensions(kl)) == 2
+  assert int(holes.count_prior_matched_dimensions(kl, threshold=0.1)) == 3
+
+
+@pytest.mark.parametrize("sigma, rtol", [(0.5, 1e-5), (0.05, 2e-5), (0.003, 1e-3)])
+def test_marginal_kl_of_mixtures_matches_brute_force(sigma, rtol):
+  rng = np.random.default_rng(0)
+  # Dimension 0: two well-separated components; dimensions 1-2: random mixtures of width sigma.
+  mean = np.stack([np.array([-2.0] * 3 + [2.5] * 2), rng.normal(size=5),
+                   rng.normal(scale=0.5, size=5)], axis=1)
+  logvar = np.stack([np.log(np.array([0.5, 0.5, 0.5, 0.3, 0.3]) ** 2),
+                     np.full(5, 2 * np.log(sigma)), np.full(5, 2 * np.log(sigma))], axis=1)
+  ref = brute_force_marginal_kl(mean, logvar)
+  kl = np.asarray(holes.gaussian_marginal_prior_kl(f32(mean), f32(logvar)))
+  np.testing.assert_allclose(kl, ref, rtol=rtol, atol=1e-4)
+
+
+def test_marginal_kl_mask_chunks_and_jit():
+  rng = np.random.default_rng(1)
+  n, d = 11, 3
+  mean, logvar = rng.normal(size=(n, d)), rng.normal(scale=0.5, size=(n, d))
+  ref = np.asarray(holes.gaussian_marginal_prior_kl(f32(mean), f32(logvar)))
+  np.testing.assert_allclose(ref, brute_force_marginal_kl(mean, logvar), rtol=1e-5, atol=1e-5)
+  # Padding rows with garbage, several chunk sizes (dividing N + pad or not), under jit.
+  pad_mean = np.concatenate([mean, rng.normal(size=(5, d)) * 10], axis=0)
+  pad_logvar = np.concatenate([logvar, np.full((5, d), -8.0)], axis=0)
+  mask = f32(np.r_[np.ones(n), np.zeros(5)])
+  for chunk_size in (1, 4, 16, 64):
+    fn = jax.jit(functools.partial(holes.gaussian_marginal_prior_kl, chunk_size=chunk_size))
+    got = np.asarray(fn(f32(pad_mean), f32(pad_logvar), mask=mask))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  # A finer grid gives the same values (the default grid is converged).
+  finer = holes.gaussian_marginal_prior_kl(f32(mean), f32(logvar), grid_size=8001)
+  np.testing.assert_allclose(np.asarray(finer), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_marginal_log_prob_is_exact_mixture_density():
+  rng = np.random.default_rng(2)
+  mean, logvar = rng.normal(size=(7, 2)), rng.normal(scale=0.3, size=(7, 2))
+  t = np.linspace(-4, 4, 9)
+  got = holes.gaussian_marginal_log_prob(f32(t), f32(mean), f32(logvar), chunk_size=3)
+  dens = np.exp(-0.5 * (t[:, None, None] - mean[None]) ** 2 / np.exp(logvar)[None]) / np.sqrt(
+      2 * np.pi * np.exp(logvar)[None])
+  np.testing.assert_allclose(np.asarray(got), np.log(dens.mean(axis=1)), rtol=1e-5, atol=1e-5)
+
+
+def test_quadrature_grid_weights():
+  t, w = holes.quadrature_grid(2001, 10.0)
+  assert t.shape == w.shape == (2001,)
+  np.testing.assert_allclose(float(t[1] - t[0]), 0.01, rtol=1e-4)
+  np.testing.assert_allclose(float(jnp.sum(w)), 20.0, rtol=1e-5)
+  np.testing.assert_allclose(float(jnp.sum(w * jnp.exp(-0.5 * t ** 2)) / math.sqrt(2 * math.pi)),
+                             1.0, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint Monte Carlo hole estimate.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prior_hole_kl_single_gaussian_matches_closed_form():
+  m = np.array([0.5, -0.3, 0.0, 1.0])
+  s = np.array([0.8, 1.2, 0.6, 1.0])
+  # Three identical posteriors: the aggregate is the same single Gaussian.
+  mean, logvar = f32(np.tile(m, (3, 1))), f32(np.tile(2 * np.log(s), (3, 1)))
+  est, se = holes.prior_hole_kl(jax.random.key(0), gaussian_pairwise_log_prob(mean, logvar), 4,
+                                num_samples=20_000, chunk_size=1000)
+  exact = analytic_kl_prior_to_gaussian(m, s).sum()
+  assert est.shape == se.shape == ()
+  assert 0.0 < float(se) < 0.05 * exact
+  assert abs(float(est) - exact) < 4 * float(se)
+
+
+def test_prior_hole_kl_of_prior_mixture_is_zero():
+  est, se = holes.prior_hole_kl(
+      jax.random.key(1), gaussian_pairwise_log_prob(jnp.zeros((5, 3)), jnp.zeros((5, 3))), 3,
+      num_samples=500)
+  assert abs(float(est)) < 1e-5 and float(se) < 1e-5
+
+
+def test_prior_hole_kl_mask_and_jit():
+  rng = np.random.default_rng(3)
+  n, d = 9, 3
+  mean, logvar = rng.normal(size=(n, d)), rng.normal(scale=0.3, size=(n, d)) - 0.5
+  pad_mean = f32(np.concatenate([mean, np.full((4, d), 0.0)], axis=0))  # padding near the mode
+  pad_logvar = f32(np.concatenate([logvar, np.zeros((4, d))], axis=0))
+  mask = f32(np.r_[np.ones(n), np.zeros(4)])
+
+  @functools.partial(jax.jit, static_argnames="chunk_size")
+  def hole(key, m, lv, msk, chunk_size):
+    return holes.prior_hole_kl(key, gaussian_pairwise_log_prob(m, lv), d, num_samples=2000,
+                               mask=msk, chunk_size=chunk_size)
+
+  key = jax.random.key(4)
+  ref = hole(key, f32(mean), f32(logvar), None, chunk_size=2000)
+  for chunk_size in (128, 300):
+    got = hole(key, pad_mean, pad_logvar, mask, chunk_size=chunk_size)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5)
+  unmasked = hole(key, pad_mean, pad_logvar, None, chunk_size=128)
+  assert float(unmasked[0]) < float(ref[0]) - 0.1  # the padding rows would fill the hole
+  # Independent check: numpy mean of log p - log q_agg at the same prior samples.
+  z = np.asarray(jax.random.normal(key, (2000, d), jnp.float32), np.float64)
+  log_n = -0.5 * np.sum(math.log(2 * math.pi) + logvar[None]
+                        + (z[:, None] - mean[None]) ** 2 * np.exp(-logvar)[None], axis=-1)
+  top = log_n.max(axis=1)
+  log_q = top + np.log(np.exp(log_n - top[:, None]).mean(axis=1))
+  diff = -0.5 * np.sum(math.log(2 * math.pi) + z ** 2, axis=-1) - log_q
+  np.testing.assert_allclose(float(ref[0]), diff.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(ref[1]), diff.std(ddof=1) / math.sqrt(2000), rtol=1e-4)
+
+
+def test_prior_hole_kl_rejects_single_sample():
+  with pytest.raises(ValueError):
+    holes.prior_hole_kl(jax.random.key(0), gaussian_pairwise_log_prob(jnp.zeros((1, 2)),
+                                                                      jnp.zeros((1, 2))), 2,
+                        num_samples=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The host-side wrapper.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gaussian_hole_metrics():
+  n, d = 8, 3
+  mean = np.zeros((n, d))
+  logvar = np.zeros((n, d))
+  mean[:, 1] = 0.8  # KL(N(0,1) || N(0.8, 1)) = 0.32
+  logvar[:, 2] = 2 * np.log(0.9)  # KL = 0.0157: matched
+  pad_mean = f32(np.concatenate([mean, np.full((2, d), 5.0)], axis=0))
+  pad_logvar = f32(np.concatenate([logvar, np.zeros((2, d))], axis=0))
+  mask = f32(np.r_[np.ones(n), np.zeros(2)])
+  out = holes.gaussian_hole_metrics(jax.random.key(5), pad_mean, pad_logvar, mask=mask,
+                                    num_samples=4000)
+  assert set(out) == {"hole_kl", "hole_kl_stderr", "marginal_kl", "prior_matched_dims"}
+  assert isinstance(out["prior_matched_dims"], int) and out["prior_matched_dims"] == 2
+  assert isinstance(out["marginal_kl"], list) and len(out["marginal_kl"]) == d
+  exact = analytic_kl_prior_to_gaussian([0.0, 0.8, 0.0], [1.0, 1.0, 0.9])
+  np.testing.assert_allclose(out["marginal_kl"], exact, atol=1e-5)
+  # The aggregate is a single diagonal Gaussian: the joint KL is the sum of the marginal ones.
+  assert abs(out["hole_kl"] - exact.sum()) < 4 * out["hole_kl_stderr"]
