@@ -138,3 +138,58 @@ def test_regulariser_weight_without_token_dropout_is_refused():
   cfg.model.smoothness_dropout = 0.0
   with pytest.raises(ValueError, match="smoothness_dropout"):
     experiment.kl_term_config(cfg)
+
+
+def test_dg_vae_with_pooling_reports_dispersion_holes_and_generation(tmp_path):
+  cfg = load_config("dg_vae", "smoke,mean_pool")
+  assert cfg.kl.kind == "density_gap" and cfg.model.pooling == "mean"
+  result = experiment.run(cfg, str(tmp_path))["test"]
+  assert {"dispersion", "hole_kl", "hole_kl_stderr", "marginal_kl", "prior_matched_dims",
+          "prior_self_bleu", "prior_distinct_1", "prior_distinct_2", "prior_nll_per_token",
+          "interp_self_bleu", "interp_distinct_2"} <= set(result)
+  assert len(result["marginal_kl"]) == cfg.model.latent_dim
+  assert 0 <= result["prior_matched_dims"] <= cfg.model.latent_dim
+  assert 0.0 <= result["prior_self_bleu"] <= 1.0 and 0.0 < result["prior_distinct_1"] <= 1.0
+  assert result["prior_nll_per_token"] > 0 and result["dispersion"] > 0
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train = [r["metrics"] for r in records if r["split"] == "train"]
+  assert all("density_gap" in m and "dispersion" in m for m in train)
+  # Pooling configs keep the plain objective of the paper.
+  pooled = load_config("pooling_vae", "ptb,max")
+  assert pooled.model.pooling == "max" and pooled.kl.free_bits == 0
+  assert pooled.kl.schedule == "constant" and pooled.data.corpus == "ptb"
+
+
+def test_aggressive_training_and_ae_pretraining_runs(tmp_path):
+  cfg = load_config("vae", "smoke,aggressive")
+  cfg.eval.splits = ""
+  cfg.train.num_steps, cfg.train.eval_every, cfg.train.log_every = 4, 2, 2
+  cfg.train.aggressive_max_inner_steps, cfg.train.aggressive_check_every = 4, 2
+  experiment.run(cfg, str(tmp_path / "aggressive"))
+  records = [json.loads(line) for line in
+             (tmp_path / "aggressive" / "metrics.jsonl").read_text().splitlines()]
+  train = [r["metrics"] for r in records if r["split"] == "train"]
+  assert train[0]["aggressive"] == 1.0 and train[0]["inner_steps"] >= 1
+  cfg = load_config("vae", "smoke,ae_free_bits")
+  cfg.eval.splits = ""
+  cfg.train.num_steps, cfg.train.eval_every, cfg.train.log_every = 4, 4, 2
+  experiment.run(cfg, str(tmp_path / "ae_fb"))
+  pre = json.loads((tmp_path / "ae_fb" / "pretrain" / "config.json").read_text())
+  assert pre["kl"]["value"] == 0.0 and pre["train"]["num_steps"] == cfg.train.num_steps
+
+
+def test_decoder_reset_keeps_the_pretrained_encoder():
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from vae_jax.models.vae import SeqVAE, VAEConfig  # noqa: PLC0415
+  model = SeqVAE(VAEConfig(vocab_size=11, embed_dim=4, hidden_dim=5, latent_dim=2))
+  tokens = np.array([[5, 6, 2, 0]], np.int32)
+  init_fn = lambda rng, batch: model.init({"params": rng, "latent": rng}, batch["tokens"])
+  pretrained = init_fn(jax.random.PRNGKey(1), {"tokens": tokens})
+  fresh = init_fn(jax.random.PRNGKey(2), {"tokens": tokens})
+  got = experiment._with_encoder(init_fn, pretrained)(jax.random.PRNGKey(2), {"tokens": tokens})
+  for name, source in (("encoder", pretrained), ("head", pretrained),
+                       ("encoder_embed", pretrained), ("decoder", fresh),
+                       ("decoder_embed", fresh)):
+    for a, b in zip(jax.tree.leaves(got["params"][name]), jax.tree.leaves(source["params"][name])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

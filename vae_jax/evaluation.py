@@ -1,5 +1,7 @@
-"""The evaluation suite of a trained model (METHODS.md §6): IW-NLL, PPL, KL, MI, AU, plus
-greedy reconstructions and prior samples.
+"""The evaluation suite of a trained model (METHODS.md §6): IW-NLL, PPL, KL, MI, AU, the
+encoder-feature dispersion (Long et al. 2019), the hole metrics (METHODS.md §2), and the
+generation metrics of decoded prior samples and interpolations, plus greedy reconstructions
+and prior samples.
 
 `evaluate_vae` and `evaluate_lm` consume batches in the project's batch format (global
 `jax.Array`s sharded over the mesh when given one) and return a flat dict of numbers, the
@@ -18,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vae_jax import metrics
+from vae_jax import holes, metrics, text_metrics
+from vae_jax.data.vocab import EOS, PAD
 from vae_jax.models.vae import PosteriorParams, SeqVAE, token_mask
 from vae_jax.nn import decoding
 
@@ -58,7 +61,8 @@ def make_vae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
   @jax.jit
   def batch_eval(variables, tokens, rng):
     iw_rng, mean_rng = jax.random.split(rng)
-    post = model.apply(variables, tokens, method=SeqVAE.encode)
+    features = model.apply(variables, tokens, method=SeqVAE.encoder_features)
+    post = model.apply(variables, tokens, True, features, method=SeqVAE.encode)
     sample = lambda r, n: model.apply(variables, post, r, n, method=SeqVAE.sample_codes)
     log_weights = metrics.posterior_log_weights_fn(
         sample, vae_log_likelihood_fn(model, variables, tokens))
@@ -83,6 +87,7 @@ def make_vae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
         "logvar": post.logvar,
         "code_mean": code_mean,
         "code_mean_b": code_mean_b,
+        "features": features,
         **({} if post.context is None else {"context": post.context}),
     }
 
@@ -126,8 +131,12 @@ def flow_mutual_information(model: nn.Module, variables, post: PosteriorParams, 
 
 def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.Array, *,
                  k_samples: int = 500, chunk_size: int = 50, au_threshold: float = 0.01,
-                 mi_max_examples: int = 0) -> dict[str, Any]:
-  """IW-NLL (K = k_samples), PPL, ELBO, KL, MI (whole-set estimator) and AU of a VAE.
+                 mi_max_examples: int = 0, hole_samples: int = 10_000,
+                 num_prior_samples: int = 0, num_interpolations: int = 0,
+                 interpolation_steps: int = 10, max_decode_length: int = 40,
+                 self_bleu_max: int = 1000) -> dict[str, Any]:
+  """IW-NLL (K = k_samples), PPL, ELBO, KL, MI (whole-set estimator), AU, dispersion, hole
+  metrics and (optionally) generation metrics of a VAE.
 
   nll = -mean_x L_K(x); ppl = exp(-sum_x L_K(x) / sum_x (|x| + 1)); elbo is the K-sample Monte
   Carlo ELBO per sentence; kl is the KL per sentence (analytic for a Gaussian base, Monte Carlo
@@ -137,13 +146,29 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
   density (`flow_mutual_information`) on at most `mi_max_examples` sentences (a random subset;
   0: all), its cost being quadratic. In the KL-preserving mode MI is computed on z_0, which
   equals the MI of z_K = f(z_0) because f is a bijection.
+
+  dispersion: the variance across the split of the encoder feature fed to the posterior heads,
+  averaged over its dimensions (Long et al. 2019's diagnostic of collapse).
+
+  Hole metrics (METHODS.md §2, `vae_jax.holes`) with q_agg the mixture of the split's
+  posteriors: hole_kl = KL(p || q_agg) by Monte Carlo over `hole_samples` prior samples (with
+  its standard error), marginal_kl per dimension and prior_matched_dims (marginal KL < 0.03).
+  In the KL-preserving mode they are computed on z_0 (KL is invariant under the shared
+  bijection f); for a flow posterior only hole_kl, with the flow's density, on the
+  `mi_max_examples` subset (the marginals have no closed form).
+
+  With `num_prior_samples` > 0, that many prior codes, and with `num_interpolations` > 0 that
+  many random pairs of the split's sentences, each with `interpolation_steps` codes on the
+  segment between their point codes (endpoints included), are decoded greedily and scored by
+  `generation_metrics` (keys `prior_*` and `interp_*`).
   """
-  eval_rng, mi_rng = jax.random.split(rng)
+  eval_rng, mi_rng, hole_rng, gen_rng = jax.random.split(rng, 4)
   batch_eval = make_vae_batch_eval(model, k_samples, chunk_size)
   out = _collect(batch_eval, batches, eval_rng, variables)
   log_px = out["log_px"].astype(np.float64)
   n_tokens = float(out["n_tokens"].sum())
   mean, logvar = jnp.asarray(out["mean"]), jnp.asarray(out["logvar"])
+  result = {}
   if model.config.posterior == "flow":
     rows = np.arange(len(mean))
     if mi_max_examples and mi_max_examples < len(rows):
@@ -151,9 +176,14 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
     post = PosteriorParams(mean[rows], logvar[rows],
                            jnp.asarray(out["context"][rows]) if "context" in out else None)
     mi = flow_mutual_information(model, variables, post, mi_rng)
+    hole, stderr = flow_hole_kl(model, variables, post, hole_rng,
+                                num_samples=min(hole_samples, 1000))
+    result.update(hole_kl=float(hole), hole_kl_stderr=float(stderr))
   else:
     mi = metrics.gaussian_mutual_information(mi_rng, mean, logvar)
-  return {
+    result.update(holes.gaussian_hole_metrics(hole_rng, mean, logvar, num_samples=hole_samples))
+  features = out["features"].astype(np.float64)
+  result = {
       "nll": float(-log_px.mean()),
       "ppl": float(np.exp(-log_px.sum() / n_tokens)),
       "elbo": float(out["elbo"].astype(np.float64).mean()),
@@ -162,9 +192,92 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
       "au": int(metrics.active_units(
           jnp.asarray(out["code_mean"]), threshold=au_threshold,
           independent_means=jnp.asarray(out["code_mean_b"]))[0]),
+      "dispersion": float(features.var(axis=0).mean()),
+      **result,
       "k_samples": int(k_samples),
       "n_sentences": int(log_px.shape[0]),
       "n_tokens": int(n_tokens),
+  }
+  prior_rng, interp_rng = jax.random.split(gen_rng)
+  if num_prior_samples:
+    z = model.apply(variables, jax.random.normal(prior_rng, (num_prior_samples, mean.shape[1])),
+                    method=SeqVAE.prior_code)
+    scores = generation_metrics(model, variables, z, max_length=max_decode_length,
+                                self_bleu_max=self_bleu_max)
+    result.update({f"prior_{k}": v for k, v in scores.items()})
+  if num_interpolations:
+    post = PosteriorParams(mean, logvar, jnp.asarray(out["context"]) if "context" in out else None)
+    codes = model.apply(variables, post, method=SeqVAE.point_code)
+    z = interpolate_pairs(interp_rng, codes, num_interpolations, interpolation_steps)
+    scores = generation_metrics(model, variables, z, max_length=max_decode_length,
+                                self_bleu_max=self_bleu_max)
+    result.update({f"interp_{k}": v for k, v in scores.items()})
+  return result
+
+
+def flow_hole_kl(model: nn.Module, variables, post: PosteriorParams, rng: jax.Array, *,
+                 num_samples: int = 1000, chunk_size: int = 16) -> tuple[jax.Array, jax.Array]:
+  """`holes.prior_hole_kl` for any posterior family, q_agg from `SeqVAE.posterior_log_prob`
+  (flow inversions; cost O(num_samples * N)). Prior codes are decoder-space codes."""
+
+  @jax.jit
+  def run(variables, post, rng):
+    pairwise = lambda zc: model.apply(variables, zc[:, None, :], post,
+                                      method=SeqVAE.posterior_log_prob)
+    return holes.prior_hole_kl(rng, pairwise, post.mean.shape[-1], num_samples=num_samples,
+                               chunk_size=chunk_size)
+
+  return run(variables, post, rng)
+
+
+def interpolate_pairs(rng: jax.Array, codes: jax.Array, num_pairs: int, steps: int) -> jax.Array:
+  """`[num_pairs * steps, d]` codes on the segments between `num_pairs` random pairs of distinct
+  rows of `codes`: (1 - t) z_a + t z_b, t = 0, 1/(steps-1), ..., 1."""
+  n = codes.shape[0]
+  a_rng, b_rng = jax.random.split(rng)
+  a = jax.random.randint(a_rng, (num_pairs,), 0, n)
+  b = (a + jax.random.randint(b_rng, (num_pairs,), 1, max(n, 2))) % n  # b != a when n > 1
+  t = jnp.linspace(0.0, 1.0, steps)[None, :, None]
+  z = (1.0 - t) * codes[a][:, None] + t * codes[b][:, None]
+  return z.reshape(num_pairs * steps, codes.shape[1])
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _own_log_likelihood(model: nn.Module, variables, tokens: jax.Array, z: jax.Array):
+  return model.apply(variables, tokens, z, method=SeqVAE.log_likelihood)
+
+
+def generation_metrics(model: nn.Module, variables, z: jax.Array, *, max_length: int = 40,
+                       self_bleu_max: int = 1000, decode_batch: int = 500) -> dict[str, float]:
+  """Decodes codes `z [N, d]` greedily and scores the sentences (METHODS.md §2, §6):
+
+  self_bleu: Self-BLEU-4 (Zhu et al. 2018; each sentence against all others, on a random
+    subset of `self_bleu_max` scored sentences) — lower is more diverse;
+  distinct_1, distinct_2: distinct n-grams / all n-grams (Li et al. 2016);
+  nll_per_token: the model's own fluency, -sum log p(x̂|z) / sum (|x̂| + 1), of each generated
+    x̂ under the code that generated it (EOS included; a sentence cut at `max_length` without
+    EOS counts its tokens only);
+  length: mean number of words.
+  """
+  ids, log_liks = [], []
+  rng = jax.random.PRNGKey(0)  # unused by greedy decoding
+  for start in range(0, z.shape[0], decode_batch):
+    zc = z[start:start + decode_batch]
+    out = generate(model, variables, zc, rng, max_length=max_length, greedy=True)
+    log_liks.append(_to_host(_own_log_likelihood(model, variables, out, zc)))
+    ids.append(_to_host(out))
+  ids = np.concatenate(ids)
+  n_tokens = float(np.sum(ids != PAD))
+  sentences = []
+  for row in ids:
+    stop = np.flatnonzero(row == EOS)
+    sentences.append([int(t) for t in row[:stop[0] if stop.size else len(row)]])
+  return {
+      "self_bleu": text_metrics.self_bleu(sentences, max_n=4, max_hypotheses=self_bleu_max),
+      "distinct_1": text_metrics.distinct_n(sentences, 1),
+      "distinct_2": text_metrics.distinct_n(sentences, 2),
+      "nll_per_token": float(-np.sum(np.concatenate(log_liks), dtype=np.float64) / n_tokens),
+      "length": text_metrics.average_length(sentences),
   }
 
 

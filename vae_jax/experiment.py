@@ -354,6 +354,17 @@ def _with_encoder(init_fn, pretrained):
   return init
 
 
+def generation_kwargs(cfg) -> dict[str, int]:
+  """The hole and generation settings of `evaluation.evaluate_vae` (defaults for runs saved
+  before these fields existed)."""
+  e = cfg.eval
+  return dict(hole_samples=e.get("hole_samples", 10_000),
+              num_prior_samples=e.get("num_prior_samples", 1000),
+              num_interpolations=e.get("num_interpolations", 100),
+              interpolation_steps=e.get("interpolation_steps", 10),
+              max_decode_length=e.max_decode_length)
+
+
 def _splits(cfg) -> list[str]:
   return [s.strip() for s in cfg.eval.splits.split(",") if s.strip()]
 
@@ -397,7 +408,8 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
       out = evaluation.evaluate_vae(model, variables, global_batches, rng,
                                     k_samples=cfg.eval.k_samples,
                                     chunk_size=cfg.eval.chunk_size,
-                                    mi_max_examples=cfg.eval.mi_max_examples)
+                                    mi_max_examples=cfg.eval.mi_max_examples,
+                                    **generation_kwargs(cfg))
     out.update(split=split, checkpoint=which, step=step)
     results[split] = out
     examples = _show_examples(cfg, model, variables, vocab, data, rng)
@@ -468,7 +480,8 @@ def examples_text(split: str, examples: dict[str, list]) -> str:
   return "\n".join(lines)
 
 
-COLUMNS = ("nll", "ppl", "elbo", "kl", "mi", "au", "k_samples", "n_sentences", "n_tokens")
+COLUMNS = ("nll", "ppl", "elbo", "kl", "mi", "au", "dispersion", "hole_kl", "prior_matched_dims",
+           "prior_self_bleu", "prior_distinct_2", "k_samples", "n_sentences", "n_tokens")
 
 
 def metrics_table(results: dict[str, dict]) -> str:

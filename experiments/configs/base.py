@@ -101,6 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_print = 5            # samples / reconstructions printed
   c.eval.max_decode_length = 40
   c.eval.mi_max_examples = 1000   # flow posteriors: MI on a random subset (cost O(N^2)); 0: all
+  c.eval.hole_samples = 10000     # prior samples of the hole estimate KL(p || q_agg)
+  c.eval.num_prior_samples = 1000  # decoded prior samples scored by Self-BLEU, Distinct, NLL
+  c.eval.num_interpolations = 100  # sentence pairs whose interpolations are decoded and scored
+  c.eval.interpolation_steps = 10
   return c
 
 

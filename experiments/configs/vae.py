@@ -66,6 +66,10 @@ def smoke(c):
   c.eval.max_examples = 48
   c.eval.num_print = 2
   c.eval.max_decode_length = 12
+  c.eval.hole_samples = 500
+  c.eval.num_prior_samples = 16
+  c.eval.num_interpolations = 4
+  c.eval.interpolation_steps = 3
 
 
 def vanilla(c):

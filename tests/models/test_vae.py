@@ -104,3 +104,37 @@ def test_pooling_variants_shapes(pooling):
 def test_config_errors_are_clear():
   with pytest.raises(ValueError, match="word_dropout"):
     VAEConfig(vocab_size=10, word_dropout=1.5)
+
+
+def test_bn_vae_means_have_fixed_batch_statistics():
+  """BN-VAE: in training the means of the real rows have mean b (= 0 at init) and variance
+  gamma^2 in every dimension; running statistics are updated and used at evaluation."""
+  from vae_jax.models.vae import encoder_param_mask, param_groups  # noqa: PLC0415
+  gamma = 0.7
+  model = SeqVAE(VAEConfig(vocab_size=11, embed_dim=8, hidden_dim=12, latent_dim=3,
+                           mean_batch_norm=gamma))
+  tokens = jnp.concatenate([batch(), jnp.array([[9, 10, 4, EOS, PAD, PAD],
+                                                [PAD] * 6])], axis=0)  # last row: padding
+  variables = init(model, tokens)
+  assert "batch_stats" in variables
+  terms, updates = model.apply(variables, tokens, deterministic=False,
+                               rngs={"latent": jax.random.PRNGKey(2),
+                                     "dropout": jax.random.PRNGKey(3)},
+                               mutable=["batch_stats"])
+  real = np.asarray(terms.mean)[:-1]
+  # Independently: the head's raw means of the real rows, normalised by their batch moments.
+  features = np.asarray(model.apply(variables, tokens, method=SeqVAE.encoder_features))[:-1]
+  dense = variables["params"]["head"]["mean"]
+  raw = features @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
+  expected = gamma * (raw - raw.mean(0)) / np.sqrt(raw.var(0) + 1e-5)
+  np.testing.assert_allclose(real, expected, rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(real.mean(0), 0.0, atol=1e-5)
+  stats = updates["batch_stats"]["head"]["mean_bn"]
+  raw_mean = jax.tree.leaves(stats["mean"])
+  assert not np.allclose(np.asarray(raw_mean[0]), 0.0)   # the running mean moved
+  # Evaluation uses the running statistics: deterministic passes need no mutable collection.
+  post = model.apply({**variables, **updates}, tokens, method=SeqVAE.encode)
+  assert post.mean.shape == (5, 3)
+  mask = encoder_param_mask(variables["params"])
+  assert all(jax.tree.leaves(mask["head"])) and not any(jax.tree.leaves(mask["decoder"]))
+  assert set(jax.tree.leaves(param_groups(variables["params"]))) == {"encoder", "decoder"}

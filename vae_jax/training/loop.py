@@ -594,7 +594,7 @@ def train_and_evaluate(
   # Aggressive training's controller (He et al. start from a previous MI of 0).
   aggressive_state = {'active': aggressive is not None, 'previous': 0.0}
 
-  def data_state():
+  def saved_position():
     position = _data_state(train_iter)
     if aggressive is None:
       return position
@@ -709,7 +709,7 @@ def train_and_evaluate(
                          'step %d.', aggressive.stop_metric, aggressive_state['previous'],
                          value, step)
           aggressive_state['previous'] = value
-        if ckpt.maybe_save_best(step, state, data_state(), val):
+        if ckpt.maybe_save_best(step, state, saved_position(), val):
           logging.info('New best %s=%.4f at step %d.', config.best_metric,
                        val[config.best_metric], step)
         if plateau_cfg.enabled:
@@ -734,7 +734,7 @@ def train_and_evaluate(
       if step % config.checkpoint_every == 0 or is_last or stopped_early:
         guard.check_acc(acc)
         guard.check_state(state, step)
-        ckpt.save_latest(step, state, data_state(), train_metrics)
+        ckpt.save_latest(step, state, saved_position(), train_metrics)
 
     if eval_data and evaluated_at != step:
       # Nothing trained (already finished or stopped): report the final state;

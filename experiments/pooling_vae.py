@@ -1,0 +1,9 @@
+"""Trains and evaluates the pooling-encoder VAE; see experiments/configs/pooling_vae.py for variants.
+
+  python experiments/pooling_vae.py --workdir=runs/pooling_vae
+"""
+
+import main_lib
+
+if __name__ == "__main__":
+  main_lib.run_training("pooling_vae.py")
