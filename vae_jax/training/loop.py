@@ -248,6 +248,12 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, mesh):
   return _jit_train_step(task.loss_fn, tx, mesh)
 
 
+def make_group_step(task: Task, tx: optax.GradientTransformation, labels_fn, group: str, mesh):
+  """`group_step` jitted for `mesh` (cached): an encoder step takes (state, batch, inner
+  index), a decoder step (state, batch)."""
+  return _jit_group_step(task.loss_fn, tx, labels_fn, group, mesh)
+
+
 def make_eval_step(task: Task, mesh):
   """`eval_step` jitted for `mesh`: (state, sharded batch, rng) -> replicated sums (cached)."""
   return _jit_eval_step(task.eval_fn, mesh)
@@ -364,7 +370,7 @@ def _programs(task: Task, opt_cfg: optim.OptimizerConfig, mesh) -> _Programs:
   accumulate, apply_plateau, apply_config = _state_programs(opt_cfg, mesh)
   groups = {}
   if opt_cfg.param_labels is not None:
-    groups = {f'{g}_step': _jit_group_step(task.loss_fn, tx, opt_cfg.param_labels, g, mesh)
+    groups = {f'{g}_step': make_group_step(task, tx, opt_cfg.param_labels, g, mesh)
               for g in optim.GROUPS}
   return _Programs(
       tx=tx, init=init, init_fn=init_fn,
@@ -462,8 +468,8 @@ def _peek(train_iter) -> Batch:
   return batch
 
 
-def _aggressive_inner_steps(programs: _Programs, state: TrainState, first_batch: Batch,
-                            encoder_iter, cfg: AggressiveConfig, mesh) -> tuple[TrainState, int]:
+def aggressive_inner_steps(encoder_step, state: TrainState, first_batch: Batch,
+                           encoder_iter, cfg: AggressiveConfig, mesh) -> tuple[TrainState, int]:
   """Encoder-only updates until the encoder converges (He et al. 2019, Algorithm 1).
 
   The first inner step uses the outer batch, the next ones fresh batches of `encoder_iter`.
@@ -475,7 +481,7 @@ def _aggressive_inner_steps(programs: _Programs, state: TrainState, first_batch:
   batch = first_batch
   taken = 0
   for i in range(cfg.max_inner_steps):
-    state, out = programs.encoder_step(state, batch, jnp.asarray(i, jnp.int32))
+    state, out = encoder_step(state, batch, jnp.asarray(i, jnp.int32))
     taken += 1
     window_loss = window_loss + out['loss'] * out['sums']['n_sentences']
     window_words = window_words + out['sums']['n_tokens']
@@ -658,8 +664,8 @@ def train_and_evaluate(
     while step < config.num_steps and not stopped_early:
       batch = mesh_lib.to_global(_next_batch(train_iter, step), mesh)
       if aggressive_state['active']:
-        state, taken = _aggressive_inner_steps(programs, state, batch, encoder_iter,
-                                               aggressive, mesh)
+        state, taken = aggressive_inner_steps(programs.encoder_step, state, batch,
+                                              encoder_iter, aggressive, mesh)
         inner_steps += taken
         state, out = programs.decoder_step(state, batch)
       else:
