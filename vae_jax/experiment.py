@@ -56,7 +56,8 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> VAEConfig:
       dropout_in=m.dropout_in, dropout_out=m.dropout_out, word_dropout=m.word_dropout,
       share_embedding=m.share_embedding, posterior=m.posterior, flow=flow_config(cfg),
       kl_samples=m.kl_samples, latent_to_output=m.latent_to_output,
-      smoothness_dropout=m.smoothness_dropout, mean_batch_norm=m.get("mean_batch_norm", 0.0))
+      smoothness_dropout=m.smoothness_dropout, mean_batch_norm=m.get("mean_batch_norm", 0.0),
+      mean_batch_norm_epsilon=m.get("mean_batch_norm_epsilon", 1e-5))
 
 
 def kl_term_config(cfg: ml_collections.ConfigDict) -> losses.KLTermConfig:

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.latent_to_output = False  # skip connection: z also feeds the output layer
   c.model.smoothness_dropout = 0.0  # amortised regularisation: token dropout rate of x~
   c.model.mean_batch_norm = 0.0   # BN-VAE: fixed gamma of the batch-normalised means; 0: off
+  c.model.mean_batch_norm_epsilon = 1e-5  # its normalisation's epsilon (PyTorch's default)
   c.model.flow = ml_collections.ConfigDict()
   c.model.flow.kind = "iaf"       # planar | iaf | coupling
   c.model.flow.num_layers = 4

@@ -45,7 +45,7 @@ class VAEConfig:
     ‖μ(x) - μ(x̃)‖² with x̃ a copy of x whose tokens are replaced by UNK at this rate.
   mean_batch_norm: BN-VAE (Zhu et al. 2020): γ > 0 batch-normalises the posterior means with
     the fixed scale γ (see `GaussianHead`); 0 turns it off. Its running statistics live in the
-    'batch_stats' collection.
+    'batch_stats' collection. `mean_batch_norm_epsilon` is the ε of its normalisation.
   """
   vocab_size: int
   embed_dim: int = 256
@@ -63,6 +63,7 @@ class VAEConfig:
   latent_to_output: bool = False
   smoothness_dropout: float = 0.0
   mean_batch_norm: float = 0.0
+  mean_batch_norm_epsilon: float = 1e-5
 
   def __post_init__(self):
     if self.vocab_size <= 4:
@@ -152,7 +153,8 @@ class SeqVAE(nn.Module):
                           nn.Embed(c.vocab_size, c.embed_dim, name="decoder_embed"))
     self.encoder = LSTMEncoder(self.encoder_embed, c.encoder_hidden_dim or c.hidden_dim,
                                pooling=c.pooling)
-    self.head = GaussianHead(c.latent_dim, batch_norm_gamma=c.mean_batch_norm)
+    self.head = GaussianHead(c.latent_dim, batch_norm_gamma=c.mean_batch_norm,
+                             batch_norm_epsilon=c.mean_batch_norm_epsilon)
     if c.posterior != "gaussian":
       self.flow = Flow(c.flow, c.latent_dim)
       if c.flow.amortized:

@@ -67,12 +67,16 @@ class GaussianHead(nn.Module):
   With `batch_norm_gamma` = γ > 0 the means are batch-normalised with a fixed scale (BN-VAE,
   Zhu et al. 2020): μ = γ (μ̂ − E_B[μ̂]) / sqrt(Var_B[μ̂] + ε) + b, with b learned and γ not, so
   that every dimension's posterior means have variance γ² over the data and the expected KL
-  is bounded below by d γ² / 2 > 0: the code cannot collapse. Batch statistics (running
+  is bounded below by d γ² / 2 > 0 — provided Var_B[μ̂] ≫ ε: an encoder whose features stop
+  varying across the data (Var_B[μ̂] ≪ ε, 1e-5 by default as in PyTorch and the reference
+  code) escapes the bound, since the normalised means then have variance γ² Var/(Var + ε).
+  Batch statistics (running
   averages at evaluation, the 'batch_stats' collection) use only the rows where `row_mask` is
   true (padding rows excluded).
   """
   latent_dim: int
   batch_norm_gamma: float = 0.0
+  batch_norm_epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, features: jax.Array, deterministic: bool = True,
@@ -82,7 +86,8 @@ class GaussianHead(nn.Module):
     if self.batch_norm_gamma > 0:
       mask = None if row_mask is None else jnp.broadcast_to(row_mask[:, None], mean.shape)
       normed = nn.BatchNorm(use_running_average=deterministic, use_scale=False, use_bias=False,
-                            momentum=0.9, epsilon=1e-5, name="mean_bn")(mean, mask=mask)
+                            momentum=0.9, epsilon=self.batch_norm_epsilon,
+                            name="mean_bn")(mean, mask=mask)
       bias = self.param("mean_bn_bias", nn.initializers.zeros, (self.latent_dim,))
       mean = self.batch_norm_gamma * normed + bias
     return mean, logvar
