@@ -137,11 +137,11 @@ def yelp(c):
   c.eval.k_samples = 100
 
 
-def anneal(c):
-  # Linear annealing from 0.1 to 1 over the first 10 epochs (He et al. 2019 setting), expressed
-  # in steps by the runner from `warmup_epochs`.
+def anneal(c, start=0.1):
+  # Linear annealing from `start` (0.1: He et al. 2019) to 1 over the first 10 epochs,
+  # expressed in steps by the runner from `warmup_epochs`.
   c.kl.schedule = "linear"
-  c.kl.start = 0.1
+  c.kl.start = start
   c.kl.warmup_epochs = 10.0
 
 
@@ -179,9 +179,7 @@ def ae_free_bits(c):
   c.pretrain.steps = -1   # -1: as many steps as the main run
   c.kl.free_bits = 0.5
   c.kl.free_bits_per_dimension = True
-  c.kl.schedule = "linear"
-  c.kl.start = 0.0
-  c.kl.warmup_epochs = 10.0
+  anneal(c, start=0.0)
 
 
 def aggressive(c):
@@ -199,9 +197,7 @@ def dg_vae(c):
   c.kl.density_gap_samples = 32
   c.kl.density_gap_chunk = 0
   c.kl.free_bits = 0.0
-  c.kl.schedule = "linear"
-  c.kl.start = 0.0
-  c.kl.warmup_epochs = 10.0
+  anneal(c, start=0.0)
 
 
 def mean_pool(c):
