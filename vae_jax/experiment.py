@@ -20,9 +20,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vae_jax import evaluation, losses, schedules
-from vae_jax.data import corpora, pipeline, synthetic
+from vae_jax import dialogue_evaluation, evaluation, losses, probe, schedules
+from vae_jax.data import corpora, dialogue, pipeline, synthetic
 from vae_jax.data.vocab import Vocab, VocabMismatchError
+from vae_jax.models.cvae import CVAE, CVAEConfig
 from vae_jax.models.vae import (LSTMLanguageModel, SeqVAE, VAEConfig, encoder_param_mask,
                                 param_groups)
 from vae_jax.nn.flows import FlowConfig
@@ -60,6 +61,23 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> VAEConfig:
       mean_batch_norm_epsilon=m.get("mean_batch_norm_epsilon", 1e-5))
 
 
+def cvae_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> CVAEConfig:
+  m = cfg.model
+  return CVAEConfig(
+      vocab_size=vocab_size, embed_dim=m.embed_dim, utterance_dim=m.utterance_dim,
+      context_dim=m.context_dim, response_dim=m.encoder_hidden_dim or m.hidden_dim,
+      hidden_dim=m.hidden_dim, latent_dim=m.latent_dim, prior_hidden_dim=m.prior_hidden_dim,
+      bow_hidden_dim=m.bow_hidden_dim, pooling=m.pooling, dropout_in=m.dropout_in,
+      dropout_out=m.dropout_out, word_dropout=m.word_dropout,
+      share_embedding=m.share_embedding, posterior=m.posterior, flow=flow_config(cfg),
+      kl_samples=m.kl_samples)
+
+
+def is_dialogue(cfg: ml_collections.ConfigDict) -> bool:
+  """Dialogue runs (model.kind 'cvae') read (context, response) pairs instead of sentences."""
+  return cfg.model.kind == "cvae"
+
+
 def kl_term_config(cfg: ml_collections.ConfigDict) -> losses.KLTermConfig:
   k = cfg.kl
   if k.smoothness_weight > 0 and cfg.model.smoothness_dropout <= 0:
@@ -74,9 +92,11 @@ def kl_term_config(cfg: ml_collections.ConfigDict) -> losses.KLTermConfig:
 
 
 def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):
-  kinds = {"vae": SeqVAE, "lm": LSTMLanguageModel}
+  kinds = {"vae": SeqVAE, "lm": LSTMLanguageModel, "cvae": CVAE}
   if cfg.model.kind not in kinds:
     raise ValueError(f"unknown model.kind {cfg.model.kind!r}; choose one of {sorted(kinds)}")
+  if is_dialogue(cfg):
+    return CVAE(cvae_config(cfg, vocab_size))
   return kinds[cfg.model.kind](model_config(cfg, vocab_size))
 
 
@@ -144,9 +164,10 @@ def load_train_examples(cfg: ml_collections.ConfigDict):
   return kept, len(examples) - len(kept)
 
 
-def load_vocab(cfg: ml_collections.ConfigDict, train_examples, workdir: str) -> Vocab:
-  """Builds the vocabulary from the training split; checks it against the workdir's copy."""
-  vocab = Vocab.build((ex.tokens for ex in train_examples),
+def load_vocab(cfg: ml_collections.ConfigDict, token_lists, workdir: str) -> Vocab:
+  """Builds the vocabulary from the training split's token lists; checks it against the
+  workdir's copy."""
+  vocab = Vocab.build(token_lists,
                       max_size=cfg.data.max_vocab_size or None, min_count=cfg.data.min_count)
   path = os.path.join(workdir, VOCAB_FILE)
   if os.path.exists(path):
@@ -164,7 +185,30 @@ def load_vocab(cfg: ml_collections.ConfigDict, train_examples, workdir: str) -> 
   return vocab
 
 
-def eval_iterator(cfg, data: pipeline.EncodedCorpus, batch_size: int):
+def load_pairs(cfg: ml_collections.ConfigDict, split: str) -> list[dialogue.DialoguePair]:
+  """The (context, response) pairs of `split` ('a+b' concatenates splits)."""
+  d = cfg.data
+  return [p for part in split.split("+")
+          for p in dialogue.load_pairs(part, d.dir or None, d.context_window,
+                                       lowercase=d.lowercase)]
+
+
+def encoder(cfg: ml_collections.ConfigDict, vocab: Vocab):
+  """examples (sentences or dialogue pairs) -> the encoded, batchable data."""
+  d = cfg.data
+  if is_dialogue(cfg):
+    return lambda pairs: dialogue.encode_pairs(
+        pairs, vocab, context_window=d.context_window, max_length=d.max_length,
+        max_context_length=d.max_context_length, overlong=d.overlong,
+        pad_context_to_max=True, pad_multiple=d.pad_multiple)
+  return lambda ex: pipeline.encode(ex, vocab, d.max_length, d.overlong)
+
+
+def load_split_examples(cfg: ml_collections.ConfigDict, split: str):
+  return load_pairs(cfg, split) if is_dialogue(cfg) else load_examples(cfg, split)
+
+
+def eval_iterator(cfg, data, batch_size: int):
   return pipeline.EvalIterator(data, batch_size, sort_by_length=True,
                                pad_multiple=cfg.data.pad_multiple,
                                process_index=jax.process_index(),
@@ -186,8 +230,8 @@ def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int)
 
   def init_fn(rng, batch):
     params_rng, latent_rng = jax.random.split(rng)
-    return model.init({"params": params_rng, "latent": latent_rng}, batch["tokens"],
-                      deterministic=True)
+    return model.init({"params": params_rng, "latent": latent_rng},
+                      *losses.model_inputs(model, batch), deterministic=True)
 
   def sample_fn(params, model_state, rng):
     variables = {"params": params, **model_state}
@@ -201,12 +245,14 @@ def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int)
 
   if is_vae:
     loss_fn = losses.make_vae_loss(model, kl_schedule(cfg, total_steps, steps_per_epoch),
-                                   kl_term_config(cfg))
+                                   kl_term_config(cfg), bow_weight=cfg.kl.get("bow_weight", 0.0))
     eval_fn = losses.make_vae_eval(model)
   else:
     loss_fn, eval_fn = losses.make_lm_loss(model), losses.make_lm_eval(model)
+  # Dialogue responses need contexts: evaluation prints them (`evaluate_workdir`).
   return loop.Task(init_fn=init_fn, loss_fn=loss_fn, eval_fn=eval_fn,
-                   summarize=losses.summarize, sample_fn=sample_fn)
+                   summarize=losses.summarize,
+                   sample_fn=None if is_dialogue(cfg) else sample_fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,15 +300,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   quiet_library_logs()
   os.makedirs(workdir, exist_ok=True)
   _save_config(cfg, workdir)
-  train_examples, n_removed = load_train_examples(cfg)
-  if cfg.data.exclude and jax.process_index() == 0:
-    with open(os.path.join(workdir, "data_filter.json"), "w") as f:
-      json.dump({"exclude": cfg.data.exclude, "removed": n_removed,
-                 "kept": len(train_examples)}, f, indent=2)
-  vocab = load_vocab(cfg, train_examples, workdir)
-  encode = lambda ex: pipeline.encode(ex, vocab, cfg.data.max_length, cfg.data.overlong)
+  if is_dialogue(cfg):
+    train_examples = _cap(load_pairs(cfg, cfg.data.train_split), cfg.data.max_train_examples)
+    vocab = load_vocab(cfg, dialogue.vocabulary_tokens(train_examples), workdir)
+  else:
+    train_examples, n_removed = load_train_examples(cfg)
+    if cfg.data.exclude and jax.process_index() == 0:
+      with open(os.path.join(workdir, "data_filter.json"), "w") as f:
+        json.dump({"exclude": cfg.data.exclude, "removed": n_removed,
+                   "kept": len(train_examples)}, f, indent=2)
+    vocab = load_vocab(cfg, (ex.tokens for ex in train_examples), workdir)
+  encode = encoder(cfg, vocab)
   train = encode(train_examples)
-  valid = encode(_cap(load_examples(cfg, cfg.data.valid_split), cfg.eval.max_examples))
+  valid = encode(_cap(load_split_examples(cfg, cfg.data.valid_split), cfg.eval.max_examples))
   logging.info("vocabulary %d; train %s; valid %s", len(vocab), train.summary(),
                valid.summary())
 
@@ -390,12 +440,12 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
     model = build_model(cfg, len(vocab))
   if task is None:
     task = build_task(cfg, model, vocab, 1, 1)
-  encode = lambda ex: pipeline.encode(ex, vocab, cfg.data.max_length, cfg.data.overlong)
+  encode = encoder(cfg, vocab)
   results = {}
   variables = None
   mesh = mesh_lib.make_mesh()
   for split in splits:
-    data = encode(_cap(load_examples(cfg, split), cfg.eval.max_examples))
+    data = encode(_cap(load_split_examples(cfg, split), cfg.eval.max_examples))
     batches = eval_iterator(cfg, data, cfg.eval.batch_size)
     if variables is None:
       variables, meta = restore_variables(cfg, workdir, task, next(iter(batches)), vocab,
@@ -403,7 +453,10 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
       step = int(meta.get("step", -1)) if isinstance(meta, dict) else -1
     global_batches = (mesh_lib.to_global(b, mesh) for b in batches)
     rng = jax.random.PRNGKey(seed)
-    if cfg.model.kind == "lm":
+    if is_dialogue(cfg):
+      out, examples = _evaluate_dialogue(cfg, model, variables, vocab, data, global_batches,
+                                         rng, mesh)
+    elif cfg.model.kind == "lm":
       out = evaluation.evaluate_lm(model, variables, global_batches, rng)
     else:
       out = evaluation.evaluate_vae(model, variables, global_batches, rng,
@@ -413,14 +466,78 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
                                     **generation_kwargs(cfg))
     out.update(split=split, checkpoint=which, step=step)
     results[split] = out
-    examples = _show_examples(cfg, model, variables, vocab, data, rng)
+    if not is_dialogue(cfg):
+      examples = _show_examples(cfg, model, variables, vocab, data, rng)
     if jax.process_index() == 0:
       with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
         json.dump({**out, "examples": examples}, f, indent=2)
       print(examples_text(split, examples))
-  if jax.process_index() == 0:
+  if results and jax.process_index() == 0:
     print(metrics_table(results))
   return results
+
+
+def _evaluate_dialogue(cfg, model, variables, vocab: Vocab, data, batches, rng, mesh):
+  """`dialogue_evaluation.evaluate_cvae` on a split, the act/emotion probes, and the first
+  `eval.num_print` contexts with their reference, sampled, greedy and beam responses."""
+  e = cfg.eval
+  eval_rng, probe_rng = jax.random.split(rng)
+  out, responses = dialogue_evaluation.evaluate_cvae(
+      model, variables, batches, eval_rng, k_samples=e.k_samples, chunk_size=e.chunk_size,
+      mi_max_examples=e.mi_max_examples, hole_samples=e.get("hole_samples", 0),
+      num_response_samples=e.num_response_samples, max_decode_length=e.max_decode_length,
+      beam_size=e.beam_size)
+  if e.probe_train_examples:
+    out.update(_dialogue_probe(cfg, model, variables, vocab, data, probe_rng, mesh))
+  text = lambda ids: " ".join(vocab.decode(ids))
+  order = eval_iterator(cfg, data, e.batch_size).order
+  order = order[order >= 0]  # responses come in the iterator's order
+  rows = np.argsort(order)[:e.num_print]  # the first pairs of the split
+  examples = []
+  for r in rows:
+    i = int(order[r])
+    context = [text(data.contexts[j]) for j in range(
+        data.context_start[i], data.context_start[i] + data.context_count[i])]
+    examples.append({
+        "context": context, "reference": text(responses["references"][r]),
+        "samples": [text(h) for h in responses["samples"][r]],
+        "greedy": text(responses["greedy"][r]),
+        **({"beam": text(responses["beam"][r])} if responses["beam"] else {})})
+  return out, {"dialogue": examples}
+
+
+def _dialogue_features(cfg, model, variables, data, rng, mesh) -> np.ndarray:
+  """`dialogue_evaluation.probe_features` of every pair of `data`, row i = pair i."""
+  batches = pipeline.EvalIterator(data, cfg.eval.batch_size, pad_multiple=cfg.data.pad_multiple)
+  order = batches.order.reshape(len(batches), -1)
+  out = None
+  for i, (batch, rows) in enumerate(zip(batches, order)):
+    b = mesh_lib.to_global(batch, mesh)
+    feats = np.asarray(evaluation._to_host(dialogue_evaluation.probe_features(
+        model, variables, b["tokens"], b["context"], b["context_speakers"],
+        jax.random.fold_in(rng, i))))
+    if out is None:
+      out = np.zeros((len(data), feats.shape[1]), np.float32)
+    out[rows[rows >= 0]] = feats[rows >= 0]
+  return out
+
+
+def _dialogue_probe(cfg, model, variables, vocab: Vocab, test, rng, mesh) -> dict[str, float]:
+  """Linear probes of the response's dialogue act and emotion from E_q[z|x,c] (the context
+  vector for seq2seq): fitted on the first `eval.probe_train_examples` training pairs, scored
+  on `test`; with the majority-class accuracy of the test set for reference."""
+  train_pairs = load_pairs(cfg, cfg.data.train_split)[:cfg.eval.probe_train_examples]
+  train = encoder(cfg, vocab)(train_pairs)
+  train_rng, test_rng = jax.random.split(rng)
+  train_x = _dialogue_features(cfg, model, variables, train, train_rng, mesh)
+  test_x = _dialogue_features(cfg, model, variables, test, test_rng, mesh)
+  out = {}
+  for name, k in (("act", 4), ("emotion", 7)):
+    train_y, test_y = getattr(train, name + "s"), getattr(test, name + "s")
+    scores = probe.probe_accuracy(train_x, train_y, test_x, test_y, k)
+    out[f"{name}_accuracy"] = scores["accuracy"]
+    out[f"{name}_majority"] = float(np.bincount(test_y, minlength=k).max() / len(test_y))
+  return out
 
 
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
@@ -443,8 +560,13 @@ def load_run(workdir: str, which: str = "best"):
   vocab = Vocab.load(os.path.join(workdir, VOCAB_FILE))
   model = build_model(cfg, len(vocab))
   task = build_task(cfg, model, vocab, 1, 1)
-  example = {"tokens": np.full((cfg.data.eval_batch_size, cfg.data.pad_multiple), 4, np.int32),
-             "weights": np.ones((cfg.data.eval_batch_size,), np.float32)}
+  b = cfg.data.eval_batch_size
+  example = {"tokens": np.full((b, cfg.data.pad_multiple), 4, np.int32),
+             "weights": np.ones((b,), np.float32)}
+  if is_dialogue(cfg):
+    example["context"] = np.full((b, cfg.data.context_window, cfg.data.pad_multiple), 4,
+                                 np.int32)
+    example["context_speakers"] = np.zeros((b, cfg.data.context_window), np.int32)
   variables, _ = restore_variables(cfg, workdir, task, example, vocab, mesh_lib.make_mesh(),
                                    which)
   return cfg, model, variables, vocab
@@ -471,6 +593,14 @@ def _show_examples(cfg, model, variables, vocab: Vocab, data, rng) -> dict[str, 
 
 def examples_text(split: str, examples: dict[str, list]) -> str:
   lines = []
+  for ex in examples.get("dialogue", []):
+    lines.append(f"[{split}] context:")
+    lines += [f"    | {turn}" for turn in ex["context"]]
+    lines.append(f"  reference: {ex['reference']}")
+    lines += [f"  sample:    {h}" for h in ex["samples"][:3]]
+    lines.append(f"  greedy:    {ex['greedy']}")
+    if "beam" in ex:
+      lines.append(f"  beam:      {ex['beam']}")
   if "inputs" in examples:
     lines.append(f"[{split}] reconstructions (greedy from the posterior mean):")
     for x, r in zip(examples["inputs"], examples["reconstructions"]):
@@ -485,10 +615,17 @@ COLUMNS = ("nll", "ppl", "elbo", "kl", "mi", "au", "dispersion", "hole_kl", "pri
            "prior_self_bleu", "prior_distinct_2", "k_samples", "n_sentences", "n_tokens")
 
 
+DIALOGUE_COLUMNS = ("nll", "ppl", "kl", "mi", "au", "bow", "bleu1_precision", "bleu1_recall",
+                    "bleu2_precision", "bleu2_recall", "bleu4_precision", "bleu4_recall",
+                    "distinct_1", "distinct_2", "length", "act_accuracy", "emotion_accuracy")
+
+
 def metrics_table(results: dict[str, dict]) -> str:
   """A plain-text table: one row per split."""
-  header = ["split", *COLUMNS]
-  rows = [[split] + [_fmt(r.get(c)) for c in COLUMNS] for split, r in results.items()]
+  dialogue_run = any("bleu1_precision" in r for r in results.values())
+  columns = DIALOGUE_COLUMNS if dialogue_run else COLUMNS
+  header = ["split", *columns]
+  rows = [[split] + [_fmt(r.get(c)) for c in columns] for split, r in results.items()]
   widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
   line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
   return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -101,20 +101,28 @@ def _variables(params, model_state):
   return {"params": params, **(model_state or {})}
 
 
-def _apply_train(model, params, model_state, tokens, rngs):
+def model_inputs(model: nn.Module, batch) -> tuple:
+  """The batch entries a model's `__call__` reads: `model.input_keys` (e.g. the dialogue
+  CVAE's tokens, context and speakers), `batch["tokens"]` alone by default."""
+  return tuple(batch[k] for k in getattr(model, "input_keys", ("tokens",)))
+
+
+def _apply_train(model, params, model_state, batch, rngs):
   """A training pass; mutable collections (BN-VAE's 'batch_stats') are updated and returned."""
   variables = _variables(params, model_state)
+  inputs = model_inputs(model, batch)
   if model_state:
-    return model.apply(variables, tokens, deterministic=False, rngs=rngs,
+    return model.apply(variables, *inputs, deterministic=False, rngs=rngs,
                        mutable=list(model_state))
-  return model.apply(variables, tokens, deterministic=False, rngs=rngs), model_state
+  return model.apply(variables, *inputs, deterministic=False, rngs=rngs), model_state
 
 
 def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
-                  kl_term: KLTermConfig = KLTermConfig()) -> LossFn:
+                  kl_term: KLTermConfig = KLTermConfig(), bow_weight: float = 0.0) -> LossFn:
   """The (beta-weighted, optionally free-bits) negative ELBO of a VAE returning `VAETerms`, or
   reconstruction + beta * density gap (DG-VAE), plus the amortised regulariser when
-  `kl_term.smoothness_weight` > 0.
+  `kl_term.smoothness_weight` > 0, plus `bow_weight` times the bag-of-words NLL of a model
+  whose terms carry one (the dialogue CVAE's auxiliary loss, Zhao et al. 2017).
 
   A flow posterior has no per-dimension KL (`terms.kl_dims` is None): only batch-level free
   bits apply to it, on its Monte Carlo KL.
@@ -125,7 +133,7 @@ def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
 
   def loss_fn(params, model_state, batch, rng, step):
     latent_rng, dropout_rng, gap_rng = jax.random.split(rng, 3)
-    terms, model_state = _apply_train(model, params, model_state, batch["tokens"],
+    terms, model_state = _apply_train(model, params, model_state, batch,
                                       {"latent": latent_rng, "dropout": dropout_rng})
     w = batch["weights"]
     n = jnp.maximum(jnp.sum(w), 1.0)
@@ -156,6 +164,9 @@ def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
     if kl_term.smoothness_weight > 0:
       sums["smoothness"] = jnp.sum(terms.smoothness * w)
       loss = loss + kl_term.smoothness_weight * sums["smoothness"] / n
+    if getattr(terms, "bow_nll", None) is not None:
+      sums["bow"] = jnp.sum(terms.bow_nll * w)
+      loss = loss + bow_weight * sums["bow"] / n
     return loss, (sums, model_state)
 
   return loss_fn
@@ -169,10 +180,12 @@ def make_vae_eval(model: nn.Module) -> Callable[..., Sums]:
 
   def eval_fn(params, model_state, batch, rng):
     latent_rng, mi_rng = jax.random.split(rng)
-    terms = model.apply(_variables(params, model_state), batch["tokens"], deterministic=True,
-                        rngs={"latent": latent_rng})
+    terms = model.apply(_variables(params, model_state), *model_inputs(model, batch),
+                        deterministic=True, rngs={"latent": latent_rng})
     sums = vae_sums(terms, batch["weights"])
-    if model.config.posterior != "flow":
+    if getattr(terms, "bow_nll", None) is not None:
+      sums["bow"] = jnp.sum(terms.bow_nll * batch["weights"])
+    if model.config.posterior != "flow" and model.config.latent_dim:
       mi = metrics.gaussian_mutual_information(mi_rng, terms.mean, terms.logvar,
                                                mask=batch["weights"])
       sums["mi"] = mi * sums["n_sentences"]
@@ -226,7 +239,7 @@ def summarize(sums: dict[str, Any], au_threshold: float = 0.01) -> dict[str, flo
       "rec": float(s["rec"] / n),
       "kl": float(s["kl"] / n),
   }
-  for key in ("beta", "smoothness", "density_gap", "mi"):
+  for key in ("beta", "smoothness", "density_gap", "mi", "bow"):
     if key in s:
       out[key] = float(s[key] / n)
   if "mean_sum" in s:

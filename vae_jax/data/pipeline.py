@@ -26,6 +26,13 @@ Multiple hosts. Every process computes the same *global* batch of `batch_size` r
 same padded length, and yields only its contiguous slice `[p*B/P, (p+1)*B/P)` of rows. The
 union over processes is the batch a single-process run sees, so results do not depend on the
 number of hosts, and the iterator state (counted in global batches) is the same on every host.
+
+Other batch formats. The iterators also accept any dataset following the `BatchSource`
+protocol (`__len__`, `lengths`, `fingerprint()`, `batch(rows, length)`), e.g. the dialogue
+pairs of `vae_jax.data.dialogue`: they order, bucket and pad by `lengths` exactly as above and
+let the dataset build its own batch dict. Such a batch may have shapes that depend on its rows
+besides the token length (the context length of a dialogue batch), so every process builds the
+whole global batch and yields its slice of rows: the shapes are then the same on every host.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import dataclasses
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from absl import logging
 import numpy as np
@@ -175,6 +182,26 @@ def encode(examples: Sequence[Example], vocab: Vocab, max_length: int | None = N
 # Batching helpers.
 
 
+class BatchSource(Protocol):
+  """A dataset the iterators can batch besides `EncodedCorpus` (see the module docstring)."""
+
+  def __len__(self) -> int:
+    ...
+
+  @property
+  def lengths(self) -> np.ndarray:
+    """int64 [N] token counts (EOS included) used for bucketing and the padded length."""
+    ...
+
+  def fingerprint(self) -> str:
+    """Identifies the data for resuming."""
+    ...
+
+  def batch(self, rows: np.ndarray, length: int) -> Batch:
+    """Batch of the given example indices (-1 = padding row), tokens padded to `length`."""
+    ...
+
+
 def round_up(n: int, multiple: int) -> int:
   """Smallest multiple of `multiple` that is >= n (and >= multiple)."""
   return max(multiple, -(-int(n) // multiple) * multiple)
@@ -200,9 +227,12 @@ def _check_processes(batch_size: int, process_index: int, process_count: int) ->
         f'that is a multiple of {process_count}.')
 
 
-def _check_common(data: EncodedCorpus, pad_multiple: int) -> None:
-  if not isinstance(data, EncodedCorpus):
-    raise TypeError(f'Expected an EncodedCorpus (from pipeline.encode), got '
+def _check_common(data: EncodedCorpus | BatchSource, pad_multiple: int) -> None:
+  if not isinstance(data, EncodedCorpus) and not (
+      callable(getattr(data, 'batch', None)) and callable(getattr(data, 'fingerprint', None))
+      and hasattr(data, 'lengths') and hasattr(data, '__len__')):
+    raise TypeError(f'Expected an EncodedCorpus (from pipeline.encode) or a dataset with '
+                    f'__len__, lengths, fingerprint() and batch(rows, length), got '
                     f'{type(data).__name__}.')
   if len(data) == 0:
     raise ValueError('The dataset has no sentences (empty split, or all were dropped as '
@@ -228,6 +258,19 @@ def make_batch(data: EncodedCorpus, rows: np.ndarray, length: int) -> Batch:
   return batch
 
 
+def _make_batch(data: EncodedCorpus | BatchSource, rows: np.ndarray, local: slice,
+                length: int) -> Batch:
+  """This process's `local` slice of the global batch `rows`, padded to `length` tokens.
+
+  An `EncodedCorpus` batch only depends on `length` and its own rows, so only the local rows
+  are built. Any other dataset builds the global batch and it is sliced, so that shapes it
+  derives from the rows are the same on every process.
+  """
+  if isinstance(data, EncodedCorpus):
+    return make_batch(data, rows[local], length)
+  return {key: value[local] for key, value in data.batch(rows, length).items()}
+
+
 def _padded_length(lengths: np.ndarray, rows: np.ndarray, pad_multiple: int) -> int:
   real = rows[rows >= 0]
   return round_up(int(lengths[real].max()) if real.size else 1, pad_multiple)
@@ -248,13 +291,13 @@ class TrainIterator(Iterator[Batch]):
     checkpoint(..., data_state=it.state())
   """
 
-  def __init__(self, data: EncodedCorpus, batch_size: int, *, seed: int = 0,
+  def __init__(self, data: EncodedCorpus | BatchSource, batch_size: int, *, seed: int = 0,
                bucket_window: int = 32, pad_multiple: int = 8, process_index: int = 0,
                process_count: int = 1):
     """Creates the iterator at epoch 0, position 0.
 
     Args:
-      data: the encoded training sentences.
+      data: the encoded training sentences (or another `BatchSource`).
       batch_size: the global batch size B (over all processes).
       seed: shuffling seed; epoch e uses `np.random.default_rng([seed, e])`.
       bucket_window: number of batches whose examples are sorted by length together; 1
@@ -323,7 +366,7 @@ class TrainIterator(Iterator[Batch]):
     plan = self.epoch_plan(self._epoch)
     rows = plan[self._position]
     length = _padded_length(self._lengths, rows, self._pad_multiple)
-    batch = make_batch(self._data, rows[self._rows], length)
+    batch = _make_batch(self._data, rows, self._rows, length)
     self._position += 1
     if self._position == len(plan):
       self._epoch += 1
@@ -381,13 +424,13 @@ class EvalIterator:
   `order` maps each global row back to its sentence.
   """
 
-  def __init__(self, data: EncodedCorpus, batch_size: int, *, sort_by_length: bool = False,
-               pad_multiple: int = 8, fixed_length: bool = False, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(self, data: EncodedCorpus | BatchSource, batch_size: int, *,
+               sort_by_length: bool = False, pad_multiple: int = 8, fixed_length: bool = False,
+               process_index: int = 0, process_count: int = 1):
     """Creates the evaluation batches.
 
     Args:
-      data: the encoded sentences.
+      data: the encoded sentences (or another `BatchSource`).
       batch_size: global batch size (over all processes).
       sort_by_length: order sentences by length instead of keeping the data order.
       pad_multiple: padded lengths are multiples of this.
@@ -423,4 +466,4 @@ class EvalIterator:
 
   def __iter__(self) -> Iterator[Batch]:
     for rows, length in zip(self._plan, self._lengths_per_batch):
-      yield make_batch(self._data, rows[self._rows], length)
+      yield _make_batch(self._data, rows, self._rows, length)
