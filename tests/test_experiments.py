@@ -193,3 +193,21 @@ def test_decoder_reset_keeps_the_pretrained_encoder():
                        ("decoder_embed", fresh)):
     for a, b in zip(jax.tree.leaves(got["params"][name]), jax.tree.leaves(source["params"][name])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_cvrae_dialogue_flow_run_reports_dialogue_metrics(tmp_path):
+  cfg = load_config("cvrae_dialogue", "smoke,iaf")
+  with cfg.unlocked():
+    cfg.data.dir = str(ROOT.parent / "shared" / "data" / "dailydialog")
+  result = experiment.run(cfg, str(tmp_path))["test"]
+  for key in ("nll", "ppl", "kl", "mi", "au", "bow", "bleu1_precision", "bleu4_recall",
+              "distinct_1", "distinct_2", "length", "beam_bleu1", "act_accuracy",
+              "emotion_majority"):
+    assert key in result, key
+  assert result["n_sentences"] == 24 and result["num_response_samples"] == 3
+  assert -result["nll"] >= result["elbo"] - 1e-3
+  saved = json.loads((tmp_path / "eval_test.json").read_text())
+  shown = saved["examples"]["dialogue"]
+  assert len(shown) == 2 and len(shown[0]["samples"]) == 3 and shown[0]["context"]
+  _, model, variables, _ = experiment.load_run(str(tmp_path))
+  assert model.config.posterior == "flow" and "flow" in variables["params"]
