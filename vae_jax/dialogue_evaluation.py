@@ -35,13 +35,10 @@ import numpy as np
 
 from vae_jax import holes, metrics, text_metrics
 from vae_jax.data.vocab import EOS, PAD
-from vae_jax.evaluation import _to_host
+from vae_jax.evaluation import collect, to_host
 from vae_jax.models.cvae import CVAE, ConditionalPrior
 from vae_jax.models.vae import PosteriorParams, token_mask
 from vae_jax.nn import decoding
-
-CONTEXT_KEYS = ("context", "context_speakers")
-
 
 def _log_likelihood_fn(model: nn.Module, variables, tokens: jax.Array, c: jax.Array):
   """`z [n, B, d] -> [n, B]` log p(x|c,z), the n*B codes decoded at once."""
@@ -104,19 +101,6 @@ def make_cvae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
   return batch_eval
 
 
-def _collect(batch_eval: Callable, batches: Iterable[dict], rng: jax.Array, variables):
-  parts: dict[str, list[np.ndarray]] = {}
-  for i, batch in enumerate(batches):
-    out = batch_eval(variables, batch["tokens"], batch["context"], batch["context_speakers"],
-                     jax.random.fold_in(rng, i))
-    real = _to_host(batch["weights"]) > 0
-    for key, value in out.items():
-      parts.setdefault(key, []).append(_to_host(value)[real])
-  if not parts:
-    raise ValueError("the evaluation split is empty: no batches to evaluate")
-  return {k: np.concatenate(v) for k, v in parts.items()}
-
-
 def flow_mutual_information(model: nn.Module, variables, post: PosteriorParams,
                             prior: ConditionalPrior, rng: jax.Array, *,
                             chunk_size: int = 16) -> jax.Array:
@@ -149,8 +133,8 @@ def likelihood_metrics(model: nn.Module, variables, batches: Iterable[dict], rng
                        mi_max_examples: int = 0, hole_samples: int = 0) -> dict[str, Any]:
   """nll, ppl, elbo, kl, mi, au, dispersion (and bow, hole metrics) on reference responses."""
   eval_rng, mi_rng, hole_rng = jax.random.split(rng, 3)
-  out = _collect(make_cvae_batch_eval(model, k_samples, chunk_size), batches, eval_rng,
-                 variables)
+  out = collect(make_cvae_batch_eval(model, k_samples, chunk_size), batches, eval_rng,
+                variables, keys=CVAE.input_keys)
   log_px = out["log_px"].astype(np.float64)
   n_tokens = float(out["n_tokens"].sum())
   result = {
@@ -292,16 +276,16 @@ def generate_responses(model: nn.Module, variables, batches: Iterable[dict], rng
   (with `beam_size` > 0) the beam response, as word-id lists in the batches' row order."""
   refs, samples, greedy, beam = [], [], [], []
   for i, batch in enumerate(batches):
-    real = _to_host(batch["weights"]) > 0
+    real = to_host(batch["weights"]) > 0
     args = (variables, batch["context"], batch["context_speakers"])
-    out = _to_host(sample_responses(model, *args, jax.random.fold_in(rng, i),
+    out = to_host(sample_responses(model, *args, jax.random.fold_in(rng, i),
                                     num_samples=num_samples, max_length=max_length))[real]
-    g = _to_host(mode_responses(model, *args, max_length=max_length))[real]
-    refs += [strip(r) for r in _to_host(batch["tokens"])[real]]
+    g = to_host(mode_responses(model, *args, max_length=max_length))[real]
+    refs += [strip(r) for r in to_host(batch["tokens"])[real]]
     samples += [[strip(h) for h in rows] for rows in out]
     greedy += [strip(h) for h in g]
     if beam_size:
-      bm = _to_host(mode_responses(model, *args, max_length=max_length,
+      bm = to_host(mode_responses(model, *args, max_length=max_length,
                                    beam_size=beam_size))[real]
       beam += [strip(h) for h in bm]
   return {"references": refs, "samples": samples, "greedy": greedy,

@@ -26,7 +26,7 @@ from vae_jax.models.vae import PosteriorParams, SeqVAE, token_mask
 from vae_jax.nn import decoding
 
 
-def _to_host(x) -> np.ndarray:
+def to_host(x) -> np.ndarray:
   """A global (possibly multi-process) array as a numpy array on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -94,15 +94,16 @@ def make_vae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
   return batch_eval
 
 
-def _collect(batch_eval: Callable, batches: Iterable[dict], rng: jax.Array,
-             *args) -> dict[str, np.ndarray]:
-  """Runs `batch_eval` over all batches; per-example outputs of real rows, concatenated."""
+def collect(batch_eval: Callable, batches: Iterable[dict], rng: jax.Array, *args,
+            keys: tuple[str, ...] = ("tokens",)) -> dict[str, np.ndarray]:
+  """Runs `batch_eval(*args, *batch[keys], rng_i)` over all batches; the per-example outputs
+  of real rows, concatenated."""
   parts: dict[str, list[np.ndarray]] = {}
   for i, batch in enumerate(batches):
-    out = batch_eval(*args, batch["tokens"], jax.random.fold_in(rng, i))
-    real = _to_host(batch["weights"]) > 0
+    out = batch_eval(*args, *(batch[k] for k in keys), jax.random.fold_in(rng, i))
+    real = to_host(batch["weights"]) > 0
     for key, value in out.items():
-      parts.setdefault(key, []).append(_to_host(value)[real])
+      parts.setdefault(key, []).append(to_host(value)[real])
   if not parts:
     raise ValueError("the evaluation split is empty: no batches to evaluate")
   return {k: np.concatenate(v) for k, v in parts.items()}
@@ -164,7 +165,7 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
   """
   eval_rng, mi_rng, hole_rng, gen_rng = jax.random.split(rng, 4)
   batch_eval = make_vae_batch_eval(model, k_samples, chunk_size)
-  out = _collect(batch_eval, batches, eval_rng, variables)
+  out = collect(batch_eval, batches, eval_rng, variables)
   log_px = out["log_px"].astype(np.float64)
   n_tokens = float(out["n_tokens"].sum())
   mean, logvar = jnp.asarray(out["mean"]), jnp.asarray(out["logvar"])
@@ -264,8 +265,8 @@ def generation_metrics(model: nn.Module, variables, z: jax.Array, *, max_length:
   for start in range(0, z.shape[0], decode_batch):
     zc = z[start:start + decode_batch]
     out = generate(model, variables, zc, rng, max_length=max_length, greedy=True)
-    log_liks.append(_to_host(_own_log_likelihood(model, variables, out, zc)))
-    ids.append(_to_host(out))
+    log_liks.append(to_host(_own_log_likelihood(model, variables, out, zc)))
+    ids.append(to_host(out))
   ids = np.concatenate(ids)
   n_tokens = float(np.sum(ids != PAD))
   sentences = []
@@ -295,7 +296,7 @@ def make_lm_batch_eval(model: nn.Module) -> Callable:
 def evaluate_lm(model: nn.Module, variables, batches: Iterable[dict],
                 rng: jax.Array) -> dict[str, Any]:
   """Exact NLL and PPL of a language model (no latent: KL = MI = AU = 0)."""
-  out = _collect(make_lm_batch_eval(model), batches, rng, variables)
+  out = collect(make_lm_batch_eval(model), batches, rng, variables)
   nll = out["nll"].astype(np.float64)
   n_tokens = float(out["n_tokens"].sum())
   return {

@@ -455,7 +455,7 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
     rng = jax.random.PRNGKey(seed)
     if is_dialogue(cfg):
       out, examples = _evaluate_dialogue(cfg, model, variables, vocab, data, global_batches,
-                                         rng, mesh)
+                                         rng)
     elif cfg.model.kind == "lm":
       out = evaluation.evaluate_lm(model, variables, global_batches, rng)
     else:
@@ -477,7 +477,7 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
   return results
 
 
-def _evaluate_dialogue(cfg, model, variables, vocab: Vocab, data, batches, rng, mesh):
+def _evaluate_dialogue(cfg, model, variables, vocab: Vocab, data, batches, rng):
   """`dialogue_evaluation.evaluate_cvae` on a split, the act/emotion probes, and the first
   `eval.num_print` contexts with their reference, sampled, greedy and beam responses."""
   e = cfg.eval
@@ -488,7 +488,7 @@ def _evaluate_dialogue(cfg, model, variables, vocab: Vocab, data, batches, rng, 
       num_response_samples=e.num_response_samples, max_decode_length=e.max_decode_length,
       beam_size=e.beam_size)
   if e.probe_train_examples:
-    out.update(_dialogue_probe(cfg, model, variables, vocab, data, probe_rng, mesh))
+    out.update(_dialogue_probe(cfg, model, variables, vocab, data, probe_rng))
   text = lambda ids: " ".join(vocab.decode(ids))
   order = eval_iterator(cfg, data, e.batch_size).order
   order = order[order >= 0]  # responses come in the iterator's order
@@ -506,31 +506,23 @@ def _evaluate_dialogue(cfg, model, variables, vocab: Vocab, data, batches, rng, 
   return out, {"dialogue": examples}
 
 
-def _dialogue_features(cfg, model, variables, data, rng, mesh) -> np.ndarray:
+def _dialogue_features(cfg, model, variables, data, rng) -> np.ndarray:
   """`dialogue_evaluation.probe_features` of every pair of `data`, row i = pair i."""
-  batches = pipeline.EvalIterator(data, cfg.eval.batch_size, pad_multiple=cfg.data.pad_multiple)
-  order = batches.order.reshape(len(batches), -1)
-  out = None
-  for i, (batch, rows) in enumerate(zip(batches, order)):
-    b = mesh_lib.to_global(batch, mesh)
-    feats = np.asarray(evaluation._to_host(dialogue_evaluation.probe_features(
-        model, variables, b["tokens"], b["context"], b["context_speakers"],
-        jax.random.fold_in(rng, i))))
-    if out is None:
-      out = np.zeros((len(data), feats.shape[1]), np.float32)
-    out[rows[rows >= 0]] = feats[rows >= 0]
-  return out
+  feature_fn = lambda tokens, context, speakers, i: dialogue_evaluation.probe_features(
+      model, variables, tokens, context, speakers, jax.random.fold_in(rng, i))
+  return probe.feature_matrix(data, feature_fn, cfg.eval.batch_size, cfg.data.pad_multiple,
+                              keys=CVAE.input_keys)
 
 
-def _dialogue_probe(cfg, model, variables, vocab: Vocab, test, rng, mesh) -> dict[str, float]:
+def _dialogue_probe(cfg, model, variables, vocab: Vocab, test, rng) -> dict[str, float]:
   """Linear probes of the response's dialogue act and emotion from E_q[z|x,c] (the context
   vector for seq2seq): fitted on the first `eval.probe_train_examples` training pairs, scored
   on `test`; with the majority-class accuracy of the test set for reference."""
   train_pairs = load_pairs(cfg, cfg.data.train_split)[:cfg.eval.probe_train_examples]
   train = encoder(cfg, vocab)(train_pairs)
   train_rng, test_rng = jax.random.split(rng)
-  train_x = _dialogue_features(cfg, model, variables, train, train_rng, mesh)
-  test_x = _dialogue_features(cfg, model, variables, test, test_rng, mesh)
+  train_x = _dialogue_features(cfg, model, variables, train, train_rng)
+  test_x = _dialogue_features(cfg, model, variables, test, test_rng)
   out = {}
   for name, k in (("act", 4), ("emotion", 7)):
     train_y, test_y = getattr(train, name + "s"), getattr(test, name + "s")

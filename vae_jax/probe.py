@@ -370,14 +370,15 @@ def remove_overlap(examples: Iterable[E], held_out: Iterable) -> tuple[list[E], 
   return kept, removed
 
 
-def feature_matrix(data: pipeline.EncodedCorpus,
-                   feature_fn: Callable[[np.ndarray, int], np.ndarray], batch_size: int,
-                   pad_multiple: int = 8) -> np.ndarray:
-  """float32 [N, F] features of every sentence of `data`, row i = sentence i.
+def feature_matrix(data: pipeline.EncodedCorpus | pipeline.BatchSource,
+                   feature_fn: Callable[..., np.ndarray], batch_size: int,
+                   pad_multiple: int = 8, keys: tuple[str, ...] = ("tokens",)) -> np.ndarray:
+  """float32 [N, F] features of every example of `data`, row i = example i.
 
-  Runs `feature_fn(tokens [B, T] int32, batch_index) -> [B, F]` on the `pipeline.EvalIterator`
-  batches (single process) and places each real row (weight > 0) at its sentence index, read
-  from the iterator's `order`, so the rows align with `data.labels` whatever the batch order.
+  Runs `feature_fn(*batch[keys], batch_index) -> [B, F]` (by default `feature_fn(tokens
+  [B, T] int32, batch_index)`) on the `pipeline.EvalIterator` batches (single process) and
+  places each real row (weight > 0) at its example index, read from the iterator's `order`,
+  so the rows align with the data's labels whatever the batch order.
   """
   batches = pipeline.EvalIterator(data, batch_size, sort_by_length=False,
                                   pad_multiple=pad_multiple)
@@ -387,7 +388,7 @@ def feature_matrix(data: pipeline.EncodedCorpus,
     real = batch["weights"] > 0
     if not np.array_equal(real, rows >= 0):
       raise AssertionError("EvalIterator padding rows do not match its order.")
-    feats = np.asarray(feature_fn(batch["tokens"], i), dtype=np.float32)
+    feats = np.asarray(feature_fn(*(batch[k] for k in keys), i), dtype=np.float32)
     if feats.ndim != 2 or feats.shape[0] != batch_size:
       raise ValueError(f"feature_fn must return [{batch_size}, F], got {feats.shape}.")
     if out is None:
