@@ -18,6 +18,8 @@ flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint.")
 flags.DEFINE_integer("k_samples", None, "Importance samples (default: the run's config).")
 flags.DEFINE_integer("max_examples", None, "Evaluate only the first N sentences.")
 flags.DEFINE_string("data_dir", None, "Corpus directory, if it moved since training.")
+flags.DEFINE_integer("probe_train_examples", None,
+                     "Dialogue runs: training pairs of the act/emotion probes (0: no probes).")
 flags.DEFINE_integer("seed", 0, "Seed of the importance samples.")
 FLAGS = flags.FLAGS
 
@@ -36,6 +38,8 @@ def main(argv):
     cfg.eval.max_examples = FLAGS.max_examples
   if FLAGS.data_dir is not None:
     cfg.data.dir = FLAGS.data_dir
+  if FLAGS.probe_train_examples is not None:
+    cfg.eval.probe_train_examples = FLAGS.probe_train_examples
   experiment.evaluate_workdir(cfg, FLAGS.workdir, [FLAGS.split], which=FLAGS.checkpoint,
                               seed=FLAGS.seed)
 
