@@ -8,10 +8,10 @@ import numpy as np
 
 from vae_jax import dialogue_evaluation as de
 from vae_jax import metrics, objectives
-from vae_jax.models.cvae import CVAE, CVAEConfig
+from vae_jax.models.cvae import CVAE
 from vae_jax.nn import flows
 
-from tests.models.test_cvae import BASE, IAF, init, make_batch, perturb
+from cvae_testing import BASE, IAF, init, make_batch, perturb
 
 
 def batch_dict(tokens, context, speakers):
@@ -29,6 +29,8 @@ def test_response_scores_by_hand():
   assert 0.75 <= out["bleu1_precision"] < 1.0
   # Distinct-n over all 4 samples: unigrams {1..8} of 10, bigrams 5 distinct of 6.
   assert out["distinct_1"] == 8 / 10 and out["distinct_2"] == 5 / 6
+  # Within each context: all distinct (1, 1) and two copies of one response (2/4, 1/2).
+  assert out["intra_distinct_1"] == (1 + 2 / 4) / 2 and out["intra_distinct_2"] == (1 + 1 / 2) / 2
   assert out["length"] == 10 / 4
   assert 0.5 <= out["greedy_bleu1"] < 1.0 and out["greedy_length"] == 2.5
 

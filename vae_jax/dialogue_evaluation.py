@@ -240,7 +240,13 @@ def response_scores(references: list[list[int]], samples: list[list[list[int]]],
                     beam: list[list[int]] | None = None, max_n: int = 4) -> dict[str, float]:
   """Zhao et al.'s BLEU-1..max_n precision/recall of N samples per context (one reference
   each), Distinct-1/2 and mean length over all samples, and BLEU-n of the greedy and beam
-  responses."""
+  responses.
+
+  Two Distinct-n are reported: `distinct_n` pools every sample of every context (Li et al.
+  2016), and `intra_distinct_n` is the mean over contexts of Distinct-n among that context's own
+  N samples (Gu et al. 2019's intra-dist), which measures how much z varies the response to a
+  fixed context: 1/N when all N samples of every context coincide.
+  """
   prec, rec = [], []
   for ref, hyps in zip(references, samples):
     p, r = text_metrics.bleu_precision_recall([ref], hyps, max_n=max_n)
@@ -254,8 +260,11 @@ def response_scores(references: list[list[int]], samples: list[list[list[int]]],
     out[f"bleu{n}_recall"] = float(rec[n - 1])
     out[f"bleu{n}_f1"] = float(2 * prec[n - 1] * rec[n - 1] /
                                max(prec[n - 1] + rec[n - 1], 1e-12))
-  out.update(distinct_1=text_metrics.distinct_n(flat, 1),
-             distinct_2=text_metrics.distinct_n(flat, 2),
+  for n in (1, 2):
+    out[f"distinct_{n}"] = text_metrics.distinct_n(flat, n)
+    out[f"intra_distinct_{n}"] = float(np.mean(
+        [text_metrics.distinct_n(hyps, n) for hyps in samples]))
+  out.update(
              length=text_metrics.average_length(flat))
   for name, single in (("greedy", greedy), ("beam", beam)):
     if single is None:

@@ -609,7 +609,8 @@ COLUMNS = ("nll", "ppl", "elbo", "kl", "mi", "au", "dispersion", "hole_kl", "pri
 
 DIALOGUE_COLUMNS = ("nll", "ppl", "kl", "mi", "au", "bow", "bleu1_precision", "bleu1_recall",
                     "bleu2_precision", "bleu2_recall", "bleu4_precision", "bleu4_recall",
-                    "distinct_1", "distinct_2", "length", "act_accuracy", "emotion_accuracy")
+                    "distinct_1", "distinct_2", "intra_distinct_1", "intra_distinct_2", "length",
+                    "act_accuracy", "emotion_accuracy")
 
 
 def metrics_table(results: dict[str, dict]) -> str:
