@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vae_jax import experiment
@@ -211,3 +212,19 @@ def test_cvrae_dialogue_flow_run_reports_dialogue_metrics(tmp_path):
   assert len(shown) == 2 and len(shown[0]["samples"]) == 3 and shown[0]["context"]
   _, model, variables, _ = experiment.load_run(str(tmp_path))
   assert model.config.posterior == "flow" and "flow" in variables["params"]
+
+
+def test_della_run_reports_layer_active_units_and_reloads(tmp_path):
+  cfg = load_config("della", "smoke")
+  result = experiment.run(cfg, str(tmp_path))["test"]
+  n_layers, d = cfg.model.transformer.num_layers, cfg.model.latent_dim
+  assert result["n_sentences"] == 16 and np.isfinite(result["nll"])
+  assert -result["nll"] >= result["elbo"] - 1e-3  # the IW bound is above the ELBO
+  for t in ("0.01", "0.2"):
+    per_layer = result[f"au_layers_{t}"]
+    assert len(per_layer) == n_layers and all(0 <= a <= d for a in per_layer)
+    assert result[f"au_z_{t}"] == sum(per_layer)
+  assert "hole_kl" in result and "prior_self_bleu" in result
+  _, model, variables, _ = experiment.load_run(str(tmp_path))
+  fusion = variables["params"]["transformer"]["h_0"]["attn"]["fusion"]
+  assert fusion["latent_factors"].shape == (4, d + 1, cfg.model.transformer.model_dim)

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from vae_jax import holes, metrics, text_metrics
 from vae_jax.data.vocab import EOS, PAD
-from vae_jax.models.vae import PosteriorParams, SeqVAE, token_mask
+from vae_jax.models.vae import PosteriorParams, token_mask
 from vae_jax.nn import decoding
 
 
@@ -33,13 +33,25 @@ def to_host(x) -> np.ndarray:
   return np.asarray(x)
 
 
+def has_latent(model: nn.Module) -> bool:
+  """Whether `model` is a latent-variable model with `SeqVAE`'s posterior interface
+  (`encode`, `sample_codes`, `posterior_log_prob`, `point_code`, `prior_code`,
+  `log_likelihood`): the LSTM VAE and DELLA; not the language models."""
+  return hasattr(type(model), "sample_codes")
+
+
+def code_dim(model: nn.Module) -> int:
+  """The size of a model's code: d, or L·d for DELLA's layer-wise latents."""
+  return getattr(model.config, "code_dim", model.config.latent_dim)
+
+
 def vae_log_likelihood_fn(model: nn.Module, variables, tokens: jax.Array):
   """`z [n, B, d] -> [n, B]` log p(x|z) for every sample, decoding the n*B codes at once."""
 
   def log_likelihood(z):
     n, b, d = z.shape
     tiled = jnp.broadcast_to(tokens[None], (n, *tokens.shape)).reshape(n * b, -1)
-    ll = model.apply(variables, tiled, z.reshape(n * b, d), method=SeqVAE.log_likelihood)
+    ll = model.apply(variables, tiled, z.reshape(n * b, d), method="log_likelihood")
     return ll.reshape(n, b)
 
   return log_likelihood
@@ -61,9 +73,9 @@ def make_vae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
   @jax.jit
   def batch_eval(variables, tokens, rng):
     iw_rng, mean_rng = jax.random.split(rng)
-    features = model.apply(variables, tokens, method=SeqVAE.encoder_features)
-    post = model.apply(variables, tokens, True, features, method=SeqVAE.encode)
-    sample = lambda r, n: model.apply(variables, post, r, n, method=SeqVAE.sample_codes)
+    features = model.apply(variables, tokens, method="encoder_features")
+    post = model.apply(variables, tokens, True, features, method="encode")
+    sample = lambda r, n: model.apply(variables, post, r, n, method="sample_codes")
     log_weights = metrics.posterior_log_weights_fn(
         sample, vae_log_likelihood_fn(model, variables, tokens))
     log_px, mean_log_w = metrics.iw_log_likelihood(log_weights, iw_rng, k_samples, chunk_size,
@@ -89,6 +101,8 @@ def make_vae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
         "code_mean_b": code_mean_b,
         "features": features,
         **({} if post.context is None else {"context": post.context}),
+        **({"layer_means": model.apply(variables, tokens, method="layer_means")}
+           if hasattr(type(model), "layer_means") else {}),
     }
 
   return batch_eval
@@ -121,9 +135,9 @@ def flow_mutual_information(model: nn.Module, variables, post: PosteriorParams, 
 
   @jax.jit
   def mi(variables, post, rng):
-    z, log_q, _ = model.apply(variables, post, rng, 1, method=SeqVAE.sample_codes)
+    z, log_q, _ = model.apply(variables, post, rng, 1, method="sample_codes")
     pairwise = lambda zc: model.apply(variables, zc[:, None, :], post,
-                                      method=SeqVAE.posterior_log_prob)
+                                      method="posterior_log_prob")
     log_q_agg = metrics.aggregate_posterior_log_prob(z[0], pairwise, chunk_size=chunk_size)
     return metrics.mutual_information(log_q[0], log_q_agg)
 
@@ -170,7 +184,7 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
   n_tokens = float(out["n_tokens"].sum())
   mean, logvar = jnp.asarray(out["mean"]), jnp.asarray(out["logvar"])
   result = {}
-  if model.config.posterior == "flow":
+  if model.config.posterior not in ("gaussian", "kl_preserving"):  # a flow or DELLA's chain
     rows = np.arange(len(mean))
     if mi_max_examples and mi_max_examples < len(rows):
       rows = np.sort(np.random.default_rng(0).choice(rows, mi_max_examples, replace=False))
@@ -195,6 +209,7 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
           independent_means=jnp.asarray(out["code_mean_b"]))[0]),
       "dispersion": float(features.var(axis=0).mean()),
       **result,
+      **(layer_active_units(out["layer_means"]) if "layer_means" in out else {}),
       "k_samples": int(k_samples),
       "n_sentences": int(log_px.shape[0]),
       "n_tokens": int(n_tokens),
@@ -202,18 +217,33 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
   prior_rng, interp_rng = jax.random.split(gen_rng)
   if num_prior_samples:
     z = model.apply(variables, jax.random.normal(prior_rng, (num_prior_samples, mean.shape[1])),
-                    method=SeqVAE.prior_code)
+                    method="prior_code")
     scores = generation_metrics(model, variables, z, max_length=max_decode_length,
                                 self_bleu_max=self_bleu_max)
     result.update({f"prior_{k}": v for k, v in scores.items()})
   if num_interpolations:
     post = PosteriorParams(mean, logvar, jnp.asarray(out["context"]) if "context" in out else None)
-    codes = model.apply(variables, post, method=SeqVAE.point_code)
+    codes = model.apply(variables, post, method="point_code")
     z = interpolate_pairs(interp_rng, codes, num_interpolations, interpolation_steps)
     scores = generation_metrics(model, variables, z, max_length=max_decode_length,
                                 self_bleu_max=self_bleu_max)
     result.update({f"interp_{k}": v for k, v in scores.items()})
   return result
+
+
+def layer_active_units(layer_means: np.ndarray,
+                       thresholds: tuple[float, ...] = (0.01, 0.2)) -> dict[str, Any]:
+  """Active units of layer-wise latents (DELLA, Hu et al. 2022) from the z-space posterior
+  means `[N, L, d]`: per threshold, the count per layer (`au_layers_<t>`), their sum
+  (`au_z_<t>`) and their mean over layers (`au_layer_mean_<t>`, the paper reports it at 0.2)."""
+  variance = np.asarray(layer_means, np.float64).var(axis=0)  # [L, d]
+  out = {}
+  for t in thresholds:
+    per_layer = (variance > t).sum(axis=-1)
+    out[f"au_layers_{t:g}"] = [int(a) for a in per_layer]
+    out[f"au_z_{t:g}"] = int(per_layer.sum())
+    out[f"au_layer_mean_{t:g}"] = float(per_layer.mean())
+  return out
 
 
 def flow_hole_kl(model: nn.Module, variables, post: PosteriorParams, rng: jax.Array, *,
@@ -224,7 +254,7 @@ def flow_hole_kl(model: nn.Module, variables, post: PosteriorParams, rng: jax.Ar
   @jax.jit
   def run(variables, post, rng):
     pairwise = lambda zc: model.apply(variables, zc[:, None, :], post,
-                                      method=SeqVAE.posterior_log_prob)
+                                      method="posterior_log_prob")
     return holes.prior_hole_kl(rng, pairwise, post.mean.shape[-1], num_samples=num_samples,
                                chunk_size=chunk_size)
 
@@ -245,7 +275,7 @@ def interpolate_pairs(rng: jax.Array, codes: jax.Array, num_pairs: int, steps: i
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _own_log_likelihood(model: nn.Module, variables, tokens: jax.Array, z: jax.Array):
-  return model.apply(variables, tokens, z, method=SeqVAE.log_likelihood)
+  return model.apply(variables, tokens, z, method="log_likelihood")
 
 
 def generation_metrics(model: nn.Module, variables, z: jax.Array, *, max_length: int = 40,
@@ -329,8 +359,8 @@ def reconstruct(model: nn.Module, variables, tokens: jax.Array, rng: jax.Array,
                 max_length: int) -> jax.Array:
   """Greedy decoding from each sentence's point code (the posterior mean, or its image under the
   flow)."""
-  code = model.apply(variables, model.apply(variables, tokens, method=SeqVAE.encode),
-                     method=SeqVAE.point_code)
+  code = model.apply(variables, model.apply(variables, tokens, method="encode"),
+                     method="point_code")
   return generate(model, variables, code, rng, max_length=max_length, greedy=True)
 
 
@@ -340,8 +370,8 @@ def sample_prior(model: nn.Module, variables, rng: jax.Array, num: int, latent_d
   f(z) in the KL-preserving mode."""
   z_rng, dec_rng = jax.random.split(rng)
   z = jax.random.normal(z_rng, (num, latent_dim))
-  if isinstance(model, SeqVAE):
-    z = model.apply(variables, z, method=SeqVAE.prior_code)
+  if has_latent(model):
+    z = model.apply(variables, z, method="prior_code")
   return generate(model, variables, z, dec_rng, max_length=max_length, greedy=greedy)
 
 
@@ -351,6 +381,6 @@ def features(model: nn.Module, variables, tokens: jax.Array, rng: jax.Array,
   """A fixed-size feature per sentence `[B, F]` for probing classifiers (METHODS.md §3): the
   posterior mean E_q[z|x] of a VAE (a `num_samples` average for flow posteriors), the final
   hidden state of a language model."""
-  if isinstance(model, SeqVAE):
-    return model.apply(variables, tokens, rng, num_samples, method=SeqVAE.code_mean)
+  if has_latent(model):
+    return model.apply(variables, tokens, rng, num_samples, method="code_mean")
   return model.apply(variables, tokens, method=type(model).final_hidden)

@@ -24,9 +24,12 @@ from vae_jax import dialogue_evaluation, evaluation, losses, probe, schedules
 from vae_jax.data import corpora, dialogue, pipeline, synthetic
 from vae_jax.data.vocab import Vocab, VocabMismatchError
 from vae_jax.models.cvae import CVAE, CVAEConfig
+from vae_jax.models.della import Della, DellaConfig
+from vae_jax.models.transformer_lm import TransformerLM
 from vae_jax.models.vae import (LSTMLanguageModel, SeqVAE, VAEConfig, encoder_param_mask,
                                 param_groups)
 from vae_jax.nn.flows import FlowConfig
+from vae_jax.nn.transformer import TransformerConfig
 from vae_jax.training import checkpoint as checkpoint_lib
 from vae_jax.training import loop, mesh as mesh_lib, optim
 
@@ -73,6 +76,26 @@ def cvae_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> CVAEConfig:
       kl_samples=m.kl_samples)
 
 
+def transformer_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
+  t = cfg.model.transformer
+  return TransformerConfig(
+      vocab_size=vocab_size, num_layers=t.num_layers, num_heads=t.num_heads,
+      model_dim=t.model_dim, mlp_dim=t.mlp_dim or None, max_length=t.max_length,
+      embed_dropout=t.embed_dropout, attention_dropout=t.attention_dropout,
+      residual_dropout=t.residual_dropout, fusion_init=t.fusion_init)
+
+
+def della_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> DellaConfig:
+  d = cfg.model.della
+  return DellaConfig(transformer=transformer_config(cfg, vocab_size),
+                     latent_dim=cfg.model.latent_dim, injection=d.injection, fusion=d.fusion,
+                     fusion_rank=d.fusion_rank, layer_wise=d.layer_wise, prior=d.prior,
+                     clamp=d.clamp)
+
+
+LM_KINDS = ("lm", "transformer_lm")
+
+
 def is_dialogue(cfg: ml_collections.ConfigDict) -> bool:
   """Dialogue runs (model.kind 'cvae') read (context, response) pairs instead of sentences."""
   return cfg.model.kind == "cvae"
@@ -88,16 +111,22 @@ def kl_term_config(cfg: ml_collections.ConfigDict) -> losses.KLTermConfig:
                              smoothness_weight=k.smoothness_weight,
                              kind=k.get("kind", "kl"),
                              density_gap_samples=k.get("density_gap_samples", 32),
-                             density_gap_chunk=k.get("density_gap_chunk", 0))
+                             density_gap_chunk=k.get("density_gap_chunk", 0),
+                             layer_reduction=k.get("layer_reduction", "sum"),
+                             layer_threshold=k.get("layer_threshold", 0.0))
 
 
 def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):
-  kinds = {"vae": SeqVAE, "lm": LSTMLanguageModel, "cvae": CVAE}
-  if cfg.model.kind not in kinds:
-    raise ValueError(f"unknown model.kind {cfg.model.kind!r}; choose one of {sorted(kinds)}")
-  if is_dialogue(cfg):
-    return CVAE(cvae_config(cfg, vocab_size))
-  return kinds[cfg.model.kind](model_config(cfg, vocab_size))
+  builders = {
+      "vae": lambda: SeqVAE(model_config(cfg, vocab_size)),
+      "lm": lambda: LSTMLanguageModel(model_config(cfg, vocab_size)),
+      "cvae": lambda: CVAE(cvae_config(cfg, vocab_size)),
+      "della": lambda: Della(della_config(cfg, vocab_size)),
+      "transformer_lm": lambda: TransformerLM(transformer_config(cfg, vocab_size)),
+  }
+  if cfg.model.kind not in builders:
+    raise ValueError(f"unknown model.kind {cfg.model.kind!r}; choose one of {sorted(builders)}")
+  return builders[cfg.model.kind]()
 
 
 def aggressive_config(cfg: ml_collections.ConfigDict) -> loop.AggressiveConfig | None:
@@ -225,7 +254,7 @@ def _cap(examples, n: int):
 
 
 def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int) -> loop.Task:
-  is_vae = cfg.model.kind != "lm"
+  is_vae = cfg.model.kind not in LM_KINDS
   max_len = cfg.eval.max_decode_length
 
   def init_fn(rng, batch):
@@ -237,7 +266,8 @@ def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int)
     variables = {"params": params, **model_state}
     n = max(cfg.eval.num_print, 1)
     if is_vae:
-      ids = evaluation.sample_prior(model, variables, rng, n, model.config.latent_dim, max_len)
+      ids = evaluation.sample_prior(model, variables, rng, n, evaluation.code_dim(model),
+                                    max_len)
     else:
       ids = evaluation.generate(model, variables, None, rng, max_length=max_len, greedy=False,
                                 batch_size=n)
@@ -347,7 +377,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       num_steps=total_steps, log_every=cfg.train.log_every, eval_every=eval_every,
       checkpoint_every=cfg.train.checkpoint_every or eval_every, seed=cfg.train.seed,
       best_metric=cfg.train.best_metric or (
-          "nll" if cfg.model.kind == "lm" else "neg_elbo"), progress_bar=cfg.train.progress_bar or False,
+          "nll" if cfg.model.kind in LM_KINDS else "neg_elbo"), progress_bar=cfg.train.progress_bar or False,
       optimizer=optimizer_config(cfg), aggressive=aggressive)
   logging.info("training %s for %d steps (%d per epoch) on %d devices", cfg.model.kind,
                total_steps, steps_per_epoch, mesh.size)
@@ -456,7 +486,7 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
     if is_dialogue(cfg):
       out, examples = _evaluate_dialogue(cfg, model, variables, vocab, data, global_batches,
                                          rng)
-    elif cfg.model.kind == "lm":
+    elif cfg.model.kind in LM_KINDS:
       out = evaluation.evaluate_lm(model, variables, global_batches, rng)
     else:
       out = evaluation.evaluate_vae(model, variables, global_batches, rng,
@@ -573,12 +603,12 @@ def _show_examples(cfg, model, variables, vocab: Vocab, data, rng) -> dict[str, 
   rows = pipeline.make_batch(data, np.arange(n), pipeline.round_up(
       int(data.lengths[:n].max()), cfg.data.pad_multiple))["tokens"]
   text = lambda ids: [" ".join(vocab.decode(r)) for r in np.asarray(ids)]
-  if cfg.model.kind == "lm":
+  if cfg.model.kind in LM_KINDS:
     return {"samples": text(evaluation.generate(model, variables, None, rng,
                                                 max_length=max_len, greedy=False,
                                                 batch_size=n))}
   recon = evaluation.reconstruct(model, variables, rows, rng, max_len)
-  samples = evaluation.sample_prior(model, variables, rng, n, model.config.latent_dim,
+  samples = evaluation.sample_prior(model, variables, rng, n, evaluation.code_dim(model),
                                     max_len)
   return {"inputs": text(rows), "reconstructions": text(recon), "samples": text(samples)}
 

@@ -45,6 +45,10 @@ class KLTermConfig:
     METHODS.md §2; Gaussian posteriors, or the Gaussian base of a KL-preserving flow).
   smoothness_weight: λ of the amortised regularisation λ · mean_x ‖μ(x) - μ(x̃)‖²
     (METHODS.md §3; the model computes the term when its `smoothness_dropout` > 0).
+  layer_reduction, layer_threshold: for models with layer-wise latents (terms with
+    `kl_layers [B, L]`, DELLA), the KL term is mean_x reduce_l max(KL_l(x), layer_threshold)
+    with reduce 'sum' (the KL of the joint when the threshold is 0) or 'mean' (the official
+    DELLA code: the average over layers, each hinged per sentence at its threshold).
   """
   free_bits: float = 0.0
   free_bits_per_dimension: bool = False
@@ -52,8 +56,14 @@ class KLTermConfig:
   kind: str = "kl"
   density_gap_samples: int = 32
   density_gap_chunk: int = 0
+  layer_reduction: str = "sum"
+  layer_threshold: float = 0.0
 
   def __post_init__(self):
+    if self.layer_reduction not in ("sum", "mean"):
+      raise ValueError(f"layer_reduction must be 'sum' or 'mean', got {self.layer_reduction!r}")
+    if self.layer_threshold < 0:
+      raise ValueError(f"layer_threshold must be >= 0, got {self.layer_threshold}")
     if self.kind not in KL_KINDS:
       raise ValueError(f"unknown KL term {self.kind!r}; use one of {KL_KINDS}")
     if self.kind == "density_gap" and self.free_bits > 0:
@@ -154,6 +164,11 @@ def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
         kl_dims = terms.kl[:, None]
       kl = objectives.free_bits_kl(kl_dims, kl_term.free_bits, w,
                                    kl_term.free_bits_per_dimension)
+    elif getattr(terms, "kl_layers", None) is not None:
+      hinged = jnp.maximum(terms.kl_layers, kl_term.layer_threshold)
+      per_example = (jnp.sum(hinged, axis=-1) if kl_term.layer_reduction == "sum"
+                     else jnp.mean(hinged, axis=-1))
+      kl = jnp.sum(per_example * w) / n
     else:
       kl = jnp.sum(terms.kl * w) / n
     loss = rec + beta * kl
@@ -185,7 +200,7 @@ def make_vae_eval(model: nn.Module) -> Callable[..., Sums]:
     sums = vae_sums(terms, batch["weights"])
     if getattr(terms, "bow_nll", None) is not None:
       sums["bow"] = jnp.sum(terms.bow_nll * batch["weights"])
-    if model.config.posterior != "flow" and model.config.latent_dim:
+    if model.config.posterior in ("gaussian", "kl_preserving") and model.config.latent_dim:
       mi = metrics.gaussian_mutual_information(mi_rng, terms.mean, terms.logvar,
                                                mask=batch["weights"])
       sums["mi"] = mi * sums["n_sentences"]
