@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from vae_jax import experiment
+from vae_jax.data import pipeline
 from vae_jax.data.vocab import Vocab, VocabMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,3 +230,50 @@ def test_della_run_reports_layer_active_units_and_reloads(tmp_path):
   _, model, variables, _ = experiment.load_run(str(tmp_path))
   fusion = variables["params"]["transformer"]["h_0"]["attn"]["fusion"]
   assert fusion["latent_factors"].shape == (4, d + 1, cfg.model.transformer.model_dim)
+
+
+def _tiny_gpt2_checkpoint(directory, cfg):
+  """A random GPT-2 of the smoke size in the Hugging Face layout, with a byte-level BPE
+  vocabulary of the 256 byte symbols and a few merges."""
+  from vae_jax.data import bpe
+  from vae_jax.nn import gpt2
+  from vae_jax.nn.transformer import Transformer
+
+  symbols = list(bpe.bytes_to_unicode().values())
+  merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("e", "r")]
+  vocab = {s: i for i, s in enumerate(symbols + ["".join(m) for m in merges])}
+  directory.mkdir()
+  (directory / "vocab.json").write_text(json.dumps(vocab))
+  (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n"
+                                                                   for a, b in merges))
+  config = experiment.transformer_config(cfg, len(vocab) + gpt2.ID_OFFSET)
+  params = Transformer(config).init(jax.random.PRNGKey(7), np.ones((1, 4), np.int32))["params"]
+  gpt2.save_gpt2_checkpoint(params, config, directory)
+  return params
+
+
+def test_della_starts_from_gpt2_weights_with_its_bpe_tokenizer(tmp_path):
+  cfg = load_config("della", "smoke")
+  with cfg.unlocked():
+    cfg.data.tokenizer = "gpt2"
+    cfg.model.pretrained_dir = str(tmp_path / "gpt2")
+  pretrained = _tiny_gpt2_checkpoint(tmp_path / "gpt2", cfg)
+  workdir = tmp_path / "run"
+  vocab = experiment.load_vocab(cfg, [], str(workdir))
+  model = experiment.build_model(cfg, len(vocab))
+  task = experiment.build_task(cfg, model, vocab, 1, 1)
+  tokens = experiment.encoder(cfg, vocab)(experiment.load_split_examples(cfg, "test")[:2])
+  batch = pipeline.make_batch(tokens, np.arange(2), 24)
+  params = task.init_fn(jax.random.PRNGKey(0), batch)["params"]["transformer"]
+  for name in ("wpe", "ln_f"):
+    np.testing.assert_array_equal(jax.tree.leaves(params[name]),
+                                  jax.tree.leaves(pretrained[name]))
+  np.testing.assert_array_equal(params["wte"]["embedding"][4:],
+                                pretrained["wte"]["embedding"][4:])
+  # Sentences are BPE ids (cut at max_length) that decode back to the words.
+  words = experiment.load_split_examples(cfg, "test")[0].tokens
+  assert vocab.decode(vocab.encode(words))[0] == " ".join(words)
+  assert " ".join(words).startswith(vocab.decode(batch["tokens"][0])[0])
+  result = experiment.run(cfg, str(workdir))["test"]
+  assert np.isfinite(result["nll"]) and json.loads(
+      (workdir / "vocab.json").read_text())["kind"] == "gpt2_bpe"

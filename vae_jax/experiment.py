@@ -21,13 +21,14 @@ import numpy as np
 from absl import logging
 
 from vae_jax import dialogue_evaluation, evaluation, losses, probe, schedules
-from vae_jax.data import corpora, dialogue, pipeline, synthetic
+from vae_jax.data import bpe, corpora, dialogue, pipeline, synthetic
 from vae_jax.data.vocab import Vocab, VocabMismatchError
 from vae_jax.models.cvae import CVAE, CVAEConfig
 from vae_jax.models.della import Della, DellaConfig
 from vae_jax.models.transformer_lm import TransformerLM
 from vae_jax.models.vae import (LSTMLanguageModel, SeqVAE, VAEConfig, encoder_param_mask,
                                 param_groups)
+from vae_jax.nn import gpt2
 from vae_jax.nn.flows import FlowConfig
 from vae_jax.nn.transformer import TransformerConfig
 from vae_jax.training import checkpoint as checkpoint_lib
@@ -194,13 +195,21 @@ def load_train_examples(cfg: ml_collections.ConfigDict):
 
 
 def load_vocab(cfg: ml_collections.ConfigDict, token_lists, workdir: str) -> Vocab:
-  """Builds the vocabulary from the training split's token lists; checks it against the
-  workdir's copy."""
-  vocab = Vocab.build(token_lists,
-                      max_size=cfg.data.max_vocab_size or None, min_count=cfg.data.min_count)
+  """Builds the vocabulary from the training split's token lists (or reads GPT-2's tokenizer
+  from `data.tokenizer_dir` when `data.tokenizer` is 'gpt2'); checks it against the workdir's
+  copy."""
+  if cfg.data.get("tokenizer", "word") == "gpt2":
+    directory = cfg.data.tokenizer_dir or cfg.model.get("pretrained_dir")
+    if not directory:
+      raise ValueError("data.tokenizer='gpt2' needs the directory of GPT-2's vocab.json and "
+                       "merges.txt: set data.tokenizer_dir or model.pretrained_dir")
+    vocab = bpe.BPEVocab.from_dir(directory)
+  else:
+    vocab = Vocab.build(token_lists,
+                        max_size=cfg.data.max_vocab_size or None, min_count=cfg.data.min_count)
   path = os.path.join(workdir, VOCAB_FILE)
   if os.path.exists(path):
-    saved = Vocab.load(path)
+    saved = bpe.load_vocabulary(path)
     try:
       saved.assert_compatible(vocab)
     except VocabMismatchError as e:
@@ -259,8 +268,12 @@ def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int)
 
   def init_fn(rng, batch):
     params_rng, latent_rng = jax.random.split(rng)
-    return model.init({"params": params_rng, "latent": latent_rng},
-                      *losses.model_inputs(model, batch), deterministic=True)
+    variables = model.init({"params": params_rng, "latent": latent_rng},
+                           *losses.model_inputs(model, batch), deterministic=True)
+    if cfg.model.get("pretrained_dir"):  # GPT-2 weights for the Transformer (METHODS.md §4)
+      _, pretrained = gpt2.load_gpt2_params(cfg.model.pretrained_dir)
+      variables, _ = gpt2.merge_pretrained(variables, pretrained, at=("params", "transformer"))
+    return variables
 
   def sample_fn(params, model_state, rng):
     variables = {"params": params, **model_state}
@@ -465,7 +478,7 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
   """Evaluates a run's best checkpoint on `splits`; writes `<workdir>/eval_<split>.json`."""
   quiet_library_logs()
   if vocab is None:
-    vocab = Vocab.load(os.path.join(workdir, VOCAB_FILE))
+    vocab = bpe.load_vocabulary(os.path.join(workdir, VOCAB_FILE))
   if model is None:
     model = build_model(cfg, len(vocab))
   if task is None:
@@ -579,7 +592,7 @@ def load_run(workdir: str, which: str = "best"):
   checkpoint, restored on this process's devices.
   """
   cfg = saved_config(workdir)
-  vocab = Vocab.load(os.path.join(workdir, VOCAB_FILE))
+  vocab = bpe.load_vocabulary(os.path.join(workdir, VOCAB_FILE))
   model = build_model(cfg, len(vocab))
   task = build_task(cfg, model, vocab, 1, 1)
   b = cfg.data.eval_batch_size

@@ -28,6 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_train_examples = 0   # 0: all (a cap for quick runs)
   c.data.exclude = ""             # 'corpus:split' whose sentences are removed from training
   c.data.exclude_dir = ""         # that corpus's directory
+  c.data.tokenizer = "word"       # word (a vocabulary of the training words) | gpt2 (BPE)
+  c.data.tokenizer_dir = ""       # gpt2: directory with GPT-2's vocab.json and merges.txt
 
   c.model = ml_collections.ConfigDict()
   c.model.embed_dim = 256
@@ -45,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.smoothness_dropout = 0.0  # amortised regularisation: token dropout rate of x~
   c.model.mean_batch_norm = 0.0   # BN-VAE: fixed gamma of the batch-normalised means; 0: off
   c.model.mean_batch_norm_epsilon = 1e-5  # its normalisation's epsilon (PyTorch's default)
+  c.model.pretrained_dir = ""     # Transformers: a GPT-2 checkpoint (HF layout) to start from
   c.model.flow = ml_collections.ConfigDict()
   c.model.flow.kind = "iaf"       # planar | iaf | coupling
   c.model.flow.num_layers = 4

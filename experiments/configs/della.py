@@ -14,6 +14,8 @@ cycles, rising for half of each); Adam 1e-4 (clip 1), batch 32, 10 epochs; IW-NL
 
 Variants, applied left to right:
 - smoke: seconds, for tests.
+- gpt2: GPT-2 small (117M) from a local checkpoint (--config.model.pretrained_dir), its BPE
+  tokenizer, Adam 5e-5: for a GPU or TPU.
 - The paper's comparisons, all at the same size and budget:
   - lm: the Transformer language model (no z).
   - embedding | memory | softmax: a Transformer VAE with one latent injected into the input
@@ -79,6 +81,22 @@ def smoke(c):
   c.eval.interpolation_steps = 3
 
 
+def gpt2(c):
+  """GPT-2 small (117M; Hu et al.'s starting point) from a local Hugging Face checkpoint
+  directory holding config.json, model.safetensors, vocab.json and merges.txt:
+  --config.model.pretrained_dir=/path/to/gpt2. Sentences are GPT-2 BPE ids (at most 128);
+  the fusion factors start from N(0, 0.02²) like the rest of the official model; Adam 5e-5,
+  batch 32. Sized for a GPU or TPU."""
+  c.data.tokenizer = "gpt2"
+  c.data.max_length = 128
+  t = c.model.transformer
+  t.num_layers, t.num_heads, t.model_dim, t.mlp_dim, t.max_length = 12, 12, 768, 3072, 1024
+  t.fusion_init = "normal"
+  c.optimizer.learning_rate = 5e-5
+  c.eval.batch_size = 4
+  c.eval.chunk_size = 25
+
+
 def lm(c):
   c.model.kind = "transformer_lm"
 
@@ -113,7 +131,7 @@ def official_kl(c):
   c.kl.layer_reduction = "mean"
 
 
-VARIANTS = {f.__name__: f for f in (ptb, smoke, lm, embedding, memory, softmax, nofusion,
+VARIANTS = {f.__name__: f for f in (ptb, smoke, gpt2, lm, embedding, memory, softmax, nofusion,
                                     single, official_kl)}
 
 

@@ -52,7 +52,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from vae_jax.data.vocab import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, UNK_MARKERS, UNK_TOKEN
+from vae_jax.data.vocab import (BOS, EOS, PAD, SPECIAL_TOKENS, UNK, UNK_MARKERS, UNK_TOKEN,
+                                Vocab, VocabMismatchError)
 
 ID_OFFSET = len(SPECIAL_TOKENS)
 
@@ -326,3 +327,67 @@ class GPT2Tokenizer:
       else:
         raise ValueError(f'Project id {i} is outside this vocabulary of size {self.vocab_size}.')
     return text + _from_symbols(tokens)
+
+
+class BPEVocab:
+  """The `vae_jax.data.vocab.Vocab` interface over a GPT-2 tokenizer, so the data pipeline,
+  training loop and evaluation run unchanged on GPT-2's sub-word ids: `encode(words)` BPE-encodes
+  a word-tokenised sentence (`GPT2Tokenizer.encode_words`), `decode(ids)` returns the detokenised
+  text as a one-element list (callers join with spaces), and `save` writes a small JSON naming
+  the tokenizer directory and its fingerprint, which `load` checks."""
+
+  KIND = 'gpt2_bpe'
+
+  def __init__(self, tokenizer: GPT2Tokenizer, directory: str | os.PathLike[str]):
+    self.tokenizer = tokenizer
+    self.directory = str(directory)
+
+  @classmethod
+  def from_dir(cls, path: str | os.PathLike[str]) -> BPEVocab:
+    return cls(GPT2Tokenizer.from_dir(path), path)
+
+  def __len__(self) -> int:
+    return self.tokenizer.vocab_size
+
+  @property
+  def fingerprint(self) -> str:
+    return self.tokenizer.fingerprint()
+
+  def encode(self, tokens: Sequence[str]) -> list[int]:
+    return self.tokenizer.encode_words(tokens).tolist()
+
+  def decode(self, ids: Iterable[int]) -> list[str]:
+    return [self.tokenizer.decode_ids(ids)]
+
+  def assert_compatible(self, other: BPEVocab) -> None:
+    if getattr(other, 'fingerprint', None) != self.fingerprint:
+      raise VocabMismatchError(
+          f'Tokenizer mismatch: expected the GPT-2 tokenizer with fingerprint '
+          f'{self.fingerprint[:12]}, got {type(other).__name__} with fingerprint '
+          f'{str(getattr(other, "fingerprint", None))[:12]}. Token ids of one tokenizer are '
+          'meaningless under another: use the tokenizer the workdir was trained with, or a '
+          'fresh workdir.')
+
+  def save(self, path: str | os.PathLike[str]) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({'kind': self.KIND, 'directory': self.directory,
+                                'fingerprint': self.fingerprint}, indent=0) + '\n')
+
+  @classmethod
+  def load(cls, path: str | os.PathLike[str]) -> BPEVocab:
+    saved = json.loads(pathlib.Path(path).read_text())
+    vocab = cls.from_dir(saved['directory'])
+    if vocab.fingerprint != saved['fingerprint']:
+      raise VocabMismatchError(
+          f"The tokenizer in {saved['directory']} (fingerprint {vocab.fingerprint[:12]}) is not "
+          f"the one {path} was written with ({saved['fingerprint'][:12]}).")
+    return vocab
+
+
+def load_vocabulary(path: str | os.PathLike[str]) -> Vocab | BPEVocab:
+  """The vocabulary saved at `path` by `Vocab.save` or `BPEVocab.save`."""
+  saved = json.loads(pathlib.Path(path).read_text())
+  if isinstance(saved, dict) and saved.get('kind') == BPEVocab.KIND:
+    return BPEVocab.load(path)
+  return Vocab.load(path)
