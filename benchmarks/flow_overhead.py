@@ -16,10 +16,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import time
 
 from absl import app, flags
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -51,20 +49,14 @@ VARIANTS = {
 }
 
 
-def build_step(base: VAEConfig, overrides: dict, batch, mesh):
+def build_task(base: VAEConfig, overrides: dict) -> loop.Task:
   model = SeqVAE(dataclasses.replace(base, **overrides))
   kl_term = losses.KLTermConfig(smoothness_weight=1.0 if overrides.get("smoothness_dropout")
                                 else 0.0)
-  task = loop.Task(
+  return loop.Task(
       init_fn=lambda rng, b: model.init({"params": rng, "latent": rng}, b["tokens"]),
       loss_fn=losses.make_vae_loss(model, schedules.constant(1.0), kl_term),
       eval_fn=losses.make_vae_eval(model), summarize=losses.summarize)
-  opt_cfg = optim.OptimizerConfig(name="adam", learning_rate=1e-3, grad_clip_norm=5.0)
-  state = loop.init_train_state(task, opt_cfg, jax.device_get(batch), 0, mesh)
-  step = loop.make_train_step(task, optim.make_optimizer(opt_cfg), mesh)
-  start = time.perf_counter()
-  step.lower(state, batch).compile()
-  return step, state, time.perf_counter() - start
 
 
 def main(argv):
@@ -77,20 +69,13 @@ def main(argv):
   it = pipeline.TrainIterator(data, BATCH, seed=0)
   batches = [mesh_lib.to_global(next(it), mesh) for _ in range(FLAGS.steps)]
   real_tokens = [float(np.sum(np.asarray(b["tokens"]) != 0)) for b in batches]
-  steps, states, compile_s, times = {}, {}, {}, {}
-  for name, overrides in VARIANTS.items():
-    steps[name], states[name], compile_s[name] = build_step(base, overrides, batches[0], mesh)
-    for b in batches:  # warm-up: compile every padded shape
-      states[name], out = steps[name](states[name], b)
-    jax.block_until_ready(out)
-    times[name] = []
+  opt_cfg = optim.OptimizerConfig(name="adam", learning_rate=1e-3, grad_clip_norm=5.0)
+  timed = common.time_train_steps({name: build_task(base, overrides)
+                                   for name, overrides in VARIANTS.items()},
+                                  batches, mesh, opt_cfg)
+  times = {name: t["times_s"] for name, t in timed.items()}
+  compile_s = {name: t["compile_s"] for name, t in timed.items()}
   names = list(VARIANTS)
-  for r, b in enumerate(batches):
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      start = time.perf_counter()
-      states[name], out = steps[name](states[name], b)
-      jax.block_until_ready(out)
-      times[name].append(time.perf_counter() - start)
   total_tokens = sum(real_tokens)
   result = {"environment": common.environment(), "data": source, "batch_size": BATCH,
             "rounds": FLAGS.steps, "variants": {}}
