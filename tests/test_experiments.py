@@ -216,22 +216,6 @@ def test_cvrae_dialogue_flow_run_reports_dialogue_metrics(tmp_path):
   assert model.config.posterior == "flow" and "flow" in variables["params"]
 
 
-def test_della_run_reports_layer_active_units_and_reloads(tmp_path):
-  cfg = load_config("della", "smoke")
-  result = experiment.run(cfg, str(tmp_path))["test"]
-  n_layers, d = cfg.model.transformer.num_layers, cfg.model.latent_dim
-  assert result["n_sentences"] == 16 and np.isfinite(result["nll"])
-  assert -result["nll"] >= result["elbo"] - 1e-3  # the IW bound is above the ELBO
-  for t in ("0.01", "0.2"):
-    per_layer = result[f"au_layers_{t}"]
-    assert len(per_layer) == n_layers and all(0 <= a <= d for a in per_layer)
-    assert result[f"au_z_{t}"] == sum(per_layer)
-  assert "hole_kl" in result and "prior_self_bleu" in result
-  _, model, variables, _ = experiment.load_run(str(tmp_path))
-  fusion = variables["params"]["transformer"]["h_0"]["attn"]["fusion"]
-  assert fusion["latent_factors"].shape == (4, d + 1, cfg.model.transformer.model_dim)
-
-
 def _tiny_gpt2_checkpoint(directory, cfg):
   """A random GPT-2 of the smoke size in the Hugging Face layout, with a byte-level BPE
   vocabulary of the 256 byte symbols and a few merges."""
@@ -252,7 +236,7 @@ def _tiny_gpt2_checkpoint(directory, cfg):
   return params
 
 
-def test_della_starts_from_gpt2_weights_with_its_bpe_tokenizer(tmp_path):
+def test_della_from_gpt2_weights_with_its_bpe_tokenizer_trains_evaluates_reloads(tmp_path):
   cfg = load_config("della", "smoke")
   with cfg.unlocked():
     cfg.data.tokenizer = "gpt2"
@@ -274,6 +258,17 @@ def test_della_starts_from_gpt2_weights_with_its_bpe_tokenizer(tmp_path):
   words = experiment.load_split_examples(cfg, "test")[0].tokens
   assert vocab.decode(vocab.encode(words))[0] == " ".join(words)
   assert " ".join(words).startswith(vocab.decode(batch["tokens"][0])[0])
+  # The whole run: train, evaluate with the generic suite, reload.
   result = experiment.run(cfg, str(workdir))["test"]
-  assert np.isfinite(result["nll"]) and json.loads(
-      (workdir / "vocab.json").read_text())["kind"] == "gpt2_bpe"
+  assert json.loads((workdir / "vocab.json").read_text())["kind"] == "gpt2_bpe"
+  n_layers, d = cfg.model.transformer.num_layers, cfg.model.latent_dim
+  assert result["n_sentences"] == 16 and np.isfinite(result["nll"])
+  assert -result["nll"] >= result["elbo"] - 1e-3  # the IW bound is above the ELBO
+  for t in ("0.01", "0.2"):
+    per_layer = result[f"au_layers_{t}"]
+    assert len(per_layer) == n_layers and all(0 <= a <= d for a in per_layer)
+    assert result[f"au_z_{t}"] == sum(per_layer)
+  assert "hole_kl" in result and "prior_self_bleu" in result
+  _, model, variables, _ = experiment.load_run(str(workdir))
+  fusion = variables["params"]["transformer"]["h_0"]["attn"]["fusion"]
+  assert fusion["latent_factors"].shape == (4, d + 1, cfg.model.transformer.model_dim)
