@@ -137,9 +137,10 @@ def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
   A flow posterior has no per-dimension KL (`terms.kl_dims` is None): only batch-level free
   bits apply to it, on its Monte Carlo KL.
   """
-  if kl_term.kind == "density_gap" and model.config.posterior == "flow":
+  if kl_term.kind == "density_gap" and model.config.posterior not in ("gaussian",
+                                                                      "kl_preserving"):
     raise ValueError("the density gap needs Gaussian posteriors (posterior='gaussian' or "
-                     "'kl_preserving'), not posterior='flow'")
+                     f"'kl_preserving'), not posterior={model.config.posterior!r}")
 
   def loss_fn(params, model_state, batch, rng, step):
     latent_rng, dropout_rng, gap_rng = jax.random.split(rng, 3)
