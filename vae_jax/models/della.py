@@ -101,6 +101,9 @@ class DellaConfig:
     if self.layer_wise and self.injection != "fusion":
       raise ValueError(f"layer-wise latents enter through the value fusion; injection="
                        f"{self.injection!r} needs layer_wise=False")
+    if self.clamp <= 0:
+      raise ValueError(f"clamp must be positive, got {self.clamp}")
+    self.transformer_config()  # the Transformer's own checks (e.g. fusion_rank), at config time
 
   @property
   def num_latents(self) -> int:
@@ -124,6 +127,9 @@ class DellaTerms(VAETerms):
   mean, logvar: the posterior of u_l given the sampled z_{<l}: ((μ_q − μ_p)/σ_p, log σ_q² −
     log σ_p²), so `kl_dims` = objectives.gaussian_kl(mean, logvar) and Σ kl_dims = kl.
   features: the pooled encoder states `[B, L·D]`.
+  The training logs' active units come from the variance of `mean`, which here also carries
+  the noise of the sampled z_{<l}; evaluation counts them from E_q[u|x] and from the chain of
+  posterior means (`layer_means`).
   """
   kl_layers: jax.Array | None = None
 
