@@ -93,8 +93,7 @@ def smoke(c):
   c.eval.mi_max_examples = 16
   c.eval.hole_samples = 64
   c.eval.num_prior_samples = 8
-  c.eval.num_interpolations = 2
-  c.eval.interpolation_steps = 3
+  c.eval.num_interpolations = 0
 
 
 def gpt2(c):
