@@ -248,7 +248,7 @@ def test_della_from_gpt2_weights_with_its_bpe_tokenizer_trains_evaluates_reloads
   task = experiment.build_task(cfg, model, vocab, 1, 1)
   tokens = experiment.encoder(cfg, vocab)(experiment.load_split_examples(cfg, "test")[:2])
   batch = pipeline.make_batch(tokens, np.arange(2), 24)
-  params = task.init_fn(jax.random.PRNGKey(0), batch)["params"]["transformer"]
+  params = task.warm_start(task.init_fn(jax.random.PRNGKey(0), batch)["params"])["transformer"]
   for name in ("wpe", "ln_f"):
     np.testing.assert_array_equal(jax.tree.leaves(params[name]),
                                   jax.tree.leaves(pretrained[name]))

@@ -268,12 +268,12 @@ def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int)
 
   def init_fn(rng, batch):
     params_rng, latent_rng = jax.random.split(rng)
-    variables = model.init({"params": params_rng, "latent": latent_rng},
-                           *losses.model_inputs(model, batch), deterministic=True)
-    if cfg.model.get("pretrained_dir"):  # GPT-2 weights for the Transformer (METHODS.md §4)
-      _, pretrained = gpt2.load_gpt2_params(cfg.model.pretrained_dir)
-      variables, _ = gpt2.merge_pretrained(variables, pretrained, at=("params", "transformer"))
-    return variables
+    return model.init({"params": params_rng, "latent": latent_rng},
+                      *losses.model_inputs(model, batch), deterministic=True)
+
+  def warm_start(params):  # GPT-2 weights for the Transformer (METHODS.md §4)
+    _, pretrained = gpt2.load_gpt2_params(cfg.model.pretrained_dir)
+    return gpt2.merge_pretrained(params, pretrained, at="transformer")[0]
 
   def sample_fn(params, model_state, rng):
     variables = {"params": params, **model_state}
@@ -295,7 +295,8 @@ def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int)
   # Dialogue responses need contexts: evaluation prints them (`evaluate_workdir`).
   return loop.Task(init_fn=init_fn, loss_fn=loss_fn, eval_fn=eval_fn,
                    summarize=losses.summarize,
-                   sample_fn=None if is_dialogue(cfg) else sample_fn)
+                   sample_fn=None if is_dialogue(cfg) else sample_fn,
+                   warm_start=warm_start if cfg.model.get("pretrained_dir") else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +391,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       num_steps=total_steps, log_every=cfg.train.log_every, eval_every=eval_every,
       checkpoint_every=cfg.train.checkpoint_every or eval_every, seed=cfg.train.seed,
       best_metric=cfg.train.best_metric or (
-          "nll" if cfg.model.kind in LM_KINDS else "neg_elbo"), progress_bar=cfg.train.progress_bar or False,
+          "nll" if cfg.model.kind in LM_KINDS else "neg_elbo"),
+      progress_bar=cfg.train.progress_bar or False,
       optimizer=optimizer_config(cfg), aggressive=aggressive)
   logging.info("training %s for %d steps (%d per epoch) on %d devices", cfg.model.kind,
                total_steps, steps_per_epoch, mesh.size)

@@ -56,6 +56,9 @@ class Task:
     summarize: host-side sums -> scalars (e.g. nll = sum nll / n_sentences).
     sample_fn: optional (params, model_state, rng) -> text samples to log at
       every evaluation.
+    warm_start: optional host-side params -> params applied once to the freshly initialised
+      parameters of a new run (never on resume), e.g. to load pretrained weights. It runs
+      outside `jit`, so a large checkpoint does not become constants of the init program.
   """
   init_fn: Callable[[jax.Array, Batch], Mapping[str, Any]]
   loss_fn: Callable[[Params, ModelState, Batch, jax.Array, jax.Array],
@@ -63,6 +66,7 @@ class Task:
   eval_fn: Callable[[Params, ModelState, Batch, jax.Array], Sums]
   summarize: Callable[[Mapping[str, float]], dict[str, float]]
   sample_fn: Callable[[Params, ModelState, jax.Array], list[str]] | None = None
+  warm_start: Callable[[Params], Params] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -612,6 +616,9 @@ def train_and_evaluate(
     resume_step = ckpt.latest_step()
     if resume_step is None:
       state = init_train_state(task, opt_cfg, example_batch, config.seed, mesh)
+      if task.warm_start is not None:
+        state = state.replace(params=jax.device_put(task.warm_start(state.params),
+                                                    mesh_lib.replicated(mesh)))
       logging.info('Initialised a new run in %s.', workdir)
     else:
       target = abstract_train_state(task, opt_cfg, example_batch, mesh)
