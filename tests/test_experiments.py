@@ -45,6 +45,7 @@ def test_vae_cli_trains_evaluates_and_reevaluates(tmp_path):
   assert result["nll"] > 0 and result["ppl"] > 1
   # The IW bound is at least as tight as the ELBO.
   assert -result["nll"] >= result["elbo"] - 1e-3
+  assert 0 <= result["recon_bleu"] <= 1 and result["recon_length"] > 0
   assert (workdir / "metrics.jsonl").exists() and (workdir / "vocab.json").exists()
 
   out = run_main("evaluate.py", f"--workdir={workdir}", "--split=valid")
@@ -269,6 +270,7 @@ def test_della_from_gpt2_weights_with_its_bpe_tokenizer_trains_evaluates_reloads
     assert len(per_layer) == n_layers and all(0 <= a <= d for a in per_layer)
     assert result[f"au_z_{t}"] == sum(per_layer)
   assert "hole_kl" in result and "prior_self_bleu" in result
+  assert 0 <= result["recon_bleu"] <= 1 and 0 <= result["recon_exact"] <= 1
   _, model, variables, _ = experiment.load_run(str(workdir))
   fusion = variables["params"]["transformer"]["h_0"]["attn"]["fusion"]
   assert fusion["latent_factors"].shape == (4, d + 1, cfg.model.transformer.model_dim)

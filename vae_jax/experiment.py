@@ -13,7 +13,7 @@ import json
 import logging as pylogging
 import math
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -509,10 +509,15 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
                                     chunk_size=cfg.eval.chunk_size,
                                     mi_max_examples=cfg.eval.mi_max_examples,
                                     **generation_kwargs(cfg))
+    reconstructions = None
+    if cfg.model.kind not in LM_KINDS and not is_dialogue(cfg):
+      scores, reconstructions = evaluation.reconstruction_metrics(
+          model, variables, reconstruction_batches(cfg, data), rng)
+      out.update(scores)
     out.update(split=split, checkpoint=which, step=step)
     results[split] = out
     if not is_dialogue(cfg):
-      examples = _show_examples(cfg, model, variables, vocab, data, rng)
+      examples = _show_examples(cfg, model, variables, vocab, data, rng, reconstructions)
     if jax.process_index() == 0:
       with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
         json.dump({**out, "examples": examples}, f, indent=2)
@@ -609,20 +614,38 @@ def load_run(workdir: str, which: str = "best"):
   return cfg, model, variables, vocab
 
 
-def _show_examples(cfg, model, variables, vocab: Vocab, data, rng) -> dict[str, list]:
-  """A few reconstructions (greedy from the posterior mean) and prior samples."""
+def reconstruction_batches(cfg, data) -> Iterator[np.ndarray]:
+  """Token batches of the first `eval.num_reconstructions` sentences of `data` (0: none), in
+  order, all padded to one width (one compiled decoding program for every full batch)."""
+  n = min(cfg.eval.get("num_reconstructions", 1000), len(data))
+  if n == 0:
+    return
+  width = pipeline.round_up(int(data.lengths[:n].max()), cfg.data.pad_multiple)
+  b = cfg.eval.batch_size
+  for start in range(0, n, b):
+    yield pipeline.make_batch(data, np.arange(start, min(start + b, n)), width)["tokens"]
+
+
+def _show_examples(cfg, model, variables, vocab: Vocab, data, rng,
+                   reconstructions: list[list[int]] | None = None) -> dict[str, list]:
+  """A few reconstructions (greedy from the posterior mean; the first of `reconstructions`
+  when they are given, as `reconstruction_batches` orders them) and prior samples."""
   n = min(cfg.eval.num_print, len(data))
   if n == 0:
     return {}
   max_len = cfg.eval.max_decode_length
   rows = pipeline.make_batch(data, np.arange(n), pipeline.round_up(
       int(data.lengths[:n].max()), cfg.data.pad_multiple))["tokens"]
-  text = lambda ids: [" ".join(vocab.decode(r)) for r in np.asarray(ids)]
+  text = lambda ids: [" ".join(vocab.decode(r))
+                      for r in (ids if isinstance(ids, list) else np.asarray(ids))]
   if cfg.model.kind in LM_KINDS:
     return {"samples": text(evaluation.generate(model, variables, None, rng,
                                                 max_length=max_len, greedy=False,
                                                 batch_size=n))}
-  recon = evaluation.reconstruct(model, variables, rows, rng, max_len)
+  if reconstructions is not None and len(reconstructions) >= n:
+    recon = reconstructions[:n]
+  else:
+    recon = evaluation.reconstruct(model, variables, rows, rng, max_len)
   samples = evaluation.sample_prior(model, variables, rng, n, evaluation.code_dim(model),
                                     max_len)
   return {"inputs": text(rows), "reconstructions": text(recon), "samples": text(samples)}
@@ -649,7 +672,7 @@ def examples_text(split: str, examples: dict[str, list]) -> str:
 
 
 COLUMNS = ("nll", "ppl", "elbo", "kl", "mi", "au", "dispersion", "hole_kl", "prior_matched_dims",
-           "prior_self_bleu", "prior_distinct_2", "k_samples", "n_sentences", "n_tokens")
+           "prior_self_bleu", "prior_distinct_2", "recon_bleu", "k_samples", "n_sentences", "n_tokens")
 
 
 DIALOGUE_COLUMNS = ("nll", "ppl", "kl", "mi", "au", "bow", "bleu1_precision", "bleu1_recall",

@@ -102,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.chunk_size = 32          # samples decoded at once: memory ~ batch * chunk * T * V
   c.eval.max_examples = 0         # 0: the whole split
   c.eval.splits = "valid,test"    # evaluated with the best checkpoint at the end of training
+  c.eval.num_reconstructions = 1000  # first sentences reconstructed greedily, scored by BLEU
   c.eval.num_print = 5            # samples / reconstructions printed
   c.eval.max_decode_length = 40
   c.eval.mi_max_examples = 1000   # flow posteriors: MI on a random subset (cost O(N^2)); 0: all
