@@ -1,7 +1,7 @@
 """The evaluation suite of a trained model (METHODS.md §6): IW-NLL, PPL, KL, MI, AU, the
 encoder-feature dispersion (Long et al. 2019), the hole metrics (METHODS.md §2), and the
-generation metrics of decoded prior samples and interpolations, plus greedy reconstructions
-and prior samples.
+generation metrics of decoded prior samples and interpolations, and the BLEU of greedy
+reconstructions against their inputs (`reconstruction_metrics`).
 
 `evaluate_vae` and `evaluate_lm` consume batches in the project's batch format (global
 `jax.Array`s sharded over the mesh when given one) and return a flat dict of numbers, the
