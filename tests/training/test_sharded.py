@@ -19,8 +19,10 @@ def test_eight_devices_match_one_device(tmp_path):
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert report['devices'] == 8 and report['loss_sharding_devices'] == 8
   np.testing.assert_allclose(report['losses8'], report['losses1'], rtol=1e-6)
-  for key in ('params_diff', 'model_state_diff', 'opt_state_diff', 'eval_sums_diff',
-              'loop_params_diff'):
+  for key in ('params_diff', 'model_state_diff', 'opt_state_diff', 'loop_params_diff'):
     assert report[key] < 1e-5, (key, report[key])
+  # Eval sums (of NLLs over a batch) are compared relative to their size: the 8-device sum
+  # adds its float32 terms in another order.
+  assert report['eval_sums_diff'] < 1e-6, report['eval_sums_diff']
   assert '12 rows' in report['indivisible_error']
   assert 'multiple of 8' in report['indivisible_error']
