@@ -1,5 +1,6 @@
 """`evaluation.reconstruction_metrics`: greedy reconstructions scored by BLEU against their
-inputs, on stub models whose reconstructions are known exactly, and on a real VAE."""
+inputs, on stub models whose reconstructions are known exactly (real models: the end-to-end
+runs of tests/test_experiments.py)."""
 
 import math
 

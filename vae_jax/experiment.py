@@ -672,7 +672,8 @@ def examples_text(split: str, examples: dict[str, list]) -> str:
 
 
 COLUMNS = ("nll", "ppl", "elbo", "kl", "mi", "au", "dispersion", "hole_kl", "prior_matched_dims",
-           "prior_self_bleu", "prior_distinct_2", "recon_bleu", "k_samples", "n_sentences", "n_tokens")
+           "prior_self_bleu", "prior_distinct_2", "recon_bleu", "k_samples", "n_sentences",
+           "n_tokens")
 
 
 DIALOGUE_COLUMNS = ("nll", "ppl", "kl", "mi", "au", "bow", "bleu1_precision", "bleu1_recall",
