@@ -79,7 +79,7 @@ def test_discard_after_removes_newer_best(ckpt):
 def test_vocabulary_mismatch_is_a_clear_error(ckpt, tmp_path):
   ckpt.save_latest(1, _state(1), {})
   ckpt.wait()
-  with pytest.raises(checkpoint_lib.VocabularyMismatchError,
+  with pytest.raises(checkpoint_lib.VocabMismatchError,
                      match="'v1'.*'v2'.*vocabulary the run was trained with"):
     checkpoint_lib.restore_latest(str(tmp_path), vocab_fingerprint='v2')
   state, _ = checkpoint_lib.restore_latest(str(tmp_path))  # None: not checked.

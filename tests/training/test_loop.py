@@ -148,7 +148,7 @@ def test_reload_best_on_decay_continues_from_best_params(tmp_path):
 
 def test_resume_with_other_vocabulary_is_a_clear_error(tmp_path):
   _run(tmp_path, _config(num_steps=2))
-  with pytest.raises(training.VocabularyMismatchError, match='vocab-1.*vocab-2'):
+  with pytest.raises(training.VocabMismatchError, match='vocab-1.*vocab-2'):
     _run(tmp_path, _config(num_steps=4), fingerprint='vocab-2')
 
 

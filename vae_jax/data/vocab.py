@@ -26,6 +26,8 @@ from typing import Any
 
 from etils import epath
 
+from vae_jax import errors
+
 PAD = 0
 BOS = 1
 EOS = 2
@@ -50,8 +52,8 @@ _FILE_FORMAT = 'vae_jax.vocab'
 _FILE_VERSION = 1
 
 
-class VocabMismatchError(ValueError):
-  """Two vocabularies that must be identical (e.g. checkpoint vs. current data) differ."""
+# Two vocabularies that must be identical (e.g. checkpoint vs. current data) differ.
+VocabMismatchError = errors.VocabMismatchError
 
 
 def _fingerprint(tokens: Sequence[str]) -> str:

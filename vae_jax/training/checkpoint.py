@@ -21,17 +21,16 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from vae_jax import errors
 from vae_jax.training import mesh as mesh_lib
 
 ITEMS = ('state', 'data', 'meta')
 
 
-class VocabularyMismatchError(ValueError):
-  """A checkpoint was trained with a different vocabulary than the current run."""
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-  """No checkpoint of the requested kind exists in the workdir."""
+# A checkpoint was trained with a different vocabulary than the current run.
+VocabMismatchError = errors.VocabMismatchError
+# No checkpoint of the requested kind exists in the workdir.
+CheckpointNotFoundError = errors.CheckpointNotFoundError
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -41,7 +40,7 @@ def checkpoint_dir(workdir: str) -> str:
 def _check_fingerprint(meta: dict, expected: str | None, where: str) -> None:
   found = meta.get('vocab_fingerprint')
   if expected is not None and found != expected:
-    raise VocabularyMismatchError(
+    raise VocabMismatchError(
         f'The checkpoint {where} was trained with vocabulary fingerprint '
         f'{found!r}, but this run has {expected!r}. Use the vocabulary the run was '
         'trained with (the vocab file saved in its workdir), or start a fresh run '

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vae_jax import errors
 from vae_jax.training import checkpoint as checkpoint_lib
 from vae_jax.training import mesh as mesh_lib
 from vae_jax.training import optim
@@ -144,8 +145,8 @@ class TrainConfig:
                        'set optimizer.param_labels (e.g. vae_jax.models.vae.param_groups).')
 
 
-class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN or Inf; the bad state was not saved."""
+# Training produced a NaN or Inf; the bad state was not saved.
+NonFiniteLossError = errors.NonFiniteLossError
 
 
 # Steps (pure functions; `make_*` jit them once for a mesh).
