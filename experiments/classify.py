@@ -23,28 +23,33 @@ factors (topic, sentiment, tense, number) is probed separately.
 
 from __future__ import annotations
 
-import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 import numpy as np
 
-from vae_jax import evaluation, experiment, probe
+import main_lib
+from vae_jax import errors, evaluation, experiment, fileio, probe
 from vae_jax.data import corpora, pipeline, synthetic
 
-flags.DEFINE_multi_string("workdir", None, "A trained run's directory (repeat for several).",
-                          required=True)
-flags.DEFINE_string("data_dir", None, "Corpus directory (default: each run's data.dir).")
-flags.DEFINE_string("corpus", "short_yelp", "Labelled corpus.")
-flags.DEFINE_list("train_splits", ["train_100", "train_500", "train_1000", "train_2000",
-                                   "train_10000"], "Labelled training subsets.")
-flags.DEFINE_string("test_split", "test", "Split the accuracy is reported on.")
-flags.DEFINE_bool("remove_overlap", True,
-                  "Drop training sentences that also occur in the test split.")
-flags.DEFINE_string("out", None, "JSON file for the results.")
-flags.DEFINE_integer("seed", 0, "Seed of the cross-validation folds and feature rng.")
 FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_multi_string("workdir", None, "A trained run's directory (repeat for several).",
+                            required=True, **fv)
+  flags.DEFINE_string("data_dir", None, "Corpus directory (default: each run's data.dir).",
+                      **fv)
+  flags.DEFINE_string("corpus", "short_yelp", "Labelled corpus.", **fv)
+  flags.DEFINE_list("train_splits", ["train_100", "train_500", "train_1000", "train_2000",
+                                     "train_10000"], "Labelled training subsets.", **fv)
+  flags.DEFINE_string("test_split", "test", "Split the accuracy is reported on.", **fv)
+  flags.DEFINE_bool("remove_overlap", True,
+                    "Drop training sentences that also occur in the test split.", **fv)
+  flags.DEFINE_string("out", None, "JSON file for the results.", **fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the cross-validation folds and feature rng.", **fv)
 
 
 def encoded_features(cfg, model, variables, vocab, examples, rng: jax.Array) -> np.ndarray:
@@ -93,7 +98,7 @@ def classify_run(workdir: str, corpus: str, train_splits: list[str], test_split:
     if remove_overlap:
       train, removed = probe.remove_overlap(train, test)
     if not train:
-      raise ValueError(f"{corpus}/{split} has no sentences left after removing the "
+      raise errors.DataError(f"{corpus}/{split} has no sentences left after removing the "
                        f"{removed} that also occur in {test_split}.")
     train_x = encoded_features(cfg, model, variables, vocab, train, jax.random.fold_in(rng, i))
     for target, train_y in label_sets(corpus, train).items():
@@ -117,29 +122,33 @@ def accuracy_table(results: dict[str, dict[str, dict]], splits: list[str]) -> st
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  main_lib.no_arguments(argv)
   experiment.quiet_library_logs()
   splits = [s.strip() for s in FLAGS.train_splits if s.strip()]
-  if FLAGS.corpus != "synthetic":
-    if corpora.get_corpus(FLAGS.corpus).num_classes is None:
-      raise app.UsageError(f"corpus {FLAGS.corpus!r} has no labels; choose a labelled corpus.")
-    for split in [*splits, FLAGS.test_split]:
-      corpora.canonical_split(FLAGS.corpus, split)
-  for workdir in FLAGS.workdir:  # every run checked before the first is evaluated
-    try:
-      experiment.saved_config(workdir)
-    except FileNotFoundError as e:
-      raise app.UsageError(str(e)) from None
+  try:
+    if FLAGS.corpus != "synthetic":
+      if corpora.get_corpus(FLAGS.corpus).num_classes is None:
+        raise errors.ConfigError(f"--corpus={FLAGS.corpus} has no labels; choose a labelled "
+                                 "corpus (e.g. short_yelp).")
+      for split in [*splits, FLAGS.test_split]:
+        corpora.canonical_split(FLAGS.corpus, split)
+  except errors.UserError:
+    raise
+  except ValueError as e:
+    raise errors.ConfigError(f"--corpus/--train_splits/--test_split: {e}") from e
+  data_dir = experiment.resolve_path(FLAGS.data_dir) if FLAGS.data_dir else None
+  out = experiment.resolve_path(FLAGS.out) if FLAGS.out else None
+  # Every run is checked before the first is evaluated.
+  workdirs = [experiment.resolve_workdir(w, must_exist=True) for w in FLAGS.workdir]
+  for workdir in workdirs:
+    experiment.saved_config(workdir)
   results = {}
-  for workdir in FLAGS.workdir:
-    results[workdir] = classify_run(workdir, FLAGS.corpus, splits, FLAGS.test_split,
-                                    FLAGS.data_dir, FLAGS.remove_overlap, FLAGS.seed)
-    if FLAGS.out:
-      os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-      with open(FLAGS.out + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-      os.replace(FLAGS.out + ".tmp", FLAGS.out)
+  for given, workdir in zip(FLAGS.workdir, workdirs):
+    results[given] = classify_run(workdir, FLAGS.corpus, splits, FLAGS.test_split, data_dir,
+                                  FLAGS.remove_overlap, FLAGS.seed)
+    if out:
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+      fileio.write_json_atomic(out, results)
   print(f"{FLAGS.corpus} {FLAGS.test_split} accuracy (%) of a linear probe:")
   columns = splits
   if FLAGS.corpus == "synthetic":
@@ -148,4 +157,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main_lib.run(define_flags, main)

@@ -8,5 +8,7 @@ experiments/configs/cvrae_dialogue.py for the variants.
 
 import main_lib
 
+define_flags = main_lib.training_flags("cvrae_dialogue.py")
+
 if __name__ == "__main__":
-  main_lib.run_training("cvrae_dialogue.py")
+  main_lib.run(define_flags, main_lib.train)

@@ -7,5 +7,7 @@ experiments/configs/della.py for the variants.
 
 import main_lib
 
+define_flags = main_lib.training_flags("della.py")
+
 if __name__ == "__main__":
-  main_lib.run_training("della.py")
+  main_lib.run(define_flags, main_lib.train)

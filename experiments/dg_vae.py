@@ -5,5 +5,7 @@
 
 import main_lib
 
+define_flags = main_lib.training_flags("dg_vae.py")
+
 if __name__ == "__main__":
-  main_lib.run_training("dg_vae.py")
+  main_lib.run(define_flags, main_lib.train)

@@ -20,241 +20,28 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vae_jax import dialogue_evaluation, evaluation, losses, probe, schedules
-from vae_jax.data import bpe, corpora, dialogue, pipeline, synthetic
+from vae_jax import dialogue_evaluation, errors, evaluation, fileio, losses, probe, run_data
+from vae_jax import workdir as workdir_lib
+# The config readers live in `configs`, the data readers in `run_data`; their names are kept
+# here for research scripts.
+from vae_jax.configs import (LM_KINDS, PATH_FIELDS, aggressive_config,  # noqa: F401
+                             build_model, check_config, cvae_config, della_config, flow_config,
+                             kl_schedule, kl_term_config, model_config, optimizer_config,
+                             resolve_paths, train_config, transformer_config)
+from vae_jax.data import bpe, pipeline
 from vae_jax.data.vocab import Vocab, VocabMismatchError
-from vae_jax.models.cvae import CVAE, CVAEConfig
-from vae_jax.models.della import Della, DellaConfig
-from vae_jax.models.transformer_lm import TransformerLM
-from vae_jax.models.vae import (LSTMLanguageModel, SeqVAE, VAEConfig, encoder_param_mask,
-                                param_groups)
+from vae_jax.models.cvae import CVAE
+from vae_jax.models.vae import encoder_param_mask
 from vae_jax.nn import gpt2
-from vae_jax.nn.flows import FlowConfig
-from vae_jax.nn.transformer import TransformerConfig
+from vae_jax.run_data import (encoder, eval_iterator, is_dialogue,  # noqa: F401
+                              load_examples, load_pairs, load_split_examples,
+                              load_train_examples)
 from vae_jax.training import checkpoint as checkpoint_lib
-from vae_jax.training import loop, mesh as mesh_lib, optim
+from vae_jax.training import loop, mesh as mesh_lib
+from vae_jax.workdir import resolve_path, resolve_workdir  # noqa: F401
 
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# Config -> typed objects.
-# ---------------------------------------------------------------------------------------------
-
-
-def flow_config(cfg: ml_collections.ConfigDict) -> FlowConfig | None:
-  if cfg.model.posterior == "gaussian":
-    return None
-  f = cfg.model.flow
-  return FlowConfig(kind=f.kind, num_layers=f.num_layers, hidden_dim=f.hidden_dim,
-                    amortized=f.amortized, context_dim=f.context_dim,
-                    max_log_scale=f.max_log_scale)
-
-
-def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> VAEConfig:
-  m = cfg.model
-  return VAEConfig(
-      vocab_size=vocab_size, embed_dim=m.embed_dim, hidden_dim=m.hidden_dim,
-      encoder_hidden_dim=m.encoder_hidden_dim or None,
-      latent_dim=0 if m.kind == "lm" else m.latent_dim, pooling=m.pooling,
-      dropout_in=m.dropout_in, dropout_out=m.dropout_out, word_dropout=m.word_dropout,
-      share_embedding=m.share_embedding, posterior=m.posterior, flow=flow_config(cfg),
-      kl_samples=m.kl_samples, latent_to_output=m.latent_to_output,
-      smoothness_dropout=m.smoothness_dropout, mean_batch_norm=m.get("mean_batch_norm", 0.0),
-      mean_batch_norm_epsilon=m.get("mean_batch_norm_epsilon", 1e-5))
-
-
-def cvae_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> CVAEConfig:
-  m = cfg.model
-  return CVAEConfig(
-      vocab_size=vocab_size, embed_dim=m.embed_dim, utterance_dim=m.utterance_dim,
-      context_dim=m.context_dim, response_dim=m.encoder_hidden_dim or m.hidden_dim,
-      hidden_dim=m.hidden_dim, latent_dim=m.latent_dim, prior_hidden_dim=m.prior_hidden_dim,
-      bow_hidden_dim=m.bow_hidden_dim, pooling=m.pooling, dropout_in=m.dropout_in,
-      dropout_out=m.dropout_out, word_dropout=m.word_dropout,
-      share_embedding=m.share_embedding, posterior=m.posterior, flow=flow_config(cfg),
-      kl_samples=m.kl_samples)
-
-
-def transformer_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> TransformerConfig:
-  t = cfg.model.transformer
-  return TransformerConfig(
-      vocab_size=vocab_size, num_layers=t.num_layers, num_heads=t.num_heads,
-      model_dim=t.model_dim, mlp_dim=t.mlp_dim or None, max_length=t.max_length,
-      embed_dropout=t.embed_dropout, attention_dropout=t.attention_dropout,
-      residual_dropout=t.residual_dropout, fusion_init=t.fusion_init)
-
-
-def della_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> DellaConfig:
-  d = cfg.model.della
-  return DellaConfig(transformer=transformer_config(cfg, vocab_size),
-                     latent_dim=cfg.model.latent_dim, injection=d.injection, fusion=d.fusion,
-                     fusion_rank=d.fusion_rank, layer_wise=d.layer_wise, prior=d.prior,
-                     clamp=d.clamp)
-
-
-LM_KINDS = ("lm", "transformer_lm")
-
-
-def is_dialogue(cfg: ml_collections.ConfigDict) -> bool:
-  """Dialogue runs (model.kind 'cvae') read (context, response) pairs instead of sentences."""
-  return cfg.model.kind == "cvae"
-
-
-def kl_term_config(cfg: ml_collections.ConfigDict) -> losses.KLTermConfig:
-  k = cfg.kl
-  if k.smoothness_weight > 0 and cfg.model.smoothness_dropout <= 0:
-    raise ValueError("kl.smoothness_weight > 0 needs model.smoothness_dropout > 0 (the token "
-                     "dropout rate of the corrupted copy x~), e.g. 0.1")
-  return losses.KLTermConfig(free_bits=k.free_bits,
-                             free_bits_per_dimension=k.free_bits_per_dimension,
-                             smoothness_weight=k.smoothness_weight,
-                             kind=k.get("kind", "kl"),
-                             density_gap_samples=k.get("density_gap_samples", 32),
-                             density_gap_chunk=k.get("density_gap_chunk", 0),
-                             layer_reduction=k.get("layer_reduction", "sum"),
-                             layer_threshold=k.get("layer_threshold", 0.0))
-
-
-def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):
-  builders = {
-      "vae": lambda: SeqVAE(model_config(cfg, vocab_size)),
-      "lm": lambda: LSTMLanguageModel(model_config(cfg, vocab_size)),
-      "cvae": lambda: CVAE(cvae_config(cfg, vocab_size)),
-      "della": lambda: Della(della_config(cfg, vocab_size)),
-      "transformer_lm": lambda: TransformerLM(transformer_config(cfg, vocab_size)),
-  }
-  if cfg.model.kind not in builders:
-    raise ValueError(f"unknown model.kind {cfg.model.kind!r}; choose one of {sorted(builders)}")
-  return builders[cfg.model.kind]()
-
-
-def aggressive_config(cfg: ml_collections.ConfigDict) -> loop.AggressiveConfig | None:
-  t = cfg.train
-  if not t.get("aggressive", False):
-    return None
-  if cfg.model.kind != "vae":
-    raise ValueError("train.aggressive applies to VAEs (model.kind='vae')")
-  return loop.AggressiveConfig(max_inner_steps=t.aggressive_max_inner_steps,
-                               check_every=t.aggressive_check_every,
-                               stop_metric=t.aggressive_stop_metric)
-
-
-def optimizer_config(cfg: ml_collections.ConfigDict) -> optim.OptimizerConfig:
-  """Aggressive runs keep separate encoder and decoder optimiser states (`param_groups`)."""
-  o = cfg.optimizer
-  return optim.OptimizerConfig(
-      name=o.name, learning_rate=o.learning_rate, grad_clip_norm=o.grad_clip_norm or None,
-      plateau=optim.PlateauConfig(patience=o.plateau_patience or None, factor=o.plateau_factor,
-                                  max_decays=o.max_decays or None),
-      param_labels=param_groups if aggressive_config(cfg) is not None else None)
-
-
-def kl_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
-  k = cfg.kl
-  warmup = k.warmup_steps
-  if k.get("warmup_epochs", 0.0):
-    warmup = int(round(k.warmup_epochs * steps_per_epoch))
-  return schedules.from_name(k.schedule, total_steps=total_steps, warmup_steps=warmup,
-                             value=k.value, num_cycles=k.num_cycles, ratio=k.ratio,
-                             start=k.start)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data.
-# ---------------------------------------------------------------------------------------------
-
-
-def load_examples(cfg: ml_collections.ConfigDict, split: str):
-  """The examples of `split`; 'a+b' concatenates splits (e.g. 'valid+test')."""
-  d = cfg.data
-  examples = []
-  for part in split.split("+"):
-    if d.corpus == "synthetic":
-      examples += synthetic.generate(part, seed=d.get("synthetic_seed", 0))
-    else:
-      examples += corpora.load_split(d.corpus, part, d.dir or None)
-  return examples
-
-
-def load_train_examples(cfg: ml_collections.ConfigDict):
-  """The training examples, minus any sentence of `data.exclude` ('corpus:split'), e.g. the
-  test set of a downstream task that must stay unseen. Returns (examples, number removed)."""
-  examples = _cap(load_examples(cfg, cfg.data.train_split), cfg.data.max_train_examples)
-  if not cfg.data.exclude:
-    return examples, 0
-  corpus, _, split = cfg.data.exclude.partition(":")
-  if not split:
-    raise ValueError(f"data.exclude must be 'corpus:split', got {cfg.data.exclude!r}")
-  held_out = {ex.tokens for ex in corpora.load_split(corpus, split, cfg.data.exclude_dir or None)}
-  kept = [ex for ex in examples if ex.tokens not in held_out]
-  logging.info("removed %d of %d training sentences that also occur in %s",
-               len(examples) - len(kept), len(examples), cfg.data.exclude)
-  return kept, len(examples) - len(kept)
-
-
-def load_vocab(cfg: ml_collections.ConfigDict, token_lists, workdir: str) -> Vocab:
-  """Builds the vocabulary from the training split's token lists (or reads GPT-2's tokenizer
-  from `data.tokenizer_dir` when `data.tokenizer` is 'gpt2'); checks it against the workdir's
-  copy."""
-  if cfg.data.get("tokenizer", "word") == "gpt2":
-    directory = cfg.data.tokenizer_dir or cfg.model.get("pretrained_dir")
-    if not directory:
-      raise ValueError("data.tokenizer='gpt2' needs the directory of GPT-2's vocab.json and "
-                       "merges.txt: set data.tokenizer_dir or model.pretrained_dir")
-    vocab = bpe.BPEVocab.from_dir(directory)
-  else:
-    vocab = Vocab.build(token_lists,
-                        max_size=cfg.data.max_vocab_size or None, min_count=cfg.data.min_count)
-  path = os.path.join(workdir, VOCAB_FILE)
-  if os.path.exists(path):
-    saved = bpe.load_vocabulary(path)
-    try:
-      saved.assert_compatible(vocab)
-    except VocabMismatchError as e:
-      raise VocabMismatchError(
-          f"{e}\nThe vocabulary built from the training data now differs from {path}, "
-          "which the checkpoints in this workdir were trained with. Use the same data and "
-          "vocabulary settings, or a fresh --workdir.") from None
-  elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    vocab.save(path)
-  return vocab
-
-
-def load_pairs(cfg: ml_collections.ConfigDict, split: str) -> list[dialogue.DialoguePair]:
-  """The (context, response) pairs of `split` ('a+b' concatenates splits)."""
-  d = cfg.data
-  return [p for part in split.split("+")
-          for p in dialogue.load_pairs(part, d.dir or None, d.context_window,
-                                       lowercase=d.lowercase)]
-
-
-def encoder(cfg: ml_collections.ConfigDict, vocab: Vocab):
-  """examples (sentences or dialogue pairs) -> the encoded, batchable data."""
-  d = cfg.data
-  if is_dialogue(cfg):
-    return lambda pairs: dialogue.encode_pairs(
-        pairs, vocab, context_window=d.context_window, max_length=d.max_length,
-        max_context_length=d.max_context_length, overlong=d.overlong,
-        pad_context_to_max=True, pad_multiple=d.pad_multiple)
-  return lambda ex: pipeline.encode(ex, vocab, d.max_length, d.overlong)
-
-
-def load_split_examples(cfg: ml_collections.ConfigDict, split: str):
-  return load_pairs(cfg, split) if is_dialogue(cfg) else load_examples(cfg, split)
-
-
-def eval_iterator(cfg, data, batch_size: int):
-  return pipeline.EvalIterator(data, batch_size, sort_by_length=True,
-                               pad_multiple=cfg.data.pad_multiple,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
-
-
-def _cap(examples, n: int):
-  return examples[:n] if n else examples
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,25 +91,51 @@ def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int)
 # ---------------------------------------------------------------------------------------------
 
 
-def _save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes config.json once; a resumed run must keep the model and data settings."""
+def _check_resumable(cfg: ml_collections.ConfigDict, workdir: str, vocab: Vocab) -> None:
+  """A resumed run must keep the model and data settings and the vocabulary of the run its
+  checkpoints come from (`config.json`, `vocab.json`). Paths are compared resolved."""
   path = os.path.join(workdir, CONFIG_FILE)
-  current = json.loads(cfg.to_json_best_effort())
   if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    for section in ("model", "data"):
-      if saved.get(section) != current.get(section):
-        raise ValueError(
-            f"the {section} settings differ from those this workdir was trained with "
-            f"({path}); resume with the same settings or use a fresh --workdir.")
+    saved = resolve_paths(ml_collections.ConfigDict(
+        workdir_lib.read_json(path, "the config of the run in this workdir")))
+    current = json.loads(cfg.to_json_best_effort())
+    saved = json.loads(saved.to_json_best_effort())
+    changed = [d for section in ("model", "data")
+               for d in workdir_lib.differences(saved.get(section, {}),
+                                                current.get(section, {}), section + ".")]
+    if changed:
+      listed = "; ".join(f"--config.{name}={now} (trained with {before})"
+                         for name, before, now in changed[:4])
+      raise errors.ConfigError(
+          f"{listed}: the model and data settings must stay those of the run in {workdir} "
+          f"({path}) to resume it; drop these overrides, or start a fresh --workdir.")
+  path = os.path.join(workdir, VOCAB_FILE)
+  if os.path.exists(path):
+    saved_vocab = saved_vocabulary(workdir)
+    try:
+      saved_vocab.assert_compatible(vocab)
+    except VocabMismatchError as e:
+      raise VocabMismatchError(
+          f"the vocabulary built from the training data differs from {path}, which the "
+          f"checkpoints in this workdir were trained with ({e}); use the same data and "
+          "vocabulary settings, or a fresh --workdir.") from None
+
+
+def _write_run_files(cfg: ml_collections.ConfigDict, workdir: str, inputs, fresh: bool) -> None:
+  """`config.json`, `vocab.json` (and `data_filter.json`), written atomically by process 0
+  once everything was checked; a resumed run keeps the files it was trained with."""
+  if jax.process_index() != 0:
     return
-  if jax.process_index() == 0:
-    # Via a temporary file: the other processes of a multi-process run may read it meanwhile.
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+  config_path, vocab_path = (os.path.join(workdir, f) for f in (CONFIG_FILE, VOCAB_FILE))
+  if fresh or not os.path.exists(config_path):
+    fileio.write_json_atomic(config_path, json.loads(cfg.to_json_best_effort()),
+                             sort_keys=True)
+  if fresh or not os.path.exists(vocab_path):
+    inputs.vocab.save(vocab_path)
+  if cfg.data.exclude:
+    fileio.write_json_atomic(os.path.join(workdir, "data_filter.json"),
+                             {"exclude": cfg.data.exclude, "removed": inputs.excluded,
+                              "kept": len(inputs.train)})
 
 
 class _DropLibraryInfo(pylogging.Filter):
@@ -340,25 +153,37 @@ def quiet_library_logs() -> None:
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the configured model in `workdir` (resuming if possible), then evaluates the best
-  checkpoint on `cfg.eval.splits`, writing `eval_<split>.json`; returns those metrics."""
+  checkpoint on `cfg.eval.splits`, writing `eval_<split>.json`; returns those metrics.
+
+  Before anything is written, the config is checked (`check_config`), every split the run
+  reads is loaded and checked (`run_data.load_inputs`), and a workdir that resumes is checked
+  to hold the same model, data and vocabulary (`_check_resumable`). A workdir resumes when it
+  holds a committed checkpoint; otherwise it is fresh, whatever an earlier failed start left.
+  Relative paths (`workdir`, `PATH_FIELDS`) are resolved against the current directory.
+  """
   quiet_library_logs()
-  os.makedirs(workdir, exist_ok=True)
-  _save_config(cfg, workdir)
-  if is_dialogue(cfg):
-    train_examples = _cap(load_pairs(cfg, cfg.data.train_split), cfg.data.max_train_examples)
-    vocab = load_vocab(cfg, dialogue.vocabulary_tokens(train_examples), workdir)
-  else:
-    train_examples, n_removed = load_train_examples(cfg)
-    if cfg.data.exclude and jax.process_index() == 0:
-      with open(os.path.join(workdir, "data_filter.json"), "w") as f:
-        json.dump({"exclude": cfg.data.exclude, "removed": n_removed,
-                   "kept": len(train_examples)}, f, indent=2)
-    vocab = load_vocab(cfg, (ex.tokens for ex in train_examples), workdir)
+  workdir = workdir_lib.resolve_workdir(workdir)
+  resolve_paths(cfg)
+  check_config(cfg)
+  fresh = workdir_lib.is_fresh(workdir)
+  inputs = run_data.load_inputs(cfg)
+  vocab = inputs.vocab
+  if not fresh:
+    _check_resumable(cfg, workdir, vocab)
   encode = encoder(cfg, vocab)
-  train = encode(train_examples)
-  valid = encode(_cap(load_split_examples(cfg, cfg.data.valid_split), cfg.eval.max_examples))
+  train = encode(inputs.train)
+  valid = encode(inputs.valid)
+  if len(train) == 0:
+    raise errors.DataError(f"no training example fits --config.data.max_length="
+                           f"{cfg.data.max_length} with --config.data.overlong=drop; raise "
+                           "max_length or use overlong=truncate.")
   logging.info("vocabulary %d; train %s; valid %s", len(vocab), train.summary(),
                valid.summary())
+  # Everything is checked: from here on the run writes.
+  workdir_lib.prepare(workdir)
+  if fresh and jax.process_index() == 0:
+    workdir_lib.discard_stale_checkpoints(workdir)
+  _write_run_files(cfg, workdir, inputs, fresh)
 
   train_iter = pipeline.TrainIterator(
       train, cfg.data.batch_size, seed=cfg.train.seed, bucket_window=cfg.data.bucket_window,
@@ -370,7 +195,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                cfg.data.batch_size)
   steps_per_epoch = train_iter.steps_per_epoch
   total_steps = cfg.train.num_steps or int(math.ceil(cfg.train.num_epochs * steps_per_epoch))
-  eval_every = cfg.train.eval_every or steps_per_epoch
   model = build_model(cfg, len(vocab))
   task = build_task(cfg, model, vocab, total_steps, steps_per_epoch)
   mesh = mesh_lib.make_mesh()
@@ -387,13 +211,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         train, cfg.data.batch_size, seed=cfg.train.seed + 1,
         bucket_window=cfg.data.bucket_window, pad_multiple=cfg.data.pad_multiple,
         process_index=jax.process_index(), process_count=jax.process_count())
-  train_cfg = loop.TrainConfig(
-      num_steps=total_steps, log_every=cfg.train.log_every, eval_every=eval_every,
-      checkpoint_every=cfg.train.checkpoint_every or eval_every, seed=cfg.train.seed,
-      best_metric=cfg.train.best_metric or (
-          "nll" if cfg.model.kind in LM_KINDS else "neg_elbo"),
-      progress_bar=cfg.train.progress_bar or False,
-      optimizer=optimizer_config(cfg), aggressive=aggressive)
+  train_cfg = train_config(cfg, total_steps, steps_per_epoch)
   logging.info("training %s for %d steps (%d per epoch) on %d devices", cfg.model.kind,
                total_steps, steps_per_epoch, mesh.size)
   loop.train_and_evaluate(
@@ -401,7 +219,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       {"valid": lambda: eval_iterator(cfg, valid, cfg.data.eval_batch_size)},
       train_cfg, workdir, vocab.fingerprint, mesh=mesh, encoder_iter=encoder_iter)
   return evaluate_workdir(cfg, workdir, splits=_splits(cfg), vocab=vocab, model=model,
-                          task=task)
+                          task=task, examples=inputs.evaluation)
 
 
 PRETRAIN_DIR = "pretrain"
@@ -462,7 +280,7 @@ def generation_kwargs(cfg) -> dict[str, int]:
 
 
 def _splits(cfg) -> list[str]:
-  return [s.strip() for s in cfg.eval.splits.split(",") if s.strip()]
+  return run_data.split_names(cfg.eval.splits)
 
 
 def restore_variables(cfg, workdir: str, task: loop.Task, example_batch, vocab: Vocab,
@@ -475,12 +293,20 @@ def restore_variables(cfg, workdir: str, task: loop.Task, example_batch, vocab: 
 
 
 def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | None = None,
-                     model=None, task=None, which: str = "best",
-                     seed: int = 0) -> dict[str, Any]:
-  """Evaluates a run's best checkpoint on `splits`; writes `<workdir>/eval_<split>.json`."""
+                     model=None, task=None, which: str = "best", seed: int = 0,
+                     examples: dict[str, list] | None = None) -> dict[str, Any]:
+  """Evaluates a run's best checkpoint on `splits`; writes `<workdir>/eval_<split>.json`.
+
+  `examples` (split -> examples, already capped at `eval.max_examples`) saves reading splits
+  that were loaded and checked before training.
+  """
   quiet_library_logs()
+  examples = dict(examples or {})
+  for split in splits:  # Every split is read and checked before the first is evaluated.
+    if split not in examples:
+      examples[split] = run_data.load_eval_split(cfg, split)
   if vocab is None:
-    vocab = bpe.load_vocabulary(os.path.join(workdir, VOCAB_FILE))
+    vocab = saved_vocabulary(workdir)
   if model is None:
     model = build_model(cfg, len(vocab))
   if task is None:
@@ -490,7 +316,7 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
   variables = None
   mesh = mesh_lib.make_mesh()
   for split in splits:
-    data = encode(_cap(load_split_examples(cfg, split), cfg.eval.max_examples))
+    data = encode(examples[split])
     batches = eval_iterator(cfg, data, cfg.eval.batch_size)
     if variables is None:
       variables, meta = restore_variables(cfg, workdir, task, next(iter(batches)), vocab,
@@ -499,8 +325,7 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
     global_batches = (mesh_lib.to_global(b, mesh) for b in batches)
     rng = jax.random.PRNGKey(seed)
     if is_dialogue(cfg):
-      out, examples = _evaluate_dialogue(cfg, model, variables, vocab, data, global_batches,
-                                         rng)
+      out, shown = _evaluate_dialogue(cfg, model, variables, vocab, data, global_batches, rng)
     elif cfg.model.kind in LM_KINDS:
       out = evaluation.evaluate_lm(model, variables, global_batches, rng)
     else:
@@ -517,11 +342,11 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
     out.update(split=split, checkpoint=which, step=step)
     results[split] = out
     if not is_dialogue(cfg):
-      examples = _show_examples(cfg, model, variables, vocab, data, rng, reconstructions)
+      shown = _show_examples(cfg, model, variables, vocab, data, rng, reconstructions)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
-        json.dump({**out, "examples": examples}, f, indent=2)
-      print(examples_text(split, examples))
+      fileio.write_json_atomic(os.path.join(workdir, f"eval_{split}.json"),
+                               {**out, "examples": shown})
+      print(examples_text(split, shown))
   if results and jax.process_index() == 0:
     print(metrics_table(results))
   return results
@@ -586,10 +411,23 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with (its `config.json`); a clear error if there is none."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: the workdir must be a directory written by an "
-                            "experiments/*.py run.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    raise errors.WorkdirError(f"{path} not found: the workdir must be a directory written by "
+                              "an experiments/*.py run (check --workdir).")
+  return ml_collections.ConfigDict(workdir_lib.read_json(path, "the run's config"))
+
+
+def saved_vocabulary(workdir: str) -> Vocab:
+  """The vocabulary a run was trained with (its `vocab.json`); a clear error if it is missing
+  or damaged."""
+  path = os.path.join(workdir, VOCAB_FILE)
+  if not os.path.exists(path):
+    raise errors.WorkdirError(f"{path} not found: the workdir must be a directory written by "
+                              "an experiments/*.py run (check --workdir).")
+  try:
+    return bpe.load_vocabulary(path)
+  except (ValueError, KeyError, TypeError) as e:
+    raise errors.WorkdirError(f"{path} is damaged ({e}); restore it from a copy, or retrain "
+                              "in a fresh --workdir.") from e
 
 
 def load_run(workdir: str, which: str = "best"):
@@ -598,8 +436,9 @@ def load_run(workdir: str, which: str = "best"):
   The config is the run's saved `config.json`; the variables those of its best (or latest)
   checkpoint, restored on this process's devices.
   """
-  cfg = saved_config(workdir)
-  vocab = bpe.load_vocabulary(os.path.join(workdir, VOCAB_FILE))
+  workdir = workdir_lib.resolve_workdir(workdir, must_exist=True)
+  cfg = resolve_paths(saved_config(workdir))
+  vocab = saved_vocabulary(workdir)
   model = build_model(cfg, len(vocab))
   task = build_task(cfg, model, vocab, 1, 1)
   b = cfg.data.eval_batch_size

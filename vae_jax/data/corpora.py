@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from etils import epath
 
+from vae_jax import errors
 from vae_jax.data import readers
 from vae_jax.data import synthetic
 from vae_jax.data.readers import Example
@@ -193,7 +194,7 @@ def get_corpus(name: str) -> Corpus:
   try:
     return CORPORA[name]
   except KeyError:
-    raise ValueError(f'Unknown corpus {name!r}; available: {", ".join(CORPORA)}.') from None
+    raise errors.ConfigError(f'Unknown corpus {name!r}; available: {", ".join(CORPORA)}.') from None
 
 
 def canonical_split(name: str, split: str) -> str:
@@ -203,7 +204,7 @@ def canonical_split(name: str, split: str) -> str:
   if canon not in corpus.files:
     why = corpus.missing.get(canon)
     note = f' ({canon} is {why})' if why else ''
-    raise ValueError(
+    raise errors.ConfigError(
         f'Corpus {name!r} has no split {split!r}{note}. Available splits: '
         f'{", ".join(corpus.splits)}.')
   return canon
@@ -219,12 +220,12 @@ def corpus_dir(name: str, data_dir: os.PathLike[str] | str | None) -> epath.Path
   if corpus.subdir is None:
     raise ValueError(f'Corpus {name!r} is generated in code and has no directory.')
   if data_dir is None:
-    raise ValueError(
+    raise errors.ConfigError(
         f'Corpus {name!r} is read from files: pass data_dir, the directory that holds '
         f'{corpus.subdir}/ (in a checkout: ../shared/data).')
   root = epath.Path(data_dir)
   if not root.is_dir():
-    raise FileNotFoundError(
+    raise errors.DataNotFoundError(
         f'Data directory not found: {root}. Pass the folder of all corpora (the one holding '
         f'{corpus.subdir}/; in a checkout ../shared/data) or the {corpus.subdir}/ folder itself.')
   sub = root / corpus.subdir
@@ -234,7 +235,7 @@ def corpus_dir(name: str, data_dir: os.PathLike[str] | str | None) -> epath.Path
   if root.name == corpus.subdir or any(
       (root / n).exists() for n in (first, first + readers.XZ_SUFFIX)):
     return root
-  raise FileNotFoundError(
+  raise errors.DataNotFoundError(
       f'Corpus directory not found: {sub}. data_dir must hold one sub-directory per corpus '
       f'({corpus.subdir}/ for {name!r}); in a checkout that is ../shared/data.')
 
@@ -251,8 +252,8 @@ def split_files(name: str, split: str,
   for f in corpus.files[split]:
     try:
       paths.append(readers.resolve_path(root / f))
-    except FileNotFoundError:
-      raise FileNotFoundError(
+    except errors.DataNotFoundError:
+      raise errors.DataNotFoundError(
           f'Missing file for {name}/{split}: expected {root / f} or '
           f'{root / (f + readers.XZ_SUFFIX)}. Expected files of this split: '
           f'{", ".join(corpus.files[split])} (plain or .xz) in {root}.') from None

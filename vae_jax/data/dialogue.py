@@ -152,23 +152,36 @@ def load_pairs(split: str, data_dir: os.PathLike[str] | str, context_window: int
   return dialogue_pairs(load_dialogues(split, data_dir), context_window, lowercase)
 
 
-def vocabulary_tokens(pairs: Iterable[DialoguePair]) -> list[tuple[str, ...]]:
+def vocabulary_tokens(pairs: Iterable[DialoguePair], max_length: int | None = None,
+                      max_context_length: int | None = None,
+                      overlong: Literal['truncate', 'drop'] = 'truncate'
+                      ) -> list[tuple[str, ...]]:
   """Every turn of the pairs' dialogues once: the token lists to build a `Vocab` from.
 
   A turn is identified by (dialogue, turn index); it appears in up to W contexts and as one
   response, and is counted once, so the counts are those of the corpus. The first turn of a
   dialogue comes from its first pair's context. The pairs must come from one split (dialogue
   indices are line numbers within a split's file).
+
+  Only the words training sees enter (the limits of `encode_pairs`): a response keeps its first
+  `max_length - 1` words, a context utterance its first `max_context_length - 1`, and with
+  `overlong='drop'` a pair whose response is too long contributes nothing. A turn seen several
+  times contributes its longest visible prefix.
   """
-  seen = set()
-  out = []
+  keep = lambda limit: None if limit is None else limit - 1
+  visible: dict[tuple[int, int], tuple[str, ...]] = {}
   for p in pairs:
+    if (overlong == 'drop' and max_length is not None
+        and len(p.response) + 1 > max_length):
+      continue
     first = p.turn - len(p.context)
-    for j, tokens in enumerate((*p.context, p.response), start=first):
-      if (p.dialogue, j) not in seen:
-        seen.add((p.dialogue, j))
-        out.append(tokens)
-  return out
+    seen = [(j, tokens[:keep(max_context_length)]) for j, tokens in enumerate(p.context, first)]
+    seen.append((p.turn, p.response[:keep(max_length)]))
+    for j, tokens in seen:
+      key = (p.dialogue, j)
+      if key not in visible or len(tokens) > len(visible[key]):
+        visible[key] = tokens
+  return list(visible.values())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

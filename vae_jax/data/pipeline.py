@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 from absl import logging
@@ -121,6 +121,21 @@ class EncodedCorpus:
 def encode_tokens(tokens: Sequence[str], vocab: Vocab) -> np.ndarray:
   """One sentence as int32 `w_1 ... w_n EOS`."""
   return np.asarray(vocab.encode(tokens) + [EOS], dtype=np.int32)
+
+
+def training_tokens(examples: Iterable[Example], max_length: int | None = None,
+                    overlong: Literal['truncate', 'drop'] = 'truncate'
+                    ) -> Iterator[tuple[str, ...]]:
+  """The words of each example that `encode` keeps: the first `max_length - 1` (EOS takes the
+  last place), none of a sentence `overlong='drop'` removes. Build a training vocabulary from
+  these, so no word enters it that training never sees."""
+  for ex in examples:
+    if max_length is not None and len(ex.tokens) + 1 > max_length:
+      if overlong == 'drop':
+        continue
+      yield ex.tokens[:max_length - 1]
+    else:
+      yield ex.tokens
 
 
 def encode(examples: Sequence[Example], vocab: Vocab, max_length: int | None = None,

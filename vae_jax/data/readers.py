@@ -28,6 +28,8 @@ from typing import Literal
 from absl import logging
 from etils import epath
 
+from vae_jax import errors
+
 PathLike = os.PathLike[str] | str
 
 XZ_SUFFIX = '.xz'
@@ -90,20 +92,34 @@ def resolve_path(path: PathLike) -> epath.Path:
     if c.is_file():
       return c
   if not path.parent.is_dir():
-    raise FileNotFoundError(
+    raise errors.DataNotFoundError(
         f'Directory not found: {path.parent} (looking for {path.name}). Check the data '
         'directory you passed (the corpora live in ../shared/data relative to the checkout).')
-  raise FileNotFoundError(
+  raise errors.DataNotFoundError(
       f'Corpus file not found: tried {" and ".join(str(c) for c in candidates)}. '
       'Check the data directory and the file name.')
+
+
+# Control characters other than tab and line breaks (C0, DEL, C1). NUL is never text: a file
+# holding one is a binary, zero-filled or damaged copy.
+_CONTROL = re.compile('[\x01-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]')
+
+
+def _line_number(text: str | bytes, position: int) -> int:
+  newline = '\n' if isinstance(text, str) else b'\n'
+  return text.count(newline, 0, position) + 1
 
 
 def read_text(path: PathLike) -> str:
   """The decoded UTF-8 text of a file, decompressing `.xz` transparently.
 
+  Control characters other than tab, CR and LF (C0, DEL, C1; e.g. one DEL in DailyDialog's
+  training dialogues) are replaced by spaces, so they never become part of a word or a word of
+  their own; how many were replaced, and the line of the first, is logged as a warning.
+
   Raises:
-    ValueError: if the file is not valid `.xz`, not UTF-8, or holds no text at all (an empty
-      or truncated copy).
+    DataError: naming the file (and line) if it is not valid `.xz`, not UTF-8, holds a NUL
+      character, or holds no text at all (an empty or truncated copy).
   """
   resolved = resolve_path(path)
   data = resolved.read_bytes()
@@ -111,13 +127,27 @@ def read_text(path: PathLike) -> str:
     try:
       data = lzma.decompress(data)
     except lzma.LZMAError as e:
-      raise ValueError(f'{resolved} is not a valid .xz file ({e}); re-copy it.') from e
+      raise errors.DataError(f'{resolved} is not a valid .xz file ({e}); re-copy it.') from e
   try:
     text = data.decode('utf-8')
   except UnicodeDecodeError as e:
-    raise ValueError(f'{resolved} is not UTF-8 text ({e}).') from e
+    raise errors.DataError(
+        f'{resolved}, line {_line_number(data, e.start)}: not UTF-8 text ({e.reason}: byte '
+        f'0x{data[e.start]:02x}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8) '
+        'or re-copy it.') from e
   if not text.strip():
-    raise ValueError(f'{resolved} is empty; re-copy the corpus file.')
+    raise errors.DataError(f'{resolved} is empty; re-copy the corpus file.')
+  nul = text.find('\x00')
+  if nul >= 0:
+    raise errors.DataError(
+        f'{resolved}, line {_line_number(text, nul)}: a NUL character inside the text (a '
+        'binary, zero-filled or damaged copy); re-copy the file, or remove NUL bytes with '
+        "tr -d '\\000'.")
+  first = _CONTROL.search(text)
+  if first is not None:
+    text, count = _CONTROL.subn(' ', text)
+    logging.warning('%s: replaced %d control character(s) by spaces (the first, %r, on line '
+                    '%d).', resolved, count, first.group(), _line_number(text, first.start()))
   return text
 
 
@@ -163,7 +193,7 @@ def read_labeled_lines(path: PathLike, sep: str = '\t') -> list[Example]:
         raise ValueError
       out.append(Example(tuple(text.split()), int(label)))
     except ValueError:
-      raise ValueError(
+      raise errors.DataError(
           f'{resolved}:{n}: expected "label{sep!r}text" with an integer label, got '
           f'{line[:60]!r}.') from None
   return out
@@ -254,9 +284,9 @@ def read_sst_trees(path: PathLike, binary: bool = False) -> list[Example]:
     try:
       words, label = parse_sst_tree(line)
     except ValueError as e:
-      raise ValueError(f'{resolved}:{n}: not a valid SST tree ({e}): {line[:60]!r}') from None
+      raise errors.DataError(f'{resolved}:{n}: not a valid SST tree ({e}): {line[:60]!r}') from None
     if not 0 <= label <= 4:
-      raise ValueError(f'{resolved}:{n}: SST root label must be 0-4, got {label}.')
+      raise errors.DataError(f'{resolved}:{n}: SST root label must be 0-4, got {label}.')
     if binary:
       label = sst_binary_label(label)
       if label is None:
@@ -269,7 +299,7 @@ def _int_labels(line: str, path: epath.Path, n: int) -> list[int]:
   try:
     return [int(x) for x in line.split()]
   except ValueError:
-    raise ValueError(f'{path}:{n}: expected space-separated integer labels, got '
+    raise errors.DataError(f'{path}:{n}: expected space-separated integer labels, got '
                      f'{line[:60]!r}.') from None
 
 
@@ -304,7 +334,7 @@ def read_dailydialog(dialogues: PathLike, acts: PathLike, emotions: PathLike,
   while e_lines and not e_lines[-1].strip():
     e_lines.pop()
   if not len(d_lines) == len(a_lines) == len(e_lines):
-    raise ValueError(
+    raise errors.DataError(
         f'DailyDialog files disagree on the number of dialogues: {paths[0]} has '
         f'{len(d_lines)}, {paths[1]} has {len(a_lines)}, {paths[2]} has {len(e_lines)}. '
         'They must be the three files of the same split.')
@@ -323,13 +353,13 @@ def read_dailydialog(dialogues: PathLike, acts: PathLike, emotions: PathLike,
              f'{len(act_ids)} act labels ({paths[1]}) and {len(emo_ids)} emotion labels '
              f'({paths[2]}).')
       if on_mismatch == 'raise':
-        raise ValueError(msg + " Fix the files or pass on_mismatch='skip' to leave such "
+        raise errors.DataError(msg + " Fix the files or pass on_mismatch='skip' to leave such "
                          'dialogues out.')
       skipped.append(n)
       continue
     for act, emo in zip(act_ids, emo_ids):
       if not 1 <= act <= len(DAILYDIALOG_ACTS) or not 0 <= emo < len(DAILYDIALOG_EMOTIONS):
-        raise ValueError(f'Line {n}: act labels must be 1-4 and emotions 0-6, got act {act}, '
+        raise errors.DataError(f'Line {n}: act labels must be 1-4 and emotions 0-6, got act {act}, '
                          f'emotion {emo} ({paths[1]}, {paths[2]}).')
     out.append(Dialogue(
         tuple(Turn(t, act, emo) for t, act, emo in zip(turns, act_ids, emo_ids)), index=i))

@@ -85,6 +85,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from vae_jax import errors
 from vae_jax.data.readers import Example
 
 GRAMMAR_VERSION = 1
@@ -348,7 +349,7 @@ def _split_index(split: str) -> int:
   aliases = {'dev': 'valid', 'validation': 'valid', 'val': 'valid'}
   split = aliases.get(split, split)
   if split not in SPLITS:
-    raise ValueError(f'Unknown split {split!r} of the synthetic corpus; use one of {SPLITS}.')
+    raise errors.ConfigError(f'Unknown split {split!r} of the synthetic corpus; use one of {SPLITS}.')
   return SPLITS.index(split)
 
 

@@ -13,6 +13,8 @@ import os
 from absl import logging
 import jax
 
+from vae_jax import errors
+
 
 def _backends_initialized() -> bool:
   try:
@@ -48,14 +50,14 @@ def initialize(coordinator_address: str | None = None,
   given = [coordinator_address is not None, num_processes is not None,
            process_id is not None]
   if any(given) and not all(given):
-    raise ValueError(
+    raise errors.ConfigError(
         'Multi-process runs need all of coordinator_address, num_processes and '
         f'process_id; got coordinator_address={coordinator_address!r}, '
         f'num_processes={num_processes!r}, process_id={process_id!r}. Give all '
         'three, or none (one process, or auto_detect on a TPU pod slice).')
   if all(given):
     if num_processes < 1 or not 0 <= process_id < num_processes:
-      raise ValueError(
+      raise errors.ConfigError(
           f'process_id={process_id} must be in [0, num_processes={num_processes}).')
     if num_processes == 1:
       return False
