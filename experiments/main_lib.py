@@ -16,6 +16,7 @@ unusable workdir, a vocabulary mismatch, no restorable checkpoint) into one line
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -73,8 +74,21 @@ def train(argv) -> None:
   """The main of a training experiment: train, then evaluate the best checkpoint."""
   no_arguments(argv)
   initialize_distributed()
+  cfg = loaded_config()
   from vae_jax import experiment  # after jax.distributed is initialised
-  experiment.run(FLAGS.config, FLAGS.workdir)
+  experiment.run(cfg, FLAGS.workdir)
+
+
+def loaded_config():
+  """`FLAGS.config`; a config file that failed to load is a `ConfigError` (config_flags keeps
+  the failure until the config is first used)."""
+  try:
+    FLAGS.config.keys()
+  except OSError as e:
+    cause = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    raise errors.ConfigError(f"--config={FLAGS['config'].config_filename}: cannot load the "
+                             f"config file ({cause}).") from None
+  return FLAGS.config
 
 
 def with_clear_errors(main: Callable) -> Callable:
@@ -86,14 +100,55 @@ def with_clear_errors(main: Callable) -> Callable:
     except errors.UserError as e:
       if FLAGS.verbosity >= 1:
         logging.error("%s", traceback.format_exc())
-      sys.stderr.flush()
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(USER_ERROR_STATUS)
+      fail(str(e))
 
   return wrapped
 
 
+def fail(message: str) -> None:
+  """Ends the program with `error: <message>` (one line) and exit status 2."""
+  sys.stderr.flush()
+  print(f"error: {errors.one_line(message)}", file=sys.stderr, flush=True)
+  sys.exit(USER_ERROR_STATUS)
+
+
+def flag_error(error: Exception, argv: list[str]) -> str:
+  """One line for a flag that could not be parsed.
+
+  absl wraps errors of the config file (an unknown `:variant`, a config that does not load) in
+  a message holding the config's traceback: its last line is the cause. ml_collections raises
+  KeyError / AttributeError for an override of a field the config does not have, naming only
+  the last part of the field; the `--config.*` argument that ends with it is the one meant.
+  """
+  if isinstance(error, (KeyError, AttributeError)):
+    text = str(error)
+    key = (re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text) or ["?"])[0]
+    given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [a for a in given if a.split(".")[-1] == key] or [f"--config.*.{key}"]
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    hint = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+    return (f"{named[0]}: the config has no such field{hint}; check the spelling against the "
+            "config file (experiments/configs/) or --helpfull.")
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  message = lines[0] if lines else repr(error)
+  if len(lines) > 1 and any(line.startswith("Traceback") for line in lines):
+    cause = lines[-1]
+    message = f"{message.split(': Error whilst')[0]}: {cause.split(': ', 1)[-1]}"
+  return message.removeprefix("flag ")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every failure reported by `fail`."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError) as e:
+    fail(flag_error(e, argv))
+
+
 def run(define_flags: Callable[[flags.FlagValues], None], main: Callable) -> None:
   """Defines the flags and runs `main` under absl with clear errors."""
-  define_flags(FLAGS)
-  app.run(with_clear_errors(main))
+  try:
+    define_flags(FLAGS)  # parses the default config, with the `--config.*` overrides in argv
+  except (flags.Error, KeyError, AttributeError, ValueError) as e:
+    fail(flag_error(e, sys.argv))
+  app.run(with_clear_errors(main), flags_parser=parse_flags)

@@ -185,8 +185,7 @@ _NON_NEGATIVE = ("data.max_vocab_size", "data.max_train_examples", "model.latent
                  "model.encoder_hidden_dim", "train.num_steps", "train.num_epochs",
                  "train.eval_every", "train.checkpoint_every", "eval.max_examples",
                  "eval.num_print", "eval.mi_max_examples", "eval.num_reconstructions",
-                 "eval.hole_samples", "eval.num_prior_samples", "eval.num_interpolations",
-                 "pretrain.steps")
+                 "eval.hole_samples", "eval.num_prior_samples", "eval.num_interpolations")
 
 
 def _field(cfg: ml_collections.ConfigDict, dotted: str):

@@ -335,3 +335,19 @@ def test_dailydialog_validation_pairs(shared_data):
   assert len(data) == len(pairs) and len(data.contexts) == 8069 - 1000
   b = next(pipeline.TrainIterator(data, 32, seed=0))
   assert b['context'].shape == (32, 4, 40) and b['tokens'].shape[1] <= 40
+
+
+@pytest.mark.parametrize('overlong', ['truncate', 'drop'])
+def test_vocabulary_tokens_hold_only_the_words_training_sees(overlong):
+  limits = dict(max_length=6, max_context_length=4)
+  tokens = dialogue.vocabulary_tokens(PAIRS, overlong=overlong, **limits)
+  data = encode(overlong=overlong, **limits)
+  seen = set()
+  for part in (data.responses, data.contexts):
+    for i in range(len(part)):
+      seen.update(VOCAB.decode(part[i].tolist()))
+  assert {w for t in tokens for w in t} == seen
+  # Each turn once: no more lists than turns, each at most as long as its longest view.
+  turns = {(p.dialogue, j) for p in PAIRS for j in range(p.turn - len(p.context), p.turn + 1)}
+  assert len(tokens) <= len(turns)
+  assert max(len(t) for t in tokens) <= 5

@@ -184,3 +184,17 @@ def test_eval_shards_and_fixed_length():
   for i, g in enumerate(full):
     for key in g:
       assert np.array_equal(np.concatenate([s[i][key] for s in shards]), g[key])
+
+
+@pytest.mark.parametrize('overlong', ['truncate', 'drop'])
+def test_training_tokens_are_the_words_encode_keeps(overlong):
+  # The vocabulary of a run is built from these: a word only in the cut-off tail of a long
+  # sentence (or in a dropped one) must not enter it.
+  kept = list(pipeline.training_tokens(EXAMPLES, max_length=10, overlong=overlong))
+  data = pipeline.encode(EXAMPLES, VOCAB, max_length=10, overlong=overlong)
+  assert len(kept) == len(data)
+  for words, ids in zip(kept, (data[i] for i in range(len(data)))):
+    assert VOCAB.encode(words) + [EOS] == ids.tolist()
+  tail_only = ({w for e in EXAMPLES for w in e.tokens} - {w for ws in kept for w in ws})
+  vocab = Vocab.build(kept)
+  assert all(vocab.token_to_id(w) == UNK for w in tail_only)

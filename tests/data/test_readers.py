@@ -4,6 +4,7 @@ import lzma
 
 import pytest
 
+from vae_jax import errors
 from vae_jax.data import readers
 from vae_jax.data.readers import Example
 
@@ -115,3 +116,25 @@ def test_dailydialog_mismatch(tmp_path):
 def test_read_token_list(tmp_path):
   write(tmp_path / 'vocab.txt', '<pad>\n<s>\nthe\n', xz=True)
   assert readers.read_token_list(tmp_path / 'vocab.txt') == ['<pad>', '<s>', 'the']
+
+
+def test_a_nul_character_is_an_error_naming_file_and_line(tmp_path):
+  write(tmp_path / 'n.txt', 'a b\nc\x00d e\n')
+  with pytest.raises(errors.DataError, match=r'n\.txt, line 2: a NUL character'):
+    readers.read_lines(tmp_path / 'n.txt')
+
+
+def test_other_control_characters_are_replaced_by_spaces_and_counted(tmp_path, caplog):
+  # One DEL stands alone in DailyDialog's training dialogues; a control character inside a
+  # word splits it rather than becoming part of a vocabulary word.
+  write(tmp_path / 'c.txt', 'a b\nc . \x7f d\x01e\n')
+  with caplog.at_level('WARNING'):
+    assert readers.read_lines(tmp_path / 'c.txt') == [
+        Example(('a', 'b')), Example(('c', '.', 'd', 'e'))]
+  assert "replaced 2 control character(s)" in caplog.text and 'on line 2' in caplog.text
+
+
+def test_text_that_is_not_utf8_names_its_line(tmp_path):
+  (tmp_path / 'l.txt').write_bytes('a b\nc d\ncaf\xe9\n'.encode('latin-1'))
+  with pytest.raises(errors.DataError, match=r'l\.txt, line 3: not UTF-8'):
+    readers.read_lines(tmp_path / 'l.txt')
