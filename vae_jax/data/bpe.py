@@ -52,6 +52,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from vae_jax import fileio
 from vae_jax.data.vocab import (BOS, EOS, PAD, SPECIAL_TOKENS, UNK, UNK_MARKERS, UNK_TOKEN,
                                 Vocab, VocabMismatchError)
 
@@ -371,8 +372,8 @@ class BPEVocab:
   def save(self, path: str | os.PathLike[str]) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({'kind': self.KIND, 'directory': self.directory,
-                                'fingerprint': self.fingerprint}, indent=0) + '\n')
+    fileio.write_json_atomic(path, {'kind': self.KIND, 'directory': self.directory,
+                                    'fingerprint': self.fingerprint}, indent=0)
 
   @classmethod
   def load(cls, path: str | os.PathLike[str]) -> BPEVocab:

@@ -26,7 +26,7 @@ from typing import Any
 
 from etils import epath
 
-from vae_jax import errors
+from vae_jax import errors, fileio
 
 PAD = 0
 BOS = 1
@@ -288,9 +288,8 @@ class Vocab:
     """Writes the vocabulary as JSON (via a temporary file, so readers never see half a file)."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + '.tmp')
-    tmp.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=0) + '\n')
-    tmp.replace(path)
+    fileio.write_text_atomic(path, json.dumps(self.to_json(), ensure_ascii=False, indent=0)
+                             + '\n')
 
   @classmethod
   def load(cls, path: os.PathLike[str] | str) -> Vocab:
