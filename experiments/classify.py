@@ -73,14 +73,6 @@ def load_labelled(corpus: str, split: str, data_dir: str | None):
   return examples[:int(size)] if size else examples
 
 
-def label_sets(corpus: str, examples) -> dict[str, np.ndarray]:
-  """Targets to probe: the label, or each of the embedded corpus's four factors."""
-  if corpus == "synthetic":
-    factors = np.array([ex.factors for ex in examples], dtype=np.int32)
-    return {name: factors[:, i] for i, name in enumerate(synthetic.FACTOR_NAMES)}
-  return {"label": np.array([ex.label for ex in examples], dtype=np.int32)}
-
-
 def classify_run(workdir: str, corpus: str, train_splits: list[str], test_split: str,
                  data_dir: str | None, remove_overlap: bool, seed: int) -> dict[str, dict]:
   """Test accuracy of a linear probe on the run's features, for every training subset (and,
@@ -90,7 +82,7 @@ def classify_run(workdir: str, corpus: str, train_splits: list[str], test_split:
   rng = jax.random.PRNGKey(seed)
   test = load_labelled(corpus, test_split, data_dir)
   test_x = encoded_features(cfg, model, variables, vocab, test, jax.random.fold_in(rng, 0))
-  test_labels = label_sets(corpus, test)
+  test_labels = probe.label_sets(corpus, test)
   results = {}
   for i, split in enumerate(train_splits, start=1):
     train = load_labelled(corpus, split, data_dir)
@@ -101,7 +93,7 @@ def classify_run(workdir: str, corpus: str, train_splits: list[str], test_split:
       raise errors.DataError(f"{corpus}/{split} has no sentences left after removing the "
                        f"{removed} that also occur in {test_split}.")
     train_x = encoded_features(cfg, model, variables, vocab, train, jax.random.fold_in(rng, i))
-    for target, train_y in label_sets(corpus, train).items():
+    for target, train_y in probe.label_sets(corpus, train).items():
       test_y = test_labels[target]
       num_classes = int(max(train_y.max(), test_y.max())) + 1
       out = probe.probe_accuracy(train_x, train_y, test_x, test_y, num_classes, seed=seed)

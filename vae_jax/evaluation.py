@@ -1,7 +1,9 @@
 """The evaluation suite of a trained model (METHODS.md §6): IW-NLL, PPL, KL, MI, AU, the
 encoder-feature dispersion (Long et al. 2019), the hole metrics (METHODS.md §2), and the
 generation metrics of decoded prior samples and interpolations, and the BLEU of greedy
-reconstructions against their inputs (`reconstruction_metrics`).
+reconstructions against their inputs (`reconstruction_metrics`). `posterior_summaries` and
+`dimension_statistics` give the per-dimension KL and active-unit statistic behind those numbers
+(drawn by experiments/report.py).
 
 `evaluate_vae` and `evaluate_lm` consume batches in the project's batch format (global
 `jax.Array`s sharded over the mesh when given one) and return a flat dict of numbers, the
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vae_jax import holes, metrics, text_metrics
+from vae_jax import holes, metrics, objectives, probe, text_metrics
 from vae_jax.data.vocab import EOS, PAD
 from vae_jax.models.vae import PosteriorParams, token_mask
 from vae_jax.nn import decoding
@@ -425,3 +427,55 @@ def features(model: nn.Module, variables, tokens: jax.Array, rng: jax.Array,
   if has_latent(model):
     return model.apply(variables, tokens, rng, num_samples, method="code_mean")
   return model.apply(variables, tokens, method=type(model).final_hidden)
+
+
+# The per-example posterior summaries of `posterior_summaries`, in their packed order.
+POSTERIOR_SUMMARY_KEYS = ("mean", "logvar", "code_mean", "code_mean_b")
+
+
+def posterior_summaries(batch_eval: Callable, variables, data, rng: jax.Array, *,
+                        batch_size: int, pad_multiple: int = 8,
+                        keys: tuple[str, ...] = ("tokens",)) -> dict[str, np.ndarray]:
+  """Per-example posterior summaries of every example of `data`, row i = example i.
+
+  `batch_eval(variables, *batch[keys], rng)` is the evaluation's own per-batch function
+  (`make_vae_batch_eval`, or `dialogue_evaluation.make_cvae_batch_eval` with `keys =
+  CVAE.input_keys`; k_samples = 1 makes its likelihood part one decoder pass), so the numbers
+  are those the evaluation computes its KL, MI and AU from:
+
+    mean, logvar: `[N, d]` the base Gaussian N(mean, exp(logvar)) of q (DELLA's whitened
+      Gaussian along the chain of posterior means; the dialogue CVAE's in prior coordinates);
+    code_mean, code_mean_b: `[N, d]` two estimates of E_q[z|x] (exact and equal for a Gaussian
+      posterior; independent sample averages otherwise, for `metrics.active_units`).
+
+  Batches come from `probe.feature_matrix` (the data's own order, padding rows dropped).
+  """
+
+  def packed(*inputs):
+    *arrays, index = inputs
+    out = batch_eval(variables, *arrays, jax.random.fold_in(rng, index))
+    return np.concatenate([to_host(out[k]) for k in POSTERIOR_SUMMARY_KEYS], axis=1)
+
+  matrix = probe.feature_matrix(data, packed, batch_size, pad_multiple, keys)
+  return dict(zip(POSTERIOR_SUMMARY_KEYS, np.split(matrix, len(POSTERIOR_SUMMARY_KEYS), 1)))
+
+
+def dimension_statistics(summary: dict[str, np.ndarray], au_threshold: float = 0.01
+                         ) -> dict[str, Any]:
+  """Per-dimension statistics of a set's `posterior_summaries`.
+
+    kl_dims[d] = mean_x KL(N(mean_d(x), exp(logvar_d(x))) || N(0, 1))
+               = mean_x 0.5 (mean_d² + exp(logvar_d) - logvar_d - 1),
+
+  the analytic KL per dimension of the base Gaussian (the posterior's own KL for a Gaussian or
+  KL-preserving posterior, where the KL is the sum over d; not so for a flow or DELLA's chain),
+  and au_variance[d] = Var_x E_q[z_d|x] (`metrics.active_units`, the unbiased covariance of the
+  two independent estimates where E_q[z|x] is sampled), with `au` the number of dimensions
+  whose variance exceeds `au_threshold`.
+  """
+  kl = objectives.gaussian_kl(jnp.asarray(summary["mean"]), jnp.asarray(summary["logvar"]))
+  au, variance = metrics.active_units(jnp.asarray(summary["code_mean"]),
+                                      threshold=au_threshold,
+                                      independent_means=jnp.asarray(summary["code_mean_b"]))
+  return {"kl_dims": np.asarray(kl, np.float64).mean(axis=0), "au_variance": np.asarray(variance),
+          "au": int(au), "au_threshold": float(au_threshold)}

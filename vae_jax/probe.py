@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vae_jax.data import pipeline
+from vae_jax.data import pipeline, synthetic
 
 DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_MAX_ITER = 500
@@ -368,6 +368,17 @@ def remove_overlap(examples: Iterable[E], held_out: Iterable) -> tuple[list[E], 
     else:
       kept.append(ex)
   return kept, removed
+
+
+def label_sets(corpus: str, examples: Sequence) -> dict[str, np.ndarray]:
+  """int32 [N] targets of `examples` (`readers.Example`s) by name: each of the embedded
+  corpus's four factors (`synthetic.FACTOR_NAMES`, from `Example.factors`) for 'synthetic',
+  else {'label': `Example.label`} (every example must have one)."""
+  if corpus == "synthetic":
+    factors = np.array([ex.factors for ex in examples], dtype=np.int32).reshape(
+        len(examples), len(synthetic.FACTOR_NAMES))
+    return {name: factors[:, i] for i, name in enumerate(synthetic.FACTOR_NAMES)}
+  return {"label": np.array([ex.label for ex in examples], dtype=np.int32)}
 
 
 def feature_matrix(data: pipeline.EncodedCorpus | pipeline.BatchSource,
