@@ -1,6 +1,7 @@
 """The training loop: metrics, checkpoints, exact resume, NaN guard, plateau stop."""
 
 import json
+import logging
 import os
 
 import jax
@@ -66,24 +67,67 @@ def test_run_writes_metrics_checkpoints_and_samples(tmp_path):
   assert best['metric'] == 'nll' and best['step'] in (4, 8)
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """The workdir of a run of 12 steps that never stopped (checkpoints every 4)."""
+  workdir = tmp_path_factory.mktemp('straight')
+  _run(workdir, _config(num_steps=12, checkpoint_every=4))
+  return workdir
+
+
+def test_resume_is_exact(tmp_path, straight):
   config = _config(num_steps=12, checkpoint_every=4, keep=1)
-  _run(tmp_path / 'straight', config)
   # Killed after 6 batches: the last checkpoint is step 4.
   with pytest.raises(RuntimeError, match='killed'):
     _run(tmp_path / 'resumed', config, fail_after=6)
   assert _params(tmp_path / 'resumed') is not None
   resumed = _run(tmp_path / 'resumed', config)
   assert resumed['step'] == 12
-  _assert_trees_equal(_params(tmp_path / 'straight'), _params(tmp_path / 'resumed'))
+  _assert_trees_equal(_params(straight), _params(tmp_path / 'resumed'))
   # Stopped by num_steps, then continued with a larger num_steps.
   _run(tmp_path / 'extended', _config(num_steps=6, checkpoint_every=4))
   _run(tmp_path / 'extended', config)
-  _assert_trees_equal(_params(tmp_path / 'straight'), _params(tmp_path / 'extended'))
+  _assert_trees_equal(_params(straight), _params(tmp_path / 'extended'))
   # The metric log reads as if the run never stopped.
   def steps(workdir):
     return [(r['step'], r['split']) for r in writers.read_metrics(workdir)]
-  assert steps(tmp_path / 'resumed') == steps(tmp_path / 'straight')
+  assert steps(tmp_path / 'resumed') == steps(straight)
+
+
+@pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
+def test_resume_past_a_damaged_checkpoint_and_a_torn_log_is_exact(tmp_path, straight, capfd,
+                                                                  caplog):
+  config = _config(num_steps=12, checkpoint_every=4)
+  # Killed after 10 batches (checkpoints 4 and 8), in the middle of writing a metrics
+  # record, and the arrays of checkpoint 8 were cut short.
+  workdir = tmp_path / 'resumed'
+  with pytest.raises(RuntimeError, match='killed'):
+    _run(workdir, config, fail_after=10)
+  latest = workdir / 'checkpoints' / 'latest'
+  for path in (latest / '8' / 'state').glob('**/d/*'):
+    with open(path, 'r+b') as f:
+      f.truncate(path.stat().st_size // 2)
+  with open(workdir / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 12, "split": "tra')
+  capfd.readouterr()
+  caplog.set_level(logging.WARNING)
+
+  resumed = _run(workdir, config)
+  assert resumed['step'] == 12
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert len(warnings) == 2, warnings
+  assert warnings[0].startswith(f'Skipped the damaged checkpoint {latest / "8"} (state: ')
+  assert warnings[0].endswith('restored latest/4 instead.')
+  assert warnings[1].startswith(f'Dropped line 8 of {workdir / "metrics.jsonl"}, its last')
+  output = capfd.readouterr()
+  assert 'Traceback' not in output.out + output.err
+  # Checkpoint 8 was saved again, and the run ends as if it had never stopped.
+  assert sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == [8, 12]
+  _assert_trees_equal(_params(straight), _params(workdir))
+  def records(workdir):
+    return [(r['step'], r['split'], r.get('metrics', {}).get('nll'))
+            for r in writers.read_metrics(workdir)]
+  assert records(workdir) == records(straight)
 
 
 def test_rerun_of_finished_run_changes_nothing(tmp_path):

@@ -10,21 +10,38 @@ Layout under `<workdir>/checkpoints/`:
 `meta` a JSON dict with the vocabulary fingerprint, the step and the metrics.
 orbax writes atomically and coordinates processes; every process must call
 save/restore, and only process 0 writes `best.json`.
+
+A checkpoint can still be damaged afterwards (a file truncated, zero-filled or
+deleted, a disk that filled up while something else was written). Restoring
+tries the checkpoints of a kind newest first: one that cannot be read is
+skipped with one warning line naming its folder and the cause, and the next
+older one is used. Only when none can be read is it an error
+(`errors.CheckpointError`, one line). A vocabulary mismatch is not damage: it
+is raised at once. Every process must see the same files, so that all of them
+fall back to the same checkpoint.
 """
 
-import json
+from collections.abc import Iterator, Sequence
+import contextlib
+import gc
+import logging as pylogging
 import math
 import os
-from typing import Any
+import re
+import sys
 
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
 from vae_jax import errors
+from vae_jax import fileio
 from vae_jax.training import mesh as mesh_lib
 
 ITEMS = ('state', 'data', 'meta')
+KINDS = ('latest', 'best')
+# Longest cause quoted in a warning or error line (longer ones lose their middle).
+MAX_CAUSE = 400
 
 
 # A checkpoint was trained with a different vocabulary than the current run.
@@ -34,7 +51,8 @@ CheckpointNotFoundError = errors.CheckpointNotFoundError
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.fspath(workdir), 'checkpoints')
+  """`<workdir>/checkpoints` as an absolute path (orbax refuses relative ones)."""
+  return os.path.join(os.path.abspath(os.fspath(workdir)), 'checkpoints')
 
 
 def _check_fingerprint(meta: dict, expected: str | None, where: str) -> None:
@@ -47,15 +65,94 @@ def _check_fingerprint(meta: dict, expected: str | None, where: str) -> None:
         'in a new --workdir.')
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def _processes(name: str) -> ocp.options.MultiprocessingOptions:
   return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
+# Damaged checkpoints.
+
+
+class _Damaged(Exception):
+  """One checkpoint could not be read; `cause` is one short line (the part and the error)."""
+
+  def __init__(self, cause: str):
+    super().__init__(cause)
+    self.cause = cause
+
+
+def _describe_error(exc: BaseException, folder: str | None = None,
+                   limit: int = MAX_CAUSE) -> str:
+  """`exc` as one short line: `Type: message`.
+
+  Line breaks are folded, tensorstore's long spec dumps and driver chains are
+  dropped, paths inside `folder` are written relative to it, and a line longer
+  than `limit` loses its middle (the end usually says what went wrong).
+  """
+  text = errors.one_line(str(exc))
+  text = re.split(r' ?\[tensorstore_spec', text, maxsplit=1)[0]
+  text = re.sub(r'Error opening "\w+" driver: ', '', text)
+  if folder:
+    text = text.replace(folder.rstrip(os.sep) + os.sep, '')
+  text = f'{type(exc).__name__}: {text}' if text else type(exc).__name__
+  if len(text) > limit:
+    head = limit * 2 // 5
+    text = f'{text[:head]} ... {text[-(limit - head - 5):]}'
+  return text
+
+
+class _DropLibraryReports(pylogging.Filter):
+  """Drops orbax's warnings and errors, and asyncio's reports of tensorstore reads whose
+  failure nobody awaited (their own accounts of a failed restore)."""
+
+  _ORBAX = os.path.dirname(os.path.dirname(os.path.abspath(ocp.__file__))) + os.sep
+  _UNAWAITED = ('Future exception was never retrieved', 'Task exception was never retrieved')
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    if record.name == 'asyncio':
+      return not str(record.msg).startswith(self._UNAWAITED)
+    return record.levelno < pylogging.WARNING or not record.pathname.startswith(self._ORBAX)
+
+
+def _is_closed_loop_report(unraisable) -> bool:
+  """A read that finished after orbax closed its event loop (tensorstore's callback fails)."""
+  exc = unraisable.exc_value
+  return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+
+
+@contextlib.contextmanager
+def _quiet_restore(collect: bool = True) -> Iterator[None]:
+  """Keeps orbax's own reports of a failed restore off the console.
+
+  When one array of a checkpoint cannot be read, orbax logs errors and closes its
+  event loop while the other arrays are still being read; each of those reads
+  then reports a 'RuntimeError: Event loop is closed' traceback through
+  `sys.unraisablehook`, and asyncio logs the failures nobody awaited when their
+  futures are collected. Inside this context orbax's warnings and errors and
+  those reports are dropped (everything else passes); with `collect` it collects
+  garbage before it ends, so that the futures of failed reads are gone by then.
+  The caller's one line per damaged checkpoint is then all a person sees.
+  """
+  log_filter = _DropLibraryReports()
+  loggers = (pylogging.getLogger('absl'), pylogging.getLogger(),
+             pylogging.getLogger('asyncio'))
+  for logger in loggers:
+    logger.addFilter(log_filter)
+  previous_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_closed_loop_report(unraisable):
+      previous_hook(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    if collect:
+      gc.collect()
+    if sys.unraisablehook is hook:
+      sys.unraisablehook = previous_hook
+    for logger in loggers:
+      logger.removeFilter(log_filter)
 
 
 class Checkpointer:
@@ -80,47 +177,70 @@ class Checkpointer:
     self.directory = checkpoint_dir(workdir)
     self.vocab_fingerprint = vocab_fingerprint
     self.best_metric = best_metric
+    # lightweight_initialize: orbax does not read every step's metadata and
+    # metrics files when it opens a folder, so a damaged one cannot stop a run
+    # before restoring (which skips it) even starts.
     common = dict(create=not read_only, read_only=read_only,
                   enable_async_checkpointing=async_save,
-                  cleanup_tmp_directories=not read_only)
-    # Distinct barrier prefixes: both managers may save the same step at once.
-    self._latest = ocp.CheckpointManager(
-        os.path.join(self.directory, 'latest'),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, multiprocessing_options=_processes('latest'), **common),
-        item_names=ITEMS)
-    self._best = ocp.CheckpointManager(
-        os.path.join(self.directory, 'best'),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode='min',
-            keep_checkpoints_without_metrics=False,
-            multiprocessing_options=_processes('best'), **common),
-        item_names=ITEMS)
+                  cleanup_tmp_directories=not read_only, lightweight_initialize=True)
+    # Read-only managers warn that they change options nobody set; not worth a line.
+    with _quiet_restore(collect=False) if read_only else contextlib.nullcontext():
+      # Distinct barrier prefixes: both managers may save the same step at once.
+      self._latest = ocp.CheckpointManager(
+          os.path.join(self.directory, 'latest'),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=keep, multiprocessing_options=_processes('latest'), **common),
+          item_names=ITEMS)
+      self._best = ocp.CheckpointManager(
+          os.path.join(self.directory, 'best'),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, best_fn=lambda m: m[best_metric], best_mode='min',
+              keep_checkpoints_without_metrics=False,
+              multiprocessing_options=_processes('best'), **common),
+          item_names=ITEMS)
+    self._managers = {'latest': self._latest, 'best': self._best}
     self._best_value = None
     self._best_value_step = None
 
   # Queries.
 
   def latest_step(self) -> int | None:
+    """The newest latest checkpoint's step (it may be damaged: see `restore_latest`)."""
     return self._latest.latest_step()
 
   def best_step(self) -> int | None:
     steps = self._best.all_steps()
     return max(steps) if steps else None
 
+  def steps(self, kind: str) -> list[int]:
+    """The steps of the `kind` ('latest' or 'best') checkpoints, newest first."""
+    return sorted(self._managers[kind].all_steps(), reverse=True)
+
+  def folder(self, kind: str, step: int) -> str:
+    """The folder of one checkpoint, `<workdir>/checkpoints/<kind>/<step>`."""
+    return os.path.join(self.directory, kind, str(step))
+
   def best_value(self) -> float | None:
-    """The best checkpoint's `best_metric` (None when there is none)."""
+    """The best checkpoint's `best_metric` (None when there is none, or when it
+    cannot be read: then the next evaluation replaces it)."""
     step = self.best_step()
     if step is None:
       return None
     if self._best_value_step != step:
-      meta = self._restore_items(self._best, step, None, ('meta',)).meta
-      value = meta['metrics'].get(self.best_metric)
-      if value is None:
+      try:
+        with _quiet_restore():
+          meta = self._read('meta', lambda: self._restore_items(
+              self._best, step, None, ('meta',)).meta)
+          metrics = meta.get('metrics', {})
+      except _Damaged as e:
+        logging.warning('Cannot read the best checkpoint %s (%s); the next evaluation '
+                        'replaces it.', self.folder('best', step), e.cause)
+        metrics = None
+      value = None if metrics is None else metrics.get(self.best_metric)
+      if value is None and metrics is not None:
         logging.warning(
             'The best checkpoint (step %d) has no %r (it was selected by %s); the '
-            'next evaluation replaces it.', step, self.best_metric,
-            sorted(meta['metrics']))
+            'next evaluation replaces it.', step, self.best_metric, sorted(metrics))
       self._best_value = None if value is None else float(value)
       self._best_value_step = step
     return self._best_value
@@ -159,26 +279,33 @@ class Checkpointer:
     if step in self._best.all_steps():
       return False
     if best is None and self.best_step() is not None:
-      self._best.delete(self.best_step())  # Selected by another metric.
+      self._best.delete(self.best_step())  # Selected by another metric, or unreadable.
     meta = self._meta(step, metrics)
     self._best.save(step, args=self._args(state, data_state, meta),
                     metrics={self.best_metric: value}, force=True)
     self._best_value, self._best_value_step = value, step
     if jax.process_index() == 0:
-      _write_json_atomic(os.path.join(self.directory, 'best.json'),
-                         {'step': int(step), 'metric': self.best_metric,
-                          'value': value, 'metrics': meta['metrics']})
+      fileio.write_json_atomic(os.path.join(self.directory, 'best.json'),
+                               {'step': int(step), 'metric': self.best_metric,
+                                'value': value, 'metrics': meta['metrics']},
+                               sort_keys=True)
     return True
 
   def discard_after(self, step: int) -> None:
-    """Deletes best checkpoints newer than `step` (left by a run that was stopped
+    """Deletes the checkpoints newer than the resumed `step`.
 
-    before its next latest checkpoint; the resumed run recomputes them exactly).
+    Best checkpoints newer than it were left by a run stopped before its next
+    latest checkpoint; latest ones newer than it could not be restored
+    (damaged). The resumed run recomputes both exactly, and saves them again
+    under the same step numbers.
     """
-    for s in self._best.all_steps():
-      if s > step:
-        logging.info('Discarding best checkpoint %d newer than the resumed step %d.', s, step)
-        self._best.delete(s)
+    for kind in KINDS:
+      for s in self.steps(kind):
+        if s > step:
+          logging.info('Discarding %s checkpoint %d newer than the resumed step %d.',
+                       kind, s, step)
+          with _quiet_restore():
+            self._managers[kind].delete(s)
     self._best_value_step = None
 
   # Restoring.
@@ -195,31 +322,95 @@ class Checkpointer:
       args['meta'] = ocp.args.JsonRestore()
     return manager.restore(step, args=ocp.args.Composite(**args))
 
-  def _restore(self, manager, kind, step, target):
-    if step is None:
-      step = manager.latest_step() if kind == 'latest' else self.best_step()
-    if step is None:
+  def _read(self, part: str, read):
+    """`read()`, or _Damaged naming `part` and the error if it raises."""
+    try:
+      value = read()
+    except Exception as e:  # pylint: disable=broad-except
+      raise _Damaged(f'{part}: {_describe_error(e, self.directory)}') from e
+    if part in ('meta', 'data') and not isinstance(value, dict):
+      raise _Damaged(f'{part}: holds {type(value).__name__}, not a JSON object')
+    return value
+
+  def _restore_one(self, kind: str, step: int, target):
+    """(state, data, meta) of one checkpoint; _Damaged if a part cannot be read,
+    VocabMismatchError if it was trained with another vocabulary."""
+    manager = self._managers[kind]
+    meta = self._read('meta', lambda: self._restore_items(
+        manager, step, None, ('meta',)).meta)
+    _check_fingerprint(meta, self.vocab_fingerprint, self.folder(kind, step))
+    data = self._read('data', lambda: self._restore_items(
+        manager, step, None, ('data',)).data)
+    state = self._read('state', lambda: self._restore_items(
+        manager, step, target, ('state',)).state)
+    return state, data, {**meta, 'step': int(step)}
+
+  def restore_first(self, candidates: Sequence[tuple[str, int]], target=None):
+    """Restores the first of `candidates` ((kind, step) pairs) that can be read.
+
+    Returns (state, iterator state, meta, used): `meta['step']` is the step
+    restored and `used` names it, e.g. 'latest/1250'. Every candidate skipped
+    before it is logged as one warning line (its folder, the cause and what was
+    used instead); orbax's own reports are kept quiet. Raises CheckpointError
+    (one line, every folder and cause) when none can be read, and
+    VocabMismatchError at once for a checkpoint of another vocabulary.
+    """
+    failures = []
+    with _quiet_restore():
+      for kind, step in candidates:
+        try:
+          state, data, meta = self._restore_one(kind, step, target)
+        except _Damaged as e:
+          failures.append((kind, step, e.cause))
+          continue
+        break
+      else:
+        raise self._unrestorable(failures)
+    used = f'{kind}/{step}'
+    for bad_kind, bad_step, cause in failures:
+      logging.warning('Skipped the damaged checkpoint %s (%s); restored %s instead.',
+                      self.folder(bad_kind, bad_step), cause, used)
+    return state, data, meta, used
+
+  def _unrestorable(self, failures) -> errors.CheckpointError:
+    if not failures:
+      return CheckpointNotFoundError(
+          f'No checkpoint under {self.directory}. Check --workdir, or train the run first.')
+    listed = '; '.join(f'{kind}/{step} ({cause})' for kind, step, cause in failures)
+    return errors.CheckpointError(
+        f'No checkpoint under {self.directory} can be restored: {listed}. If these '
+        'files are damaged, delete those step folders (a run then resumes from an older '
+        'checkpoint, or starts over) or use a fresh --workdir; if the model config '
+        'changed since they were saved, use the config they were trained with.')
+
+  def _restore_kind(self, kind: str, step: int | None, target):
+    steps = self.steps(kind)
+    if step is not None:
+      steps = [s for s in steps if s == step]
+    if not steps:
+      which = kind if step is None else f'{kind} step {step}'
       raise CheckpointNotFoundError(
-          f'No {kind} checkpoint under {os.path.join(self.directory, kind)}. '
+          f'No {which} checkpoint under {os.path.join(self.directory, kind)}. '
           'Check --workdir, or train the run first.')
-    where = f'{os.path.join(self.directory, kind, str(step))}'
-    meta = self._restore_items(manager, step, None, ('meta',)).meta
-    _check_fingerprint(meta, self.vocab_fingerprint, where)
-    restored = self._restore_items(manager, step, target, ('state', 'data'))
-    return restored.state, dict(restored.data or {}), meta
+    state, data, meta, _ = self.restore_first([(kind, s) for s in steps], target)
+    return state, data, meta
 
   def restore_latest(self, target=None, step: int | None = None):
-    """Returns (state, iterator state, meta) of the latest (or given) checkpoint.
+    """Returns (state, iterator state, meta) of the newest latest checkpoint that
+    can be restored (`meta['step']` says which), or of the given `step`.
 
     `target` is a pytree of arrays or `jax.ShapeDtypeStruct`s (with shardings)
     giving the structure to restore into; None restores the saved tree (nested
-    dicts) replicated over this run's devices, whatever devices saved it.
+    dicts) replicated over this run's devices, whatever devices saved it. Damaged
+    checkpoints are skipped as in `restore_first`.
     """
-    return self._restore(self._latest, 'latest', step, target)
+    return self._restore_kind('latest', step, target)
 
   def restore_best(self, target=None):
-    """Returns (state, iterator state, meta) of the best checkpoint."""
-    return self._restore(self._best, 'best', None, target)
+    """Returns (state, iterator state, meta) of the newest best checkpoint that can
+    be restored (`meta['step']` says which); damaged ones are skipped as in
+    `restore_first`."""
+    return self._restore_kind('best', None, target)
 
   def wait(self) -> None:
     """Blocks until background saves are written."""
@@ -247,7 +438,8 @@ def _saved_tree_replicated(manager: ocp.CheckpointManager, step: int):
 
 
 def restore_latest(workdir: str, target=None, vocab_fingerprint: str | None = None):
-  """Restores the latest checkpoint of a run: returns (state, meta)."""
+  """Restores the newest latest checkpoint of a run that can be read: returns (state,
+  meta), `meta['step']` its step. Damaged ones are skipped with a warning line."""
   ckpt = Checkpointer(workdir, vocab_fingerprint=vocab_fingerprint, read_only=True)
   try:
     state, _, meta = ckpt.restore_latest(target)
@@ -258,7 +450,8 @@ def restore_latest(workdir: str, target=None, vocab_fingerprint: str | None = No
 
 def restore_best(workdir: str, target=None, vocab_fingerprint: str | None = None,
                  best_metric: str = 'nll'):
-  """Restores the best checkpoint of a run: returns (state, meta)."""
+  """Restores the newest best checkpoint of a run that can be read: returns (state,
+  meta), `meta['step']` its step. Damaged ones are skipped with a warning line."""
   ckpt = Checkpointer(workdir, vocab_fingerprint=vocab_fingerprint,
                       best_metric=best_metric, read_only=True)
   try:
@@ -266,3 +459,35 @@ def restore_best(workdir: str, target=None, vocab_fingerprint: str | None = None
   finally:
     ckpt.close()
   return state, meta
+
+
+def restore_for_evaluation(workdir: str, target=None, vocab_fingerprint: str | None = None,
+                           which: str = 'best'):
+  """Restores the checkpoint of a run to evaluate: returns (state, meta, used).
+
+  With which='best' the best checkpoints are tried newest first, then the
+  latest ones newest first; with which='latest' only the latest ones. The first
+  that can be read is used; `used` names it ('best/1200', 'latest/1250') and
+  `meta['step']` is its step. When it is not the newest of the requested kind,
+  one warning line says which was used and why: one per damaged checkpoint
+  skipped, or one saying that the run has no best checkpoint. Raises
+  CheckpointNotFoundError when the run has no checkpoint at all, CheckpointError
+  when none can be read and VocabMismatchError for another vocabulary.
+  """
+  if which not in KINDS:
+    raise ValueError(f'which={which!r}: restore the {" or the ".join(KINDS)} checkpoint.')
+  kinds = ('best', 'latest') if which == 'best' else ('latest',)
+  ckpt = Checkpointer(workdir, vocab_fingerprint=vocab_fingerprint, read_only=True)
+  try:
+    candidates = [(kind, step) for kind in kinds for step in ckpt.steps(kind)]
+    if not candidates:
+      raise CheckpointNotFoundError(
+          f'No {" or ".join(kinds)} checkpoint under {ckpt.directory}. Check --workdir, or '
+          'train the run first.')
+    state, _, meta, used = ckpt.restore_first(candidates, target)
+  finally:
+    ckpt.close()
+  if candidates[0][0] != which:
+    logging.warning('The run has no best checkpoint under %s (it is saved at evaluations); '
+                    'restored %s instead.', os.path.join(ckpt.directory, 'best'), used)
+  return state, meta, used

@@ -552,7 +552,9 @@ def train_and_evaluate(
   """Trains `task` to `config.num_steps`, evaluating and checkpointing on the way.
 
   Resumes from `<workdir>/checkpoints/latest` when it exists (state and data
-  position); otherwise initialises from `config.seed`.
+  position) from the newest checkpoint there that can be read: damaged newer
+  ones are skipped with one warning line each, then deleted, and saved again
+  when the run gets there. Otherwise initialises from `config.seed`.
 
   Args:
     task: the method's functions.
@@ -614,16 +616,19 @@ def train_and_evaluate(
 
   try:
     example_batch = _peek(train_iter)
-    resume_step = ckpt.latest_step()
-    if resume_step is None:
+    resume_step = None
+    if ckpt.latest_step() is None:
       state = init_train_state(task, opt_cfg, example_batch, config.seed, mesh)
       if task.warm_start is not None:
         state = state.replace(params=jax.device_put(task.warm_start(state.params),
                                                     mesh_lib.replicated(mesh)))
       logging.info('Initialised a new run in %s.', workdir)
     else:
+      # The newest latest checkpoint that can be read (damaged newer ones are
+      # skipped with a warning, and deleted by discard_after below).
       target = abstract_train_state(task, opt_cfg, example_batch, mesh)
-      state, data_state, _ = ckpt.restore_latest(target)
+      state, data_state, meta = ckpt.restore_latest(target)
+      resume_step = meta['step']
       if aggressive is not None:
         encoder_iter.restore(data_state['encoder'])
         aggressive_state.update(data_state['aggressive'])

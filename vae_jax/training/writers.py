@@ -17,6 +17,9 @@ import jax
 import numpy as np
 import tqdm
 
+from vae_jax import errors
+from vae_jax import fileio
+
 
 def _to_float(value) -> float | None:
   value = float(np.asarray(value))
@@ -24,12 +27,46 @@ def _to_float(value) -> float | None:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """Reads `<workdir>/metrics.jsonl` (non-finite values are stored as null)."""
+  """Reads `<workdir>/metrics.jsonl` (non-finite values are stored as null).
+
+  A last line that is not a complete record was cut off mid-write (the run was
+  killed, or the disk filled up): it is dropped with a warning. An invalid line
+  before the last means the file is damaged: `errors.WorkdirError` names it.
+  """
   path = os.path.join(os.fspath(workdir), 'metrics.jsonl')
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  try:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+  except OSError as e:
+    raise errors.WorkdirError(
+        f'Cannot read {path}: {e.strerror or e}. Check its permissions.') from e
+  records = []
+  for i, (number, line) in enumerate(lines):
+    record, problem = _parse_record(line)
+    if problem is None:
+      records.append(record)
+    elif i == len(lines) - 1:
+      logging.warning('Dropped line %d of %s, its last (%s): it was cut off mid-write '
+                      '(a killed run or a full disk).', number, path, problem)
+    else:
+      raise errors.WorkdirError(
+          f'{path} line {number} is not a metrics record ({problem}): the file is damaged. '
+          'Delete that line (or the whole file, losing the metrics written so far) and '
+          'run again.')
+  return records
+
+
+def _parse_record(line: str) -> tuple[dict | None, str | None]:
+  """(record, None) for a JSON object with an integer 'step'; else (None, what is wrong)."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    return None, f'not valid JSON at column {e.colno}: {e.msg}'
+  if not isinstance(record, dict) or not isinstance(record.get('step'), int):
+    return None, 'not a JSON object with an integer "step"'
+  return record, None
 
 
 class MetricWriter:
@@ -65,14 +102,12 @@ class MetricWriter:
           purge_step=None if resume_step is None else resume_step + 1)
 
   def _truncate_after(self, step: int) -> None:
+    """Rewrites metrics.jsonl with the records up to `step` only (atomically), which
+    also drops a torn last line, so that appending starts on a line of its own."""
     if not os.path.exists(self.path):
       return
     kept = [r for r in read_metrics(os.path.dirname(self.path)) if r['step'] <= step]
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      for record in kept:
-        f.write(json.dumps(record) + '\n')
-    os.replace(tmp, self.path)
+    fileio.write_text_atomic(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
 
   def write_scalars(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
     """Writes one record of scalar metrics of `split` at `step`."""
