@@ -145,8 +145,9 @@ def _warnings(caplog):
   return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def _assert_quiet(capfd, caplog, expected_warnings):
-  """Only the expected warning lines: no traceback, no orbax or asyncio reports."""
+def _assert_quiet(capfd, caplog, recwarn, expected_warnings):
+  """Only the expected warning lines: no traceback, no orbax, asyncio or Python reports."""
+  assert not [str(w.message) for w in recwarn], 'Python warnings'
   captured = capfd.readouterr()
   output = captured.out + captured.err
   assert 'Traceback' not in output and 'Event loop is closed' not in output
@@ -157,7 +158,8 @@ def _assert_quiet(capfd, caplog, expected_warnings):
 
 @pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize('damage', sorted(DAMAGE))
-def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, damage, capfd, caplog):
+def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, damage, capfd, caplog,
+                                                       recwarn):
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), vocab_fingerprint='v1', keep=2)
   try:
     for step in (1, 2):
@@ -187,7 +189,7 @@ def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, damage, capfd,
              w.endswith('restored latest/1 instead.') for w in warnings), warnings
   part = 'meta' if 'meta' in damage else 'data' if 'data' in damage else 'state'
   assert all(f'({part}: ' in w for w in warnings), warnings
-  _assert_quiet(capfd, caplog, 1 if damage == 'deleted _METADATA' else 2)
+  _assert_quiet(capfd, caplog, recwarn, 1 if damage == 'deleted _METADATA' else 2)
 
   # Every checkpoint damaged: one line saying which, why and what to do.
   caplog.clear()
@@ -199,7 +201,7 @@ def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, damage, capfd,
   assert message.startswith(f'No checkpoint under {tmp_path / "checkpoints"} can be restored: '
                             f'latest/2 ({part}: ')
   assert f'; latest/1 ({part}: ' in message and 'delete those step folders' in message
-  _assert_quiet(capfd, caplog, 0)
+  _assert_quiet(capfd, caplog, recwarn, 0)
 
 
 def test_vocabulary_mismatch_is_not_damage(tmp_path):
@@ -222,7 +224,7 @@ def test_vocabulary_mismatch_is_not_damage(tmp_path):
 
 @pytest.mark.filterwarnings('error::pytest.PytestUnraisableExceptionWarning')
 def test_evaluation_falls_back_from_a_damaged_best_to_the_latest(ckpt, tmp_path, capfd,
-                                                                 caplog):
+                                                                 caplog, recwarn):
   for step in (1, 2):
     ckpt.save_latest(step, _state(step), {})
   ckpt.maybe_save_best(2, _state(2), {}, {'nll': 1.0})
@@ -247,7 +249,7 @@ def test_evaluation_falls_back_from_a_damaged_best_to_the_latest(ckpt, tmp_path,
   # The best checkpoint alone cannot be restored: one line, no fallback to latest.
   with pytest.raises(errors.CheckpointError, match=r'can be restored: best/2 \(state: '):
     checkpoint_lib.restore_best(str(tmp_path), target, 'v1')
-  _assert_quiet(capfd, caplog, 1)
+  _assert_quiet(capfd, caplog, recwarn, 1)
 
   # Without any best checkpoint, one line says so and which was used instead.
   caplog.clear()

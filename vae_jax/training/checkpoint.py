@@ -29,6 +29,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 from absl import logging
 import jax
@@ -126,8 +127,9 @@ def _quiet_restore(collect: bool = True) -> Iterator[None]:
   When one array of a checkpoint cannot be read, orbax logs errors and closes its
   event loop while the other arrays are still being read; each of those reads
   then reports a 'RuntimeError: Event loop is closed' traceback through
-  `sys.unraisablehook`, and asyncio logs the failures nobody awaited when their
-  futures are collected. Inside this context orbax's warnings and errors and
+  `sys.unraisablehook`, asyncio logs the failures nobody awaited when their
+  futures are collected, and Python warns about the coroutines of reads that
+  never started. Inside this context orbax's warnings and errors and
   those reports are dropped (everything else passes); with `collect` it collects
   garbage before it ends, so that the futures of failed reads are gone by then.
   The caller's one line per damaged checkpoint is then all a person sees.
@@ -145,10 +147,15 @@ def _quiet_restore(collect: bool = True) -> Iterator[None]:
 
   sys.unraisablehook = hook
   try:
-    yield
+    with warnings.catch_warnings():
+      # Coroutines of the reads that never started, collected unawaited.
+      warnings.filterwarnings('ignore', "coroutine '.*' was never awaited", RuntimeWarning)
+      try:
+        yield
+      finally:
+        if collect:
+          gc.collect()
   finally:
-    if collect:
-      gc.collect()
     if sys.unraisablehook is hook:
       sys.unraisablehook = previous_hook
     for logger in loggers:
