@@ -61,7 +61,7 @@ def read_metrics(workdir: str) -> list[dict]:
 def _parse_record(line: str) -> tuple[dict | None, str | None]:
   """(record, None) for a JSON object with an integer 'step'; else (None, what is wrong)."""
   try:
-    record = json.loads(line)
+    record = json.loads(line.rstrip('\r\n'))
   except json.JSONDecodeError as e:
     return None, f'not valid JSON at column {e.colno}: {e.msg}'
   if not isinstance(record, dict) or not isinstance(record.get('step'), int):
