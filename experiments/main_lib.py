@@ -106,10 +106,17 @@ def with_clear_errors(main: Callable) -> Callable:
 
 
 def fail(message: str) -> None:
-  """Ends the program with `error: <message>` (one line) and exit status 2."""
-  sys.stderr.flush()
+  """Ends the program with `error: <message>` (one line) and exit status 2.
+
+  It exits at once (`os._exit`), after flushing the output: by then the run has finished
+  writing (the loop waits for checkpoint saves before an error leaves it), and what the
+  interpreter's shutdown would add is noise, such as the tracebacks of tensorstore futures
+  left behind by a checkpoint that could not be read ("Event loop is closed").
+  """
+  logging.flush()
+  sys.stdout.flush()
   print(f"error: {errors.one_line(message)}", file=sys.stderr, flush=True)
-  sys.exit(USER_ERROR_STATUS)
+  os._exit(USER_ERROR_STATUS)
 
 
 def flag_error(error: Exception, argv: list[str]) -> str:

@@ -90,15 +90,15 @@ def write_figure(fig, path: str) -> None:
 
 
 def restore(workdir: str, which: str):
-  """`experiment.load_run` of the `which` checkpoint, the latest when there is no best one
-  yet, or None (logged) when the run has no checkpoint. Returns (run, the checkpoint used)."""
-  for kind in ([which, "latest"] if which == "best" else [which]):
-    try:
-      return experiment.load_run(workdir, kind), kind
-    except errors.CheckpointNotFoundError:
-      continue
-  logging.warning("%s: no checkpoint yet, so no posterior figures (curves only).", workdir)
-  return None, None
+  """`experiment.load_run` of the `which` checkpoint (the newest intact one; a run without a
+  best checkpoint yet gives its latest), or None (logged) when the run has no checkpoint.
+  Returns (run, the kind of checkpoint used: 'best' or 'latest')."""
+  try:
+    *run, meta = experiment.load_run(workdir, which, with_meta=True)
+  except errors.CheckpointNotFoundError:
+    logging.warning("%s: no checkpoint yet, so no posterior figures (curves only).", workdir)
+    return None, None
+  return tuple(run), meta["checkpoint"].split("/")[0]
 
 
 def kl_description(model) -> tuple[str, bool]:

@@ -285,11 +285,13 @@ def _splits(cfg) -> list[str]:
 
 def restore_variables(cfg, workdir: str, task: loop.Task, example_batch, vocab: Vocab,
                       mesh, which: str = "best"):
-  """Model variables of the best (or latest) checkpoint of a run, and its metadata."""
+  """Model variables of the best (or latest) checkpoint of a run, and its metadata; `meta`
+  gains 'checkpoint', the one restored ('best/1200'): a damaged or missing best falls back to
+  the newest intact best, then latest, one (`checkpoint.restore_for_evaluation`)."""
   target = loop.abstract_train_state(task, optimizer_config(cfg), example_batch, mesh)
-  restore = checkpoint_lib.restore_best if which == "best" else checkpoint_lib.restore_latest
-  state, meta = restore(workdir, target, vocab_fingerprint=vocab.fingerprint)
-  return {"params": state.params, **state.model_state}, meta
+  state, meta, used = checkpoint_lib.restore_for_evaluation(
+      workdir, target, vocab_fingerprint=vocab.fingerprint, which=which)
+  return {"params": state.params, **state.model_state}, {**meta, "checkpoint": used}
 
 
 def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | None = None,
@@ -321,7 +323,8 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
     if variables is None:
       variables, meta = restore_variables(cfg, workdir, task, next(iter(batches)), vocab,
                                           mesh, which)
-      step = int(meta.get("step", -1)) if isinstance(meta, dict) else -1
+      step, used = int(meta.get("step", -1)), meta["checkpoint"]
+      logging.info("Evaluating checkpoint %s of %s.", used, workdir)
     global_batches = (mesh_lib.to_global(b, mesh) for b in batches)
     rng = jax.random.PRNGKey(seed)
     if is_dialogue(cfg):
@@ -339,7 +342,7 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
       scores, reconstructions = evaluation.reconstruction_metrics(
           model, variables, reconstruction_batches(cfg, data), rng)
       out.update(scores)
-    out.update(split=split, checkpoint=which, step=step)
+    out.update(split=split, checkpoint=used, step=step)
     results[split] = out
     if not is_dialogue(cfg):
       shown = _show_examples(cfg, model, variables, vocab, data, rng, reconstructions)
@@ -430,11 +433,13 @@ def saved_vocabulary(workdir: str) -> Vocab:
                               "in a fresh --workdir.") from e
 
 
-def load_run(workdir: str, which: str = "best"):
+def load_run(workdir: str, which: str = "best", *, with_meta: bool = False):
   """A finished run, for downstream use: (config, model, variables, vocab).
 
   The config is the run's saved `config.json`; the variables those of its best (or latest)
-  checkpoint, restored on this process's devices.
+  checkpoint, restored on this process's devices (a damaged or missing best checkpoint falls
+  back to the newest intact one, `restore_variables`). With `with_meta`, the checkpoint's
+  metadata follows, its 'checkpoint' naming the one restored (e.g. 'latest/1250').
   """
   workdir = workdir_lib.resolve_workdir(workdir, must_exist=True)
   cfg = resolve_paths(saved_config(workdir))
@@ -448,9 +453,9 @@ def load_run(workdir: str, which: str = "best"):
     example["context"] = np.full((b, cfg.data.context_window, cfg.data.pad_multiple), 4,
                                  np.int32)
     example["context_speakers"] = np.zeros((b, cfg.data.context_window), np.int32)
-  variables, _ = restore_variables(cfg, workdir, task, example, vocab, mesh_lib.make_mesh(),
-                                   which)
-  return cfg, model, variables, vocab
+  variables, meta = restore_variables(cfg, workdir, task, example, vocab,
+                                      mesh_lib.make_mesh(), which)
+  return (cfg, model, variables, vocab, meta) if with_meta else (cfg, model, variables, vocab)
 
 
 def reconstruction_batches(cfg, data) -> Iterator[np.ndarray]:

@@ -3,6 +3,7 @@
 from vae_jax.training.checkpoint import CheckpointNotFoundError
 from vae_jax.training.checkpoint import Checkpointer
 from vae_jax.training.checkpoint import restore_best
+from vae_jax.training.checkpoint import restore_for_evaluation
 from vae_jax.training.checkpoint import restore_latest
 from vae_jax.training.checkpoint import VocabMismatchError
 from vae_jax.training.loop import abstract_train_state

@@ -741,11 +741,13 @@ def train_and_evaluate(
                          config.best_metric, plateau_cfg.patience, lr, decays + 1)
             if config.reload_best_on_decay and ckpt.best_step() is not None:
               ckpt.wait()
-              best, _, _ = ckpt.restore_best(abstract_train_state(
-                  task, opt_cfg, example_batch, mesh))
-              state = state.replace(params=best.params, model_state=best.model_state)
-              logging.info('Continuing from the best parameters (step %d).',
-                           ckpt.best_step())
+              try:
+                best, _, meta = ckpt.restore_best(abstract_train_state(
+                    task, opt_cfg, example_batch, mesh))
+                state = state.replace(params=best.params, model_state=best.model_state)
+                logging.info('Continuing from the best parameters (step %d).', meta['step'])
+              except errors.CheckpointError as e:
+                logging.warning('Continuing from the current parameters: %s', e)
           if optim.should_stop(state.plateau, plateau_cfg):
             stopped_early = True
             logging.info('Stopping early at step %d: the learning rate was decayed '
