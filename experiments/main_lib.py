@@ -109,13 +109,21 @@ def fail(message: str) -> None:
   """Ends the program with `error: <message>` (one line) and exit status 2.
 
   It exits at once (`os._exit`), after flushing the output: by then the run has finished
-  writing (the loop waits for checkpoint saves before an error leaves it), and what the
-  interpreter's shutdown would add is noise, such as the tracebacks of tensorstore futures
-  left behind by a checkpoint that could not be read ("Event loop is closed").
+  writing (the loop waits for checkpoint saves before an error leaves it), and what library
+  threads and the interpreter's shutdown would add after the line is noise, such as the
+  tracebacks of tensorstore futures left behind by a checkpoint that could not be read
+  ("Event loop is closed").
   """
   logging.flush()
   sys.stdout.flush()
-  print(f"error: {errors.one_line(message)}", file=sys.stderr, flush=True)
+  sys.stderr.flush()
+  # Library threads may still be printing: from here on their output goes nowhere, and the
+  # error line is the last the user sees.
+  stderr = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
+  os.write(stderr, f"error: {errors.one_line(message)}\n".encode())
   os._exit(USER_ERROR_STATUS)
 
 

@@ -114,10 +114,30 @@ class _DropLibraryReports(pylogging.Filter):
     return record.levelno < pylogging.WARNING or not record.pathname.startswith(self._ORBAX)
 
 
-def _is_closed_loop_report(unraisable) -> bool:
+def _is_closed_loop_error(exc) -> bool:
   """A read that finished after orbax closed its event loop (tensorstore's callback fails)."""
-  exc = unraisable.exc_value
   return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+
+
+def _drop_closed_loop_reports() -> None:
+  """Installs, once per process, hooks that drop the 'Event loop is closed' reports of the
+  reads of a checkpoint that failed; everything else reaches the previous hooks. They stay
+  installed: reads still in flight when a restore gave up report from tensorstore's threads
+  later, through `sys.unraisablehook` or `sys.excepthook`."""
+  if getattr(sys.unraisablehook, '_drops_closed_loop_reports', False):
+    return
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+  def unraisable_hook(unraisable):
+    if not _is_closed_loop_error(unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  def except_hook(kind, value, traceback):
+    if not _is_closed_loop_error(value):
+      previous_except(kind, value, traceback)
+
+  unraisable_hook._drops_closed_loop_reports = True
+  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
 @contextlib.contextmanager
@@ -126,8 +146,8 @@ def _quiet_restore(collect: bool = True) -> Iterator[None]:
 
   When one array of a checkpoint cannot be read, orbax logs errors and closes its
   event loop while the other arrays are still being read; each of those reads
-  then reports a 'RuntimeError: Event loop is closed' traceback through
-  `sys.unraisablehook`, asyncio logs the failures nobody awaited when their
+  then reports a 'RuntimeError: Event loop is closed' traceback
+  (`_drop_closed_loop_reports` drops those), asyncio logs the failures nobody awaited when their
   futures are collected, and Python warns about the coroutines of reads that
   never started. Inside this context orbax's warnings and errors and
   those reports are dropped (everything else passes); with `collect` it collects
@@ -139,13 +159,7 @@ def _quiet_restore(collect: bool = True) -> Iterator[None]:
              pylogging.getLogger('asyncio'))
   for logger in loggers:
     logger.addFilter(log_filter)
-  previous_hook = sys.unraisablehook
-
-  def hook(unraisable):
-    if not _is_closed_loop_report(unraisable):
-      previous_hook(unraisable)
-
-  sys.unraisablehook = hook
+  _drop_closed_loop_reports()
   try:
     with warnings.catch_warnings():
       # Coroutines of the reads that never started, collected unawaited.
@@ -156,8 +170,6 @@ def _quiet_restore(collect: bool = True) -> Iterator[None]:
         if collect:
           gc.collect()
   finally:
-    if sys.unraisablehook is hook:
-      sys.unraisablehook = previous_hook
     for logger in loggers:
       logger.removeFilter(log_filter)
 
