@@ -1,6 +1,5 @@
 """End-to-end: the experiment mains train, checkpoint, evaluate and report on the smoke config."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,20 +10,13 @@ import jax
 import numpy as np
 import pytest
 
+from experiment_configs import load_config
 from vae_jax import experiment, run_data
 from vae_jax.data import pipeline
 from vae_jax.data.vocab import Vocab, VocabMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_KEYS = {"nll", "ppl", "kl", "mi", "au", "k_samples", "n_sentences", "n_tokens"}
-
-
-def load_config(name, variants):
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{name}", ROOT / "experiments" / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variants)
 
 
 def run_main(script, *args):

@@ -3,7 +3,6 @@ panels, the command writes decodable PNGs from a relative --workdir (and the com
 two runs), a run without a best checkpoint falls back to the latest, and a missing workdir is
 one `error:` line."""
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ from matplotlib import image
 import numpy as np
 import pytest
 
+from experiment_configs import load_config
 from vae_jax import errors, experiment, plots
 from vae_jax.data import synthetic
 from vae_jax.training import writers
@@ -21,14 +21,6 @@ from vae_jax.training import writers
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import report  # noqa: E402
-
-
-def load_config(name, variants):
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{name}", ROOT / "experiments" / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variants)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """A run's expected failures: caught before anything is written, reported in one line, and
 never in the way of the corrected command; relative paths, however spelled, are one setting."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from experiment_configs import load_config
 from vae_jax import errors, experiment
 from vae_jax.data import synthetic
 
@@ -18,11 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def smoke_ptb_config(data_dir: str):
   """The smoke VAE on a tiny corpus in PTB's layout."""
-  spec = importlib.util.spec_from_file_location("cfg_vae", ROOT / "experiments" / "configs" /
-                                                "vae.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("smoke")
+  cfg = load_config("vae", "smoke")
   cfg.unlock()
   cfg.data.corpus, cfg.data.dir = "ptb", data_dir
   cfg.train.num_steps, cfg.train.eval_every, cfg.train.log_every = 2, 2, 2

@@ -205,18 +205,13 @@ def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, damage, capfd,
 
 
 def test_vocabulary_mismatch_is_not_damage(tmp_path):
-  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), vocab_fingerprint='v1', keep=2)
-  try:
-    ckpt.save_latest(1, _state(1), {})
-    ckpt.wait()
-  finally:
-    ckpt.close()
-  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), vocab_fingerprint='v2', keep=2)
-  try:
-    ckpt.save_latest(2, _state(2), {})
-    ckpt.wait()
-  finally:
-    ckpt.close()
+  for step, fingerprint in ((1, 'v1'), (2, 'v2')):
+    ckpt = checkpoint_lib.Checkpointer(str(tmp_path), vocab_fingerprint=fingerprint, keep=2)
+    try:
+      ckpt.save_latest(step, _state(step), {})
+      ckpt.wait()
+    finally:
+      ckpt.close()
   # Step 2 is intact but of another vocabulary: an error, not a fallback to step 1.
   with pytest.raises(checkpoint_lib.VocabMismatchError, match='latest/2'):
     checkpoint_lib.restore_latest(str(tmp_path), vocab_fingerprint='v1')
