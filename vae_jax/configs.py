@@ -90,6 +90,7 @@ def kl_term_config(cfg: ml_collections.ConfigDict) -> losses.KLTermConfig:
                      "dropout rate of the corrupted copy x~), e.g. 0.1")
   return losses.KLTermConfig(free_bits=k.free_bits,
                              free_bits_per_dimension=k.free_bits_per_dimension,
+                             free_bits_per_sentence=k.get("free_bits_per_sentence", False),
                              smoothness_weight=k.smoothness_weight,
                              kind=k.get("kind", "kl"),
                              density_gap_samples=k.get("density_gap_samples", 32),

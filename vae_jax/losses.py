@@ -10,8 +10,10 @@ divided on the host by `summarize`, so reported numbers are exact however data a
 
 The negative ELBO of a sentence is  rec + KL  with rec = -log p(x|z), z ~ q(z|x); training
 minimises  mean_x [rec(x)] + beta(step) * KL_term,  where KL_term is the batch-mean KL, its
-free-bits form (vae_jax.objectives.free_bits_kl), or DG-VAE's density-gap estimate of
-KL(q_agg || p) (vae_jax.objectives.density_gap_kl).
+free-bits form (clamped on the batch mean, vae_jax.objectives.batch_mean_free_bits_kl, or
+masked per sentence as Li et al. 2019, sentence_free_bits_kl and
+sentence_dimension_free_bits_kl), or DG-VAE's density-gap estimate of KL(q_agg || p)
+(vae_jax.objectives.density_gap_kl).
 """
 
 from __future__ import annotations
@@ -38,11 +40,23 @@ KL_KINDS = ("kl", "density_gap")
 class KLTermConfig:
   """How the KL (and the encoder's regulariser) enter the loss.
 
-  kind: 'kl', the per-sentence KL(q(z|x) || p(z)) averaged over the batch (optionally in its
-    free-bits form: `free_bits` > 0 nats per sentence, or per dimension); 'density_gap', DG-VAE's
+  kind: 'kl', the per-sentence KL(q(z|x) || p(z)) averaged over the batch (optionally in a
+    free-bits form, below); 'density_gap', DG-VAE's
     dimension-wise estimate of KL(q_agg(z) || p(z)) from `density_gap_samples` samples per
     posterior over mixtures of `density_gap_chunk` rows (0: the whole batch) (Zhang et al. 2022,
     METHODS.md §2; Gaussian posteriors, or the Gaussian base of a KL-preserving flow).
+  free_bits: 0 turns free bits off; > 0 is the free KL, in nats of the quantity compared with
+    it: per sentence for the whole code, per dimension with `free_bits_per_dimension`.
+  free_bits_per_dimension: compare each dimension's KL with `free_bits` (else the whole
+    code's KL, Σ_k KL_k).
+  free_bits_per_sentence: where the comparison happens.
+    False: on the batch mean, max(λ, mean_x KL(x)) or Σ_k max(λ, mean_x KL_k(x))
+      (`objectives.batch_mean_free_bits_kl`; Kingma et al. 2016);
+    True: in each sentence (and dimension), mean_x 1[KL(x) > λ] KL(x) or
+      mean_x Σ_k 1[KL_k(x) > λ] KL_k(x), the mask a constant of the gradient
+      (`objectives.sentence_free_bits_kl`, `sentence_dimension_free_bits_kl`; Li et al. 2019,
+      `--fb 1` and `--fb 2` of their code, whose `--fb 2` with λ = target_kl / d gave their
+      published numbers).
   smoothness_weight: λ of the amortised regularisation λ · mean_x ‖μ(x) - μ(x̃)‖²
     (METHODS.md §3; the model computes the term when its `smoothness_dropout` > 0).
   layer_reduction, layer_threshold: for models with layer-wise latents (terms with
@@ -58,6 +72,7 @@ class KLTermConfig:
   density_gap_chunk: int = 0
   layer_reduction: str = "sum"
   layer_threshold: float = 0.0
+  free_bits_per_sentence: bool = False
 
   def __post_init__(self):
     if self.layer_reduction not in ("sum", "mean"):
@@ -127,6 +142,25 @@ def _apply_train(model, params, model_state, batch, rngs):
   return model.apply(variables, *inputs, deterministic=False, rngs=rngs), model_state
 
 
+def free_bits_term(terms, kl_term: KLTermConfig, weights: jax.Array) -> jax.Array:
+  """The free-bits KL term of a batch (a scalar that replaces mean_x KL(x) in the loss), in
+  the form `kl_term` names (see `KLTermConfig`). A flow posterior has no per-dimension KL
+  (`terms.kl_dims` is None): only the whole-code forms apply to its Monte Carlo KL."""
+  if kl_term.free_bits_per_dimension and terms.kl_dims is None:
+    raise ValueError("per-dimension free bits need a per-dimension KL, which a flow "
+                     "posterior does not have; use free bits on the whole code")
+  target = kl_term.free_bits
+  if not kl_term.free_bits_per_sentence:
+    kl_dims = terms.kl[:, None] if terms.kl_dims is None else terms.kl_dims
+    return objectives.batch_mean_free_bits_kl(kl_dims, target, weights,
+                                              kl_term.free_bits_per_dimension)
+  if kl_term.free_bits_per_dimension:
+    penalty = objectives.sentence_dimension_free_bits_kl(terms.kl_dims, target)
+  else:
+    penalty = objectives.sentence_free_bits_kl(terms.kl, target)
+  return jnp.sum(penalty * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
                   kl_term: KLTermConfig = KLTermConfig(), bow_weight: float = 0.0) -> LossFn:
   """The (beta-weighted, optionally free-bits) negative ELBO of a VAE returning `VAETerms`, or
@@ -134,7 +168,7 @@ def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
   `kl_term.smoothness_weight` > 0, plus `bow_weight` times the bag-of-words NLL of a model
   whose terms carry one (the dialogue CVAE's auxiliary loss, Zhao et al. 2017).
 
-  A flow posterior has no per-dimension KL (`terms.kl_dims` is None): only batch-level free
+  A flow posterior has no per-dimension KL (`terms.kl_dims` is None): only whole-code free
   bits apply to it, on its Monte Carlo KL.
   """
   if kl_term.kind == "density_gap" and model.config.posterior not in ("gaussian",
@@ -157,14 +191,7 @@ def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
                                       chunk_size=kl_term.density_gap_chunk)
       kl = gap
     elif kl_term.free_bits > 0:
-      kl_dims = terms.kl_dims
-      if kl_dims is None:
-        if kl_term.free_bits_per_dimension:
-          raise ValueError("per-dimension free bits need a per-dimension KL, which a flow "
-                           "posterior does not have; use batch-level free bits")
-        kl_dims = terms.kl[:, None]
-      kl = objectives.free_bits_kl(kl_dims, kl_term.free_bits, w,
-                                   kl_term.free_bits_per_dimension)
+      kl = free_bits_term(terms, kl_term, w)
     elif getattr(terms, "kl_layers", None) is not None:
       hinged = jnp.maximum(terms.kl_layers, kl_term.layer_threshold)
       per_example = (jnp.sum(hinged, axis=-1) if kl_term.layer_reduction == "sum"

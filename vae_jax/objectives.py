@@ -63,33 +63,92 @@ def reparameterize(rng: jax.Array, mean: jax.Array, logvar: jax.Array,
   return mean + jnp.exp(0.5 * logvar) * eps
 
 
-def free_bits_kl(kl_dims: jax.Array, target: float, weights: jax.Array,
-                 per_dimension: bool) -> jax.Array:
-  """The free-bits KL penalty of a batch (Kingma et al. 2016; Li et al. 2019 `target_kl`).
+def batch_mean_free_bits_kl(kl_dims: jax.Array, target: float, weights: jax.Array,
+                            per_dimension: bool) -> jax.Array:
+  """Free bits clamped on the batch mean KL (Kingma et al. 2016: Σ_j max(λ, E_{x∈M} KL_j(x))
+  over groups j, the expectation over the minibatch M).
 
-  The KL is averaged over the batch (rows weighted by `weights`) and only the part above the
-  target is penalised, so the encoder is free to spend `target` nats without cost:
+  The KL is first averaged over the batch (rows weighted by `weights`), then only the part
+  above the target is penalised:
 
-  - batch level (`per_dimension=False`): max(target, mean_x sum_k KL_k(x)), with `target` the
-    total nats per sentence (Li et al. 2019 `target_kl` semantics for the whole code);
-  - per dimension (`per_dimension=True`): sum_k max(target, mean_x KL_k(x)), with `target` nats
-    per dimension (Kingma et al. 2016, "free bits" with one group per dimension).
+  - whole code (`per_dimension=False`): max(target, mean_x Σ_k KL_k(x)), `target` in nats per
+    sentence;
+  - per dimension (`per_dimension=True`): Σ_k max(target, mean_x KL_k(x)), `target` in nats
+    per dimension (Kingma et al.'s groups, one per dimension).
 
-  The clamp is applied to the batch mean, as in both references; the value returned is the
-  batch-mean penalty (a scalar), to be multiplied by beta and the number of real rows if a sum
-  is wanted. Gradient flows only through the terms above the target.
+  Either every sentence of the batch gets the gradient of its KL (the batch mean is above the
+  target) or none does: a sentence far above the target is free as long as the others pull
+  the mean below it. This is not Li et al. 2019's form, which compares each sentence's own KL
+  (`sentence_free_bits_kl`, `sentence_dimension_free_bits_kl`); their `--fb 3` masks the
+  whole batch on 1[mean_x KL(x) > target_kl], which has this function's gradient and a value
+  lower by `target` when the mean is below it. At a tie the gradient is split (half of it
+  flows), as `jnp.maximum` defines it.
 
   Args:
-    kl_dims: `[B, d]` per-example, per-dimension KL.
+    kl_dims: `[B, d]` per-example, per-dimension KL (`[B, 1]` for a KL without dimensions).
     target: free nats (per sentence, or per dimension).
     weights: `[B]` 1 for real rows, 0 for padding rows.
     per_dimension: which of the two forms.
+
+  Returns:
+    The batch's penalty, a scalar: it replaces the batch-mean KL in the loss (multiply by the
+    number of real rows for a sum).
   """
   denom = jnp.maximum(jnp.sum(weights), 1.0)
   mean_dims = jnp.sum(kl_dims * weights[:, None], axis=0) / denom  # [d]
   if per_dimension:
     return jnp.sum(jnp.maximum(mean_dims, target))
   return jnp.maximum(jnp.sum(mean_dims), target)
+
+
+def _above(kl: jax.Array, threshold: float) -> jax.Array:
+  """The mask 1[kl > threshold] as a constant of the gradient (a comparison has none)."""
+  return jax.lax.stop_gradient((kl > threshold).astype(kl.dtype))
+
+
+def sentence_free_bits_kl(kl: jax.Array, target: float) -> jax.Array:
+  """Free bits per sentence (Li et al. 2019, `text_anneal_fb.py --fb 1` of
+  bohanli/vae-pretraining-encoder).
+
+      penalty(x) = 1[KL(x) > target] · KL(x)
+
+  Each sentence's KL is compared with the target on its own: a sentence whose KL exceeds
+  `target` nats pays all of it (not only the excess), one at or below it pays nothing and its
+  KL gets no gradient. The mask is a constant of the gradient. The loss averages the
+  penalties over the real rows (Li et al.: `loss_rc + kl_mask * kl_weight * loss_kl`, then the
+  batch mean).
+
+  Args:
+    kl: `[B]` per-example KL(q(z|x) || p(z)).
+    target: free nats per sentence (Li et al.'s `--target_kl`).
+
+  Returns:
+    `[B]` per-example penalty.
+  """
+  return _above(kl, target) * kl
+
+
+def sentence_dimension_free_bits_kl(kl_dims: jax.Array, target: float) -> jax.Array:
+  """Free bits per sentence and dimension (Li et al. 2019, `text_anneal_fb.py --fb 2` of
+  bohanli/vae-pretraining-encoder, the form of their published results).
+
+      penalty(x) = Σ_k 1[KL_k(x) > target] · KL_k(x)
+
+  with KL_k(x) = ½(μ_k² + σ_k² − log σ_k² − 1) the k-th dimension's KL of sentence x. Each
+  (sentence, dimension) pair is compared with the target on its own; the pairs above it pay
+  their whole KL and receive its gradient, the others pay nothing. The mask is a constant of
+  the gradient. Li et al. set the per-dimension threshold from a per-sentence target,
+  `dim_target_kl = target_kl / nz` (their README: `--target_kl 8` with nz = 32, 0.25 nats per
+  dimension); pass that quotient here.
+
+  Args:
+    kl_dims: `[B, d]` per-example, per-dimension KL.
+    target: free nats per dimension (Li et al.'s target_kl / d).
+
+  Returns:
+    `[B]` per-example penalty.
+  """
+  return jnp.sum(_above(kl_dims, target) * kl_dims, axis=-1)
 
 
 def density_gap_kl(rng: jax.Array, mean: jax.Array, logvar: jax.Array, weights: jax.Array, *,

@@ -64,7 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.kl.num_cycles = 4             # cyclical
   c.kl.ratio = 0.5                # cyclical: fraction of a cycle spent rising
   c.kl.free_bits = 0.0            # 0: off; nats per sentence, or per dimension
-  c.kl.free_bits_per_dimension = False
+  c.kl.free_bits_per_dimension = False  # each dimension's KL has its own free nats
+  c.kl.free_bits_per_sentence = False   # compare each sentence's KL (Li et al. 2019), not the
+                                        # batch mean's (Kingma et al. 2016)
   c.kl.smoothness_weight = 0.0    # lambda of the amortised regulariser (needs smoothness_dropout)
   c.kl.kind = "kl"                # kl | density_gap (DG-VAE, METHODS.md §2)
   c.kl.density_gap_samples = 32   # M samples per posterior
