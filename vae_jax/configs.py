@@ -48,7 +48,9 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> VAEConfig:
       share_embedding=m.share_embedding, posterior=m.posterior, flow=flow_config(cfg),
       kl_samples=m.kl_samples, latent_to_output=m.latent_to_output,
       smoothness_dropout=m.smoothness_dropout, mean_batch_norm=m.get("mean_batch_norm", 0.0),
-      mean_batch_norm_epsilon=m.get("mean_batch_norm_epsilon", 1e-5))
+      mean_batch_norm_epsilon=m.get("mean_batch_norm_epsilon", 1e-5),
+      init=m.get("init", "default"), init_scale=m.get("init_scale", 0.01),
+      embed_init_scale=m.get("embed_init_scale", 0.1))
 
 
 def cvae_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> CVAEConfig:

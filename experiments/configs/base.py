@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mean_batch_norm = 0.0   # BN-VAE: fixed gamma of the batch-normalised means; 0: off
   c.model.mean_batch_norm_epsilon = 1e-5  # its normalisation's epsilon (PyTorch's default)
   c.model.pretrained_dir = ""     # Transformers: a GPT-2 checkpoint (HF layout) to start from
+  c.model.init = "default"        # LSTM VAE / LM: default | uniform (He et al. 2019: LSTM and
+  c.model.init_scale = 0.01       #   dense kernels U(-init_scale, init_scale), embeddings
+  c.model.embed_init_scale = 0.1  #   U(-embed_init_scale, embed_init_scale))
   c.model.flow = ml_collections.ConfigDict()
   c.model.flow.kind = "iaf"       # planar | iaf | coupling
   c.model.flow.num_layers = 4

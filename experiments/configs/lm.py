@@ -9,7 +9,8 @@ the same decoder (embedding 128, LSTM 256, no dropout), data (the embedded synth
 batch 32), optimiser (Adam 1e-3) and budget (5 epochs, 3,125 steps), evaluated on the test
 split. Its exact NLL is the number a VAE's IW-NLL is compared with: a VAE that beats it has
 learned something from its code; a collapsed VAE (vae.py:vanilla) can at best equal it.
-Variants: smoke, ptb, yahoo, yelp, sgd (as in vae.py).
+Variants: smoke, ptb, yahoo, yelp, sgd (as in vae.py; ptb and yahoo also take He et al.
+2019's uniform initialisation, weights U(-0.01, 0.01) and embeddings U(-0.1, 0.1)).
 """
 
 import os

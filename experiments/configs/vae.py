@@ -32,8 +32,8 @@ at this budget. Training runs at about 20 steps/s on 2 idle CPU cores (about 2.5
 the K = 100 evaluation takes roughly as long again on a loaded machine.
 
 Variants, applied left to right: smoke (seconds, for tests), vanilla (the default without the
-cure), ptb (PTB reference sizes, plain VAE: constant beta = 1, no cure), yahoo (Yahoo/Yelp
-sizes, plain VAE), yelp (yelp_style_transfer minus short_yelp test, for
+cure), ptb (PTB reference sizes, plain VAE: constant beta = 1, no cure; He et al. 2019's
+uniform initialisation), yahoo (Yahoo/Yelp sizes, plain VAE, the same initialisation), yelp (yelp_style_transfer minus short_yelp test, for
 experiments/classify.py), anneal (linear KL annealing from 0.1 over the first 10 epochs, He et al.
 2019), cyclical (Fu et al. 2019), free_bits (0.5 nats per dimension of the batch-mean KL,
 Kingma et al. 2016), free_bits_batch (5 nats of the batch-mean KL), beta (beta-VAE),
@@ -91,6 +91,7 @@ def vanilla(c):
 
 def ptb(c):
   vanilla(c)
+  c.model.init = "uniform"   # He et al. 2019: weights U(-0.01, 0.01), embeddings U(-0.1, 0.1)
   c.data.corpus = "ptb"
   c.data.dir = "../shared/data/ptb"
   c.data.max_length = 100
@@ -107,6 +108,7 @@ def ptb(c):
 
 def yahoo(c):
   vanilla(c)
+  c.model.init = "uniform"   # He et al. 2019: weights U(-0.01, 0.01), embeddings U(-0.1, 0.1)
   c.data.corpus = "yahoo"
   c.data.dir = "../shared/data/yahoo"
   c.data.max_length = 200

@@ -22,9 +22,11 @@ from vae_jax.data.vocab import PAD, UNK
 from vae_jax.nn.decoders import LSTMDecoder, State
 from vae_jax.nn.encoders import GaussianHead, LSTMEncoder, Pooling
 from vae_jax.nn.flows import Flow, FlowConfig
+from vae_jax.nn.lstm import uniform_init
 
 
 Posterior = Literal["gaussian", "flow", "kl_preserving"]
+Init = Literal["default", "uniform"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,16 @@ class VAEConfig:
   mean_batch_norm: BN-VAE (Zhu et al. 2020): γ > 0 batch-normalises the posterior means with
     the fixed scale γ (see `GaussianHead`); 0 turns it off. Its running statistics live in the
     'batch_stats' collection. `mean_batch_norm_epsilon` is the ε of its normalisation.
+  init: the parameters' initialisation.
+    'default': each layer's own (LSTM kernels U(-0.1, 0.1) and zero bias, flax's LeCun-normal
+      dense kernels and zero biases, embeddings of variance 1/E).
+    'uniform': He et al. 2019's (jxhe/vae-lagging-encoder `text.py`, `uniform_initializer`;
+      Li et al. 2019 and their LM too): embeddings U(-`embed_init_scale`, `embed_init_scale`),
+      every LSTM kernel and every kernel of the posterior heads, z -> c_0, the output layer
+      (and the skip connection) U(-`init_scale`, `init_scale`); the LSTM bias the sum of two
+      such draws (PyTorch's b_ih + b_hh); dense biases zero (their linear layers have none).
+      The flow, its context head and BN-VAE keep their own initialisation (not in the
+      reference).
   """
   vocab_size: int
   embed_dim: int = 256
@@ -64,6 +76,9 @@ class VAEConfig:
   smoothness_dropout: float = 0.0
   mean_batch_norm: float = 0.0
   mean_batch_norm_epsilon: float = 1e-5
+  init: Init = "default"
+  init_scale: float = 0.01
+  embed_init_scale: float = 0.1
 
   def __post_init__(self):
     if self.vocab_size <= 4:
@@ -86,6 +101,23 @@ class VAEConfig:
       raise ValueError(f"mean_batch_norm (BN-VAE gamma) must be >= 0, got {self.mean_batch_norm}")
     if self.kl_samples < 1:
       raise ValueError(f"kl_samples must be >= 1, got {self.kl_samples}")
+    if self.init not in ("default", "uniform"):
+      raise ValueError(f"unknown init {self.init!r}; use 'default' or 'uniform'")
+    if self.init_scale <= 0 or self.embed_init_scale <= 0:
+      raise ValueError("init_scale and embed_init_scale must be > 0, got "
+                       f"{self.init_scale}, {self.embed_init_scale}")
+
+  @property
+  def weight_init_scale(self) -> float | None:
+    """The U(-s, s) scale of the LSTM and dense kernels; None for the layers' defaults."""
+    return self.init_scale if self.init == "uniform" else None
+
+  def embed(self, name: str) -> nn.Embed:
+    """A token embedding `[vocab_size, embed_dim]` initialised as `init` says."""
+    kwargs = {}
+    if self.init == "uniform":
+      kwargs["embedding_init"] = uniform_init(self.embed_init_scale)
+    return nn.Embed(self.vocab_size, self.embed_dim, name=name, **kwargs)
 
 
 @flax.struct.dataclass
@@ -148,13 +180,14 @@ class SeqVAE(nn.Module):
 
   def setup(self):
     c = self.config
-    self.encoder_embed = nn.Embed(c.vocab_size, c.embed_dim, name="encoder_embed")
+    scale = c.weight_init_scale
+    self.encoder_embed = c.embed("encoder_embed")
     self.decoder_embed = (self.encoder_embed if c.share_embedding else
-                          nn.Embed(c.vocab_size, c.embed_dim, name="decoder_embed"))
+                          c.embed("decoder_embed"))
     self.encoder = LSTMEncoder(self.encoder_embed, c.encoder_hidden_dim or c.hidden_dim,
-                               pooling=c.pooling)
+                               pooling=c.pooling, init_scale=scale)
     self.head = GaussianHead(c.latent_dim, batch_norm_gamma=c.mean_batch_norm,
-                             batch_norm_epsilon=c.mean_batch_norm_epsilon)
+                             batch_norm_epsilon=c.mean_batch_norm_epsilon, init_scale=scale)
     if c.posterior != "gaussian":
       self.flow = Flow(c.flow, c.latent_dim)
       if c.flow.amortized:
@@ -162,7 +195,7 @@ class SeqVAE(nn.Module):
     self.decoder = LSTMDecoder(self.decoder_embed, c.vocab_size, c.hidden_dim, c.latent_dim,
                                dropout_in=c.dropout_in, dropout_out=c.dropout_out,
                                word_dropout=c.word_dropout,
-                               latent_to_output=c.latent_to_output)
+                               latent_to_output=c.latent_to_output, init_scale=scale)
 
   # -- the posterior ---------------------------------------------------------------------------
 
@@ -293,10 +326,9 @@ class LSTMLanguageModel(nn.Module):
 
   def setup(self):
     c = self.config
-    self.decoder = LSTMDecoder(nn.Embed(c.vocab_size, c.embed_dim, name="embed"),
-                               c.vocab_size, c.hidden_dim, latent_dim=0,
+    self.decoder = LSTMDecoder(c.embed("embed"), c.vocab_size, c.hidden_dim, latent_dim=0,
                                dropout_in=c.dropout_in, dropout_out=c.dropout_out,
-                               word_dropout=c.word_dropout)
+                               word_dropout=c.word_dropout, init_scale=c.weight_init_scale)
 
   def __call__(self, tokens: jax.Array, deterministic: bool = False) -> LMTerms:
     mask = token_mask(tokens)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vae_jax.data.vocab import BOS, UNK
-from vae_jax.nn.lstm import LSTM
+from vae_jax.nn.lstm import LSTM, uniform_init, uniform_lstm_init
 
 State = tuple[jax.Array, jax.Array]
 
@@ -51,6 +51,10 @@ class LSTMDecoder(nn.Module):
     dropout_out: dropout on LSTM outputs before the softmax.
     word_dropout: probability of replacing an input word by UNK.
     latent_to_output: also feed z to the output layer (skip connection).
+    init_scale: None, each layer's default initialisation; s, He et al. 2019's: the LSTM as
+      `uniform_lstm_init(s)`, and the kernels of z -> c_0, of the output layer and of the skip
+      connection U(-s, s), their biases zero (He et al.'s `trans_linear` and `pred_linear`
+      have none).
   """
   embed: nn.Module
   vocab_size: int
@@ -60,14 +64,16 @@ class LSTMDecoder(nn.Module):
   dropout_out: float = 0.0
   word_dropout: float = 0.0
   latent_to_output: bool = False
+  init_scale: float | None = None
 
   def setup(self):
-    self.lstm = LSTM(self.hidden_dim)
+    kernel = {} if self.init_scale is None else {"kernel_init": uniform_init(self.init_scale)}
+    self.lstm = LSTM(self.hidden_dim, **uniform_lstm_init(self.init_scale))
     if self.latent_dim:
-      self.latent_to_cell = nn.Dense(self.hidden_dim)
-    self.output = nn.Dense(self.vocab_size)
+      self.latent_to_cell = nn.Dense(self.hidden_dim, **kernel)
+    self.output = nn.Dense(self.vocab_size, **kernel)
     if self.latent_dim and self.latent_to_output:
-      self.latent_to_logits = nn.Dense(self.vocab_size, use_bias=False)
+      self.latent_to_logits = nn.Dense(self.vocab_size, use_bias=False, **kernel)
     self.drop_in = nn.Dropout(self.dropout_in)
     self.drop_out = nn.Dropout(self.dropout_out)
 

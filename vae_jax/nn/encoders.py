@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vae_jax.nn.lstm import LSTM
+from vae_jax.nn.lstm import LSTM, uniform_init, uniform_lstm_init
 
 Pooling = Literal["last", "mean", "max", "mean_max"]
 
@@ -49,15 +49,19 @@ class LSTMEncoder(nn.Module):
     embed: the token embedding (shared with nothing by default; pass a module to share).
     hidden_dim: LSTM size.
     pooling: 'last' (h_T, METHODS §0) or a pooling over all states (METHODS §1).
+    init_scale: None, the LSTM's default initialisation; s, He et al. 2019's U(-s, s) for its
+      kernels and bias (`uniform_lstm_init`).
   """
   embed: nn.Module
   hidden_dim: int
   pooling: Pooling = "last"
+  init_scale: float | None = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     x = self.embed(tokens)
-    outputs, (_, h_last) = LSTM(self.hidden_dim, name="lstm")(x, mask)
+    lstm = LSTM(self.hidden_dim, name="lstm", **uniform_lstm_init(self.init_scale))
+    outputs, (_, h_last) = lstm(x, mask)
     return pool_states(outputs, mask, h_last, self.pooling)
 
 
@@ -73,16 +77,22 @@ class GaussianHead(nn.Module):
   Batch statistics (running
   averages at evaluation, the 'batch_stats' collection) use only the rows where `row_mask` is
   true (padding rows excluded).
+
+  `init_scale` = s draws both kernels U(-s, s) (He et al. 2019's bias-free
+  `nn.Linear(nh, 2 nz)`; the biases here start at zero, as a missing bias would); None keeps
+  flax's defaults.
   """
   latent_dim: int
   batch_norm_gamma: float = 0.0
   batch_norm_epsilon: float = 1e-5
+  init_scale: float | None = None
 
   @nn.compact
   def __call__(self, features: jax.Array, deterministic: bool = True,
                row_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    mean = nn.Dense(self.latent_dim, name="mean")(features)
-    logvar = nn.Dense(self.latent_dim, name="logvar")(features)
+    kernel = {} if self.init_scale is None else {"kernel_init": uniform_init(self.init_scale)}
+    mean = nn.Dense(self.latent_dim, name="mean", **kernel)(features)
+    logvar = nn.Dense(self.latent_dim, name="logvar", **kernel)(features)
     if self.batch_norm_gamma > 0:
       mask = None if row_mask is None else jnp.broadcast_to(row_mask[:, None], mean.shape)
       normed = nn.BatchNorm(use_running_average=deterministic, use_scale=False, use_bias=False,

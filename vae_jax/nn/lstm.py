@@ -60,10 +60,13 @@ autodiff of that scan accumulates dW_hh and dW_x with `[H, B] @ [B, 4H]` outer p
    backward slower on CPU.
 
 Initialisation. Kernels default to uniform(-0.1, 0.1), the usual choice in text-VAE code
-(Bowman et al. 2016 lineage); He et al. (2019) use uniform(-0.01, 0.01) for their LSTMs, which
-`uniform_init(0.01)` reproduces. The bias is zero plus `forget_bias` on the f block (Jozefowicz
+(Bowman et al. 2016 lineage). The bias is zero plus `forget_bias` on the f block (Jozefowicz
 et al. 2015 recommend 1.0 for long dependencies; the default 0.0 matches PyTorch-trained
-text VAEs).
+text VAEs). `uniform_lstm_init(0.01)` gives He et al. 2019's initialisation
+(jxhe/vae-lagging-encoder, `uniform_initializer(0.01)` applied to every parameter of
+`nn.LSTM`): every kernel U(-0.01, 0.01) and, since PyTorch's LSTM has two biases b_ih and b_hh
+of which only the sum enters the gates, the one bias here is drawn as the sum of two
+U(-0.01, 0.01) variables.
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ Array = jax.Array
 State = tuple[Array, Array]  # (c, h), each [B, H]
 Initializer = Callable[..., Array]
 
-__all__ = ["LSTM", "lstm_recurrence", "uniform_init"]
+__all__ = ["LSTM", "lstm_recurrence", "summed_uniform_init", "uniform_init",
+           "uniform_lstm_init"]
 
 
 def uniform_init(scale: float) -> Initializer:
@@ -89,6 +93,28 @@ def uniform_init(scale: float) -> Initializer:
     return jax.random.uniform(key, shape, dtype, minval=-scale, maxval=scale)
 
   return init
+
+
+def summed_uniform_init(scale: float, terms: int = 2) -> Initializer:
+  """The sum of `terms` independent U(-scale, scale) draws: the distribution of PyTorch's
+  b_ih + b_hh when each LSTM bias is initialised U(-scale, scale) (triangular on
+  (-2 scale, 2 scale) for two terms, standard deviation scale sqrt(terms / 3))."""
+
+  def init(key, shape, dtype=jnp.float32):
+    draws = jax.random.uniform(key, (terms, *shape), dtype, minval=-scale, maxval=scale)
+    return jnp.sum(draws, axis=0)
+
+  return init
+
+
+def uniform_lstm_init(scale: float | None) -> dict[str, Initializer]:
+  """The `LSTM` initialisers of He et al. 2019 (see the module docstring) as keyword
+  arguments: kernels U(-scale, scale), the bias a sum of two such draws. None: {} (the
+  layer's defaults)."""
+  if scale is None:
+    return {}
+  return dict(kernel_init=uniform_init(scale), recurrent_kernel_init=uniform_init(scale),
+              bias_init=summed_uniform_init(scale, 2))
 
 
 # ---------------------------------------------------------------------------------------------
