@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vae_jax import holes, metrics, text_metrics
+from vae_jax import evaluation, holes, metrics, text_metrics
 from vae_jax.data.vocab import EOS, PAD
 from vae_jax.evaluation import collect, to_host
 from vae_jax.models.cvae import CVAE, ConditionalPrior
@@ -101,31 +101,36 @@ def make_cvae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
   return batch_eval
 
 
+def flow_mi_terms(model: nn.Module, variables, post: PosteriorParams, prior: ConditionalPrior,
+                  rng: jax.Array, *, mask: jax.Array | None = None,
+                  chunk_size: int = 16) -> jax.Array:
+  """MI terms (`metrics.mutual_information_terms`) of a flow posterior in prior coordinates
+  over a set of N pairs:
+
+    t_i = log q(u_i|i) - log (1/N) sum_j q(u_i|j),  u_i = whiten_i(z_i), z_i ~ q(z|i),
+
+  with q(u|j) = q(μ_pj + σ_pj u | x_j, c_j) · prod σ_pj (change of variables; every density
+  by inverting pair j's flow). Cost O(N^2) flow inversions. `mask` drops padding rows."""
+  z, log_q, _ = model.apply(variables, post, prior, rng, 1, method=CVAE.sample_codes)
+  log_q_u = log_q[0] + 0.5 * jnp.sum(prior.logvar, axis=-1)
+  u = prior.whiten(z[0])
+
+  def pairwise(u_chunk):  # [n, d] -> [n, N]
+    zc = prior.sample(u_chunk[:, None, :])  # z = μ_pj + σ_pj u for every pair j
+    return (model.apply(variables, zc, post, method=CVAE.posterior_log_prob)
+            + 0.5 * jnp.sum(prior.logvar, axis=-1))
+
+  log_q_agg = metrics.aggregate_posterior_log_prob(u, pairwise, mask=mask, chunk_size=chunk_size)
+  return metrics.mutual_information_terms(log_q_u, log_q_agg)
+
+
 def flow_mutual_information(model: nn.Module, variables, post: PosteriorParams,
                             prior: ConditionalPrior, rng: jax.Array, *,
                             chunk_size: int = 16) -> jax.Array:
-  """I_q((x, c); u) of a flow posterior in prior coordinates over a set of N pairs:
-
-    I ~= mean_i [log q(u_i|i) - log (1/N) sum_j q(u_i|j)],  u_i = whiten_i(z_i), z_i ~ q(z|i),
-
-  with q(u|j) = q(μ_pj + σ_pj u | x_j, c_j) · prod σ_pj (change of variables; every density
-  by inverting pair j's flow). Cost O(N^2) flow inversions."""
-
-  @jax.jit
-  def mi(variables, post, prior, rng):
-    z, log_q, _ = model.apply(variables, post, prior, rng, 1, method=CVAE.sample_codes)
-    log_q_u = log_q[0] + 0.5 * jnp.sum(prior.logvar, axis=-1)
-    u = prior.whiten(z[0])
-
-    def pairwise(u_chunk):  # [n, d] -> [n, N]
-      zc = prior.sample(u_chunk[:, None, :])  # z = μ_pj + σ_pj u for every pair j
-      return (model.apply(variables, zc, post, method=CVAE.posterior_log_prob)
-              + 0.5 * jnp.sum(prior.logvar, axis=-1))
-
-    log_q_agg = metrics.aggregate_posterior_log_prob(u, pairwise, chunk_size=chunk_size)
-    return metrics.mutual_information(log_q_u, log_q_agg)
-
-  return mi(variables, post, prior, rng)
+  """I_q((x, c); u) of a flow posterior in prior coordinates: the mean of `flow_mi_terms`."""
+  return jax.jit(lambda v, p, q, r: jnp.mean(flow_mi_terms(model, v, p, q, r,
+                                                           chunk_size=chunk_size)))(
+      variables, post, prior, rng)
 
 
 def likelihood_metrics(model: nn.Module, variables, batches: Iterable[dict], rng: jax.Array, *,
@@ -155,22 +160,24 @@ def likelihood_metrics(model: nn.Module, variables, batches: Iterable[dict], rng
     rows = np.arange(len(mean))
     if mi_max_examples and mi_max_examples < len(rows):
       rows = np.sort(np.random.default_rng(0).choice(rows, mi_max_examples, replace=False))
-    post = PosteriorParams(jnp.asarray(out["post_mean"][rows]),
-                           jnp.asarray(out["post_logvar"][rows]),
-                           jnp.asarray(out["flow_context"][rows]) if "flow_context" in out
-                           else None)
-    prior = ConditionalPrior(jnp.asarray(out["prior_mean"][rows]),
-                             jnp.asarray(out["prior_logvar"][rows]))
-    mi = flow_mutual_information(model, variables, post, prior, mi_rng)
+    post = PosteriorParams(jnp.asarray(out["post_mean"]), jnp.asarray(out["post_logvar"]),
+                           jnp.asarray(out["flow_context"]) if "flow_context" in out else None)
+    prior = ConditionalPrior(jnp.asarray(out["prior_mean"]), jnp.asarray(out["prior_logvar"]))
+    terms_fn = lambda pq, rng, mask: flow_mi_terms(model, variables, *pq, rng, mask=mask)
+    result.update(evaluation.mutual_information_metrics(terms_fn, (post, prior),
+                                                        out["n_tokens"], mi_rng, set_rows=rows))
   else:
-    mi = metrics.gaussian_mutual_information(mi_rng, mean, logvar)
+    terms_fn = lambda p, rng, mask: metrics.gaussian_mi_terms(rng, *p, mask=mask)
+    result.update(evaluation.mutual_information_metrics(terms_fn, (mean, logvar),
+                                                        out["n_tokens"], mi_rng))
     if hole_samples:
       result.update(holes.gaussian_hole_metrics(hole_rng, mean, logvar,
                                                 num_samples=hole_samples))
-  result["mi"] = float(mi)
-  result["au"] = int(metrics.active_units(
-      jnp.asarray(out["code_mean"]), threshold=au_threshold,
-      independent_means=jnp.asarray(out["code_mean_b"]))[0])
+  for name in ("nll", "elbo", "kl"):
+    result[f"{name}_se"] = metrics.mean_and_stderr(
+        -out["log_px"] if name == "nll" else out[name])[1]
+  result.update(evaluation.active_unit_report(out["code_mean"], out["code_mean_b"],
+                                              au_threshold))
   result["dispersion"] = float(out["features"].astype(np.float64).var(axis=0).mean())
   if "bow_nll" in out:
     result["bow"] = float(out["bow_nll"].astype(np.float64).mean())

@@ -125,25 +125,87 @@ def collect(batch_eval: Callable, batches: Iterable[dict], rng: jax.Array, *args
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def flow_mutual_information(model: nn.Module, variables, post: PosteriorParams, rng: jax.Array,
-                            *, chunk_size: int = 16) -> jax.Array:
-  """I_q(x; z) over a set of N sentences for a posterior without a closed form (METHODS.md §6).
+# He et al. 2019 evaluate in length-sorted batches of 32 (their PTB and Yahoo runs); their MI is
+# the size-weighted average of per-batch estimates (`metrics.length_sorted_batches`).
+MI_BATCH_SIZE = 32
 
-    I ~= mean_i [log q(z_i|x_i) - log (1/N) sum_j q(z_i|x_j)],  z_i ~ q(z|x_i),
+
+def flow_mi_terms(model: nn.Module, variables, post: PosteriorParams, rng: jax.Array, *,
+                  mask: jax.Array | None = None, chunk_size: int = 16) -> jax.Array:
+  """`metrics.mutual_information_terms` for a posterior without a closed form (METHODS.md §6):
+
+    t_i = log q(z_i|x_i) - log (1/N) sum_j q(z_i|x_j),  z_i ~ q(z|x_i),
 
   with every log q(z|x_j) evaluated by inverting x_j's flow (`SeqVAE.posterior_log_prob`),
   `chunk_size` query codes against all N posteriors at a time. Cost O(N^2) flow inversions.
+  `mask` drops padding rows from the mixture (their terms are meaningless).
   """
+  z, log_q, _ = model.apply(variables, post, rng, 1, method="sample_codes")
+  pairwise = lambda zc: model.apply(variables, zc[:, None, :], post, method="posterior_log_prob")
+  log_q_agg = metrics.aggregate_posterior_log_prob(z[0], pairwise, mask=mask,
+                                                   chunk_size=chunk_size)
+  return metrics.mutual_information_terms(log_q[0], log_q_agg)
+
+
+def flow_mutual_information(model: nn.Module, variables, post: PosteriorParams, rng: jax.Array,
+                            *, chunk_size: int = 16) -> jax.Array:
+  """I_q(x; z) over a set of N sentences: the mean of `flow_mi_terms`."""
+  return jax.jit(lambda v, p, r: jnp.mean(flow_mi_terms(model, v, p, r, chunk_size=chunk_size)))(
+      variables, post, rng)
+
+
+def mutual_information_report(set_terms: np.ndarray, batch_terms: np.ndarray) -> dict[str, Any]:
+  """The MI keys of an evaluation from per-example terms (`metrics.mutual_information_terms`).
+
+  mi_per_batch: He et al. 2019's estimator (each example's mixture q(z) is its length-sorted
+    batch of at most 32, `metrics.length_sorted_batches`), the one METHODS.md §6 names and the
+    anchors of METHODS.md §7 report; `mi` is an alias of it.
+  mi_set: the mixture of the whole set (or of `mi_set_examples` of it, for flows), larger by
+    about I(batch; z) and growing with N towards the population MI.
+  Each with its standard error over examples (`metrics.mean_and_stderr`): a value within two of
+  them of zero is zero.
+  """
+  per_batch, per_batch_se = metrics.mean_and_stderr(batch_terms)
+  whole, whole_se = metrics.mean_and_stderr(set_terms)
+  return {"mi": per_batch, "mi_se": per_batch_se, "mi_per_batch": per_batch,
+          "mi_per_batch_se": per_batch_se, "mi_set": whole, "mi_set_se": whole_se,
+          "mi_set_examples": int(len(set_terms))}
+
+
+def mutual_information_metrics(terms_fn: Callable[[Any, jax.Array, Any], jax.Array],
+                               posteriors: Any, lengths: np.ndarray, rng: jax.Array, *,
+                               set_rows: np.ndarray | None = None) -> dict[str, Any]:
+  """`mutual_information_report` of a split's N posteriors.
+
+  `terms_fn(posteriors, rng, mask)` gives the MI terms of a set of posteriors (a pytree with
+  the examples on the leading axis; `mask` None or `[n]` marking the real rows), e.g.
+  `metrics.gaussian_mi_terms` (closed form; the Gaussian base of the KL-preserving mode, whose
+  MI equals that of z_K = f(z_0) as f is a bijection) or `flow_mi_terms` (densities). The whole-
+  set estimate uses `set_rows` (all by default; a subset when the cost, quadratic, matters); the
+  per-batch one He et al.'s length-sorted batches of `lengths` (e.g. tokens with EOS), one
+  compiled program for every batch. Both use the paired (sampled) first term.
+  """
+  set_rng, batch_rng = jax.random.split(rng)
+  rows = np.arange(len(lengths)) if set_rows is None else set_rows
+  subset = jax.tree.map(lambda a: a[rows], posteriors)
+  set_terms = jax.jit(lambda p, r: terms_fn(p, r, None))(subset, set_rng)
 
   @jax.jit
-  def mi(variables, post, rng):
-    z, log_q, _ = model.apply(variables, post, rng, 1, method="sample_codes")
-    pairwise = lambda zc: model.apply(variables, zc[:, None, :], post,
-                                      method="posterior_log_prob")
-    log_q_agg = metrics.aggregate_posterior_log_prob(z[0], pairwise, chunk_size=chunk_size)
-    return metrics.mutual_information(log_q[0], log_q_agg)
+  def batch_terms(indices, mask, b):
+    return terms_fn(jax.tree.map(lambda a: a[indices], posteriors),
+                    jax.random.fold_in(batch_rng, b), mask)
 
-  return mi(variables, post, rng)
+  batches = metrics.length_sorted_batches(lengths, MI_BATCH_SIZE)
+  return mutual_information_report(np.asarray(set_terms),
+                                   metrics.per_batch_terms(batch_terms, batches, len(lengths)))
+
+
+def vae_mi_terms_fn(model: nn.Module, variables) -> Callable:
+  """The `terms_fn` of `mutual_information_metrics` for a model's `PosteriorParams`."""
+  if model.config.posterior in ("gaussian", "kl_preserving"):
+    return lambda post, rng, mask: metrics.gaussian_mi_terms(rng, post.mean, post.logvar,
+                                                             mask=mask)
+  return lambda post, rng, mask: flow_mi_terms(model, variables, post, rng, mask=mask)
 
 
 def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.Array, *,
@@ -152,17 +214,17 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
                  num_prior_samples: int = 0, num_interpolations: int = 0,
                  interpolation_steps: int = 10, max_decode_length: int = 40,
                  self_bleu_max: int = 1000) -> dict[str, Any]:
-  """IW-NLL (K = k_samples), PPL, ELBO, KL, MI (whole-set estimator), AU, dispersion, hole
+  """IW-NLL (K = k_samples), PPL, ELBO, KL, MI (per batch and whole set), AU, dispersion, hole
   metrics and (optionally) generation metrics of a VAE.
 
   nll = -mean_x L_K(x); ppl = exp(-sum_x L_K(x) / sum_x (|x| + 1)); elbo is the K-sample Monte
   Carlo ELBO per sentence; kl is the KL per sentence (analytic for a Gaussian base, Monte Carlo
-  for a flow posterior); mi and au follow METHODS.md §6, au from the variance of E_q[z|x]
-  (for flows, the covariance of two independent sampled estimates of it).
-  For a Gaussian posterior MI uses the analytic entropy (He et al. 2019); otherwise the flow's
-  density (`flow_mutual_information`) on at most `mi_max_examples` sentences (a random subset;
-  0: all), its cost being quadratic. In the KL-preserving mode MI is computed on z_0, which
-  equals the MI of z_K = f(z_0) because f is a bijection.
+  for a flow posterior); each with its standard error over sentences (`nll_se`, `elbo_se`,
+  `kl_se`). MI follows METHODS.md §6 (`mutual_information_metrics`: `mi` = `mi_per_batch`, He
+  et al.'s estimator, and `mi_set`, each with its standard error); for a posterior without a
+  closed form `mi_set` uses at most `mi_max_examples` sentences (a random subset; 0: all), its
+  cost being quadratic. AU (`active_unit_report`) is from the variance of E_q[z|x] (for flows,
+  the covariance of two independent sampled estimates of it), with the per-dimension variances.
 
   dispersion: the variance across the split of the encoder feature fed to the posterior heads,
   averaged over its dimensions (Long et al. 2019's diagnostic of collapse).
@@ -185,30 +247,29 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
   log_px = out["log_px"].astype(np.float64)
   n_tokens = float(out["n_tokens"].sum())
   mean, logvar = jnp.asarray(out["mean"]), jnp.asarray(out["logvar"])
-  result = {}
+  post = PosteriorParams(mean, logvar, jnp.asarray(out["context"]) if "context" in out else None)
+  rows = np.arange(len(mean))
+  if mi_max_examples and mi_max_examples < len(rows):
+    rows = np.sort(np.random.default_rng(0).choice(rows, mi_max_examples, replace=False))
+  closed_form = model.config.posterior in ("gaussian", "kl_preserving")
+  result = mutual_information_metrics(vae_mi_terms_fn(model, variables), post, out["n_tokens"],
+                                      mi_rng, set_rows=None if closed_form else rows)
   if model.config.posterior not in ("gaussian", "kl_preserving"):  # a flow or DELLA's chain
-    rows = np.arange(len(mean))
-    if mi_max_examples and mi_max_examples < len(rows):
-      rows = np.sort(np.random.default_rng(0).choice(rows, mi_max_examples, replace=False))
-    post = PosteriorParams(mean[rows], logvar[rows],
-                           jnp.asarray(out["context"][rows]) if "context" in out else None)
-    mi = flow_mutual_information(model, variables, post, mi_rng)
-    hole, stderr = flow_hole_kl(model, variables, post, hole_rng,
-                                num_samples=min(hole_samples, 1000))
+    hole, stderr = flow_hole_kl(model, variables, jax.tree.map(lambda a: a[rows], post),
+                                hole_rng, num_samples=min(hole_samples, 1000))
     result.update(hole_kl=float(hole), hole_kl_stderr=float(stderr))
   else:
-    mi = metrics.gaussian_mutual_information(mi_rng, mean, logvar)
     result.update(holes.gaussian_hole_metrics(hole_rng, mean, logvar, num_samples=hole_samples))
   features = out["features"].astype(np.float64)
+  nll, nll_se = metrics.mean_and_stderr(-log_px)
+  elbo, elbo_se = metrics.mean_and_stderr(out["elbo"])
+  kl, kl_se = metrics.mean_and_stderr(out["kl"])
   result = {
-      "nll": float(-log_px.mean()),
+      "nll": nll, "nll_se": nll_se,
       "ppl": float(np.exp(-log_px.sum() / n_tokens)),
-      "elbo": float(out["elbo"].astype(np.float64).mean()),
-      "kl": float(out["kl"].astype(np.float64).mean()),
-      "mi": float(mi),
-      "au": int(metrics.active_units(
-          jnp.asarray(out["code_mean"]), threshold=au_threshold,
-          independent_means=jnp.asarray(out["code_mean_b"]))[0]),
+      "elbo": elbo, "elbo_se": elbo_se,
+      "kl": kl, "kl_se": kl_se,
+      **active_unit_report(out["code_mean"], out["code_mean_b"], au_threshold),
       "dispersion": float(features.var(axis=0).mean()),
       **result,
       **(layer_active_units(out["layer_means"]) if "layer_means" in out else {}),
@@ -231,6 +292,19 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
                                 self_bleu_max=self_bleu_max)
     result.update({f"interp_{k}": v for k, v in scores.items()})
   return result
+
+
+def active_unit_report(code_mean: np.ndarray, code_mean_b: np.ndarray,
+                       threshold: float = 0.01) -> dict[str, Any]:
+  """AU (`metrics.active_units`: Var_x E_q[z_k|x] > threshold) with what decides the count:
+  `au_variances`, the variance of every dimension (in dimension order), and `au_near`, the
+  number of dimensions within a factor 2 of the threshold (where the count is fragile)."""
+  au, variances = metrics.active_units(jnp.asarray(code_mean), threshold=threshold,
+                                       independent_means=jnp.asarray(code_mean_b))
+  variances = np.asarray(variances, np.float64)
+  near = int(np.sum((variances > threshold / 2) & (variances < threshold * 2)))
+  return {"au": int(au), "au_threshold": float(threshold), "au_near": near,
+          "au_variances": [float(v) for v in variances]}
 
 
 def layer_active_units(layer_means: np.ndarray,

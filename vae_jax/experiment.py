@@ -515,31 +515,35 @@ def examples_text(split: str, examples: dict[str, list]) -> str:
   return "\n".join(lines)
 
 
-COLUMNS = ("nll", "ppl", "elbo", "kl", "mi", "au", "dispersion", "hole_kl", "prior_matched_dims",
-           "prior_self_bleu", "prior_distinct_2", "recon_bleu", "k_samples", "n_sentences",
-           "n_tokens")
+COLUMNS = ("nll", "ppl", "elbo", "kl", "mi_per_batch", "mi_set", "au", "dispersion", "hole_kl",
+           "hole_kl_excess", "prior_matched_dims", "prior_self_bleu", "prior_distinct_2",
+           "recon_bleu", "k_samples", "n_sentences", "n_tokens")
 
 
-DIALOGUE_COLUMNS = ("nll", "ppl", "kl", "mi", "au", "bow", "bleu1_precision", "bleu1_recall",
+DIALOGUE_COLUMNS = ("nll", "ppl", "kl", "mi_per_batch", "mi_set", "au", "bow", "bleu1_precision", "bleu1_recall",
                     "bleu2_precision", "bleu2_recall", "bleu4_precision", "bleu4_recall",
                     "distinct_1", "distinct_2", "intra_distinct_1", "intra_distinct_2", "length",
                     "act_accuracy", "emotion_accuracy")
 
 
 def metrics_table(results: dict[str, dict]) -> str:
-  """A plain-text table: one row per split."""
+  """A plain-text table: one row per split. A value with a standard error (`<key>_se`) is
+  shown as `value±se`, and as `≈0` when it lies within two standard errors of zero."""
   dialogue_run = any("bleu1_precision" in r for r in results.values())
   columns = DIALOGUE_COLUMNS if dialogue_run else COLUMNS
   header = ["split", *columns]
-  rows = [[split] + [_fmt(r.get(c)) for c in columns] for split, r in results.items()]
+  rows = [[split] + [_fmt(r.get(c), r.get(f"{c}_se", r.get(f"{c}_stderr"))) for c in columns]
+          for split, r in results.items()]
   widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(header)]
   line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
   return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _fmt(v) -> str:
+def _fmt(v, se=None) -> str:
   if v is None:
     return "-"
+  if se is not None and isinstance(v, float) and se > 0:
+    return "≈0" if abs(v) < 2 * se else f"{_fmt(v)}±{_fmt(float(se))}"
   if isinstance(v, float):
     return f"{v:.3f}" if abs(v) < 1e5 else f"{v:.4g}"
   return str(v)

@@ -90,6 +90,18 @@ def test_flow_mutual_information_matches_the_gaussian_estimator():
   mi = evaluation.flow_mutual_information(model, variables, post, rng)
   expected = metrics.gaussian_mutual_information(rng, mean, logvar, analytic_entropy=False)
   np.testing.assert_allclose(mi, expected, atol=1e-4)
+  # Per batch too (He et al.'s length-sorted batches; lengths 3, 3, 5, 5 make two batches of
+  # two), and the whole-set key: the flow's densities and the closed form agree term by term.
+  lengths = np.array([5, 3, 5, 3])
+  got = evaluation.mutual_information_metrics(evaluation.vae_mi_terms_fn(model, variables),
+                                              post, lengths, rng)
+  gaussian = lambda p, r, m: metrics.gaussian_mi_terms(r, p.mean, p.logvar, mask=m)
+  want = evaluation.mutual_information_metrics(gaussian, post, lengths, rng)
+  for key in ("mi_per_batch", "mi_set", "mi_per_batch_se", "mi_set_se"):
+    np.testing.assert_allclose(got[key], want[key], atol=1e-4)
+  batches = metrics.length_sorted_batches(lengths, 32)
+  np.testing.assert_array_equal(batches[:, :2], [[1, 3], [0, 2]])
+  assert got["mi"] == got["mi_per_batch"] and got["mi_set"] > got["mi_per_batch"] - 0.05
 
 
 def test_flow_code_mean_converges_to_the_known_mean():
