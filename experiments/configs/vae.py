@@ -32,14 +32,15 @@ at this budget. Training runs at about 20 steps/s on 2 idle CPU cores (about 2.5
 the K = 100 evaluation takes roughly as long again on a loaded machine.
 
 Variants, applied left to right: smoke (seconds, for tests), vanilla (the default without the
-cure), ptb (PTB reference sizes, plain VAE: constant beta = 1, no cure; He et al. 2019's
-uniform initialisation), yahoo (Yahoo/Yelp sizes, plain VAE, the same initialisation), yelp
+cure), ptb (PTB reference sizes, plain VAE: constant beta = 1, no cure; He et al. 2019's uniform
+initialisation), yahoo (Yahoo/Yelp sizes, plain VAE, the same initialisation), yelp
 (yelp_style_transfer minus short_yelp test, for experiments/classify.py), anneal (linear KL
-annealing from 0.1 over the first 10 epochs, He et al. 2019), cyclical (Fu et al. 2019), free_bits (0.5 nats per dimension of the batch-mean KL,
-Kingma et al. 2016), free_bits_batch (5 nats of the batch-mean KL), beta (beta-VAE),
-ae_free_bits (Li et al. 2019 as published: autoencoder pretraining, decoder reset, free bits
-per sentence and dimension), ae_free_bits_batch (the same with batch-mean free bits),
-sgd (the reference optimiser: SGD lr 1, clip 5, halve on plateau).
+annealing from 0.1 over the first 10 epochs, He et al. 2019), cyclical (Fu et al. 2019),
+free_bits (0.5 nats per dimension of the batch-mean KL, Kingma et al. 2016), free_bits_batch (5
+nats of the batch-mean KL), beta (beta-VAE), ae_free_bits (Li et al. 2019 as published:
+autoencoder pretraining, decoder reset, free bits per sentence and dimension),
+ae_free_bits_batch (the same with batch-mean free bits), sgd (the reference optimiser: SGD lr 1,
+clip 5, halve on plateau).
 """
 
 import os
