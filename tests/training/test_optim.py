@@ -54,11 +54,59 @@ def test_learning_rate_is_changed_in_the_state():
     optim.set_hyperparams(opt_state, lr=0.1)
 
 
-def test_weight_decay_and_momentum_build():
-  for cfg in (optim.OptimizerConfig(weight_decay=0.01),
-              optim.OptimizerConfig(name='sgd', momentum=0.9, weight_decay=0.01)):
-    params, _ = _apply(optim.make_optimizer(cfg))
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+# A tiny quadratic f(theta) = sum_i a_i theta_i^2 / 2, whose gradient is a * theta.
+_A = np.array([2.0, 0.5])
+_THETA0 = np.array([1.0, -2.0])
+
+
+def _descend(cfg, steps):
+  """`steps` updates of the optimiser of `cfg` on the quadratic, from _THETA0."""
+  tx = optim.make_optimizer(cfg)
+  theta = jnp.asarray(_THETA0, jnp.float32)
+  opt_state = tx.init(theta)
+  trace = []
+  for _ in range(steps):
+    updates, opt_state = tx.update(jnp.asarray(_A, jnp.float32) * theta, opt_state, theta)
+    theta = optax.apply_updates(theta, updates)
+    trace.append(np.asarray(theta))
+  return trace
+
+
+def test_sgd_with_momentum_and_weight_decay_by_hand():
+  # SGD with momentum mu = 0.9 and L2 weight decay lambda = 0.5 (PyTorch's SGD and optax's
+  # add_decayed_weights + sgd alike): g_t = a theta_t + lambda theta_t,
+  # m_t = g_t + mu m_{t-1} (m_0 = 0), theta_{t+1} = theta_t - lr m_t, lr = 0.1.
+  #   theta_0 = ( 1,     -2   )
+  #   g_0     = ( 2.5,   -2   )   m_0 = ( 2.5,   -2   )   theta_1 = ( 0.75,   -1.8  )
+  #   g_1     = ( 1.875, -1.8 )   m_1 = ( 4.125, -3.6 )   theta_2 = ( 0.3375, -1.44 )
+  cfg = optim.OptimizerConfig(name='sgd', learning_rate=0.1, momentum=0.9, weight_decay=0.5)
+  theta_1, theta_2 = _descend(cfg, 2)
+  np.testing.assert_allclose(theta_1, [0.75, -1.8], rtol=1e-6)
+  np.testing.assert_allclose(theta_2, [0.3375, -1.44], rtol=1e-6)
+  # Without momentum and decay: theta_{t+1} = (1 - lr a) theta_t.
+  theta_1, theta_2 = _descend(optim.OptimizerConfig(name='sgd', learning_rate=0.1), 2)
+  np.testing.assert_allclose(theta_1, [0.8, -1.9], rtol=1e-6)
+  np.testing.assert_allclose(theta_2, [0.64, -1.805], rtol=1e-6)
+
+
+def test_adam_with_decoupled_weight_decay_by_hand():
+  # AdamW (Loshchilov & Hutter 2019): theta <- theta - lr (m^ / (sqrt(v^) + eps) + wd theta),
+  # m^ and v^ the bias-corrected moments of the gradient a theta (no decay in it).
+  # Step 1: m^ = g, v^ = g^2, so the Adam direction is g / (|g| + eps) = sign(g):
+  #   g_0 = (2, -1); theta_1 = (1 - 0.1 (1 + 0.01), -2 - 0.1 (-1 - 0.02)) = (0.899, -1.898).
+  lr, wd, b1, b2, eps = 0.1, 0.01, 0.9, 0.999, 1e-8
+  cfg = optim.OptimizerConfig(learning_rate=lr, weight_decay=wd)
+  theta_1, theta_2 = _descend(cfg, 2)
+  np.testing.assert_allclose(theta_1, [0.899, -1.898], rtol=1e-6)
+  # Step 2 from Adam's definition (Kingma & Ba 2015, Algorithm 1), in float64 (float32's
+  # b2 = 0.999 is off by 1.3e-8, which 1 - b2 turns into 1e-5 relative, mostly cancelled by
+  # the bias correction: hence rtol 1e-5).
+  g0, g1 = _A * _THETA0, _A * np.array([0.899, -1.898])
+  m = (1 - b1) * (b1 * g0 + g1)
+  v = (1 - b2) * (b2 * g0 ** 2 + g1 ** 2)
+  direction = (m / (1 - b1 ** 2)) / (np.sqrt(v / (1 - b2 ** 2)) + eps)
+  np.testing.assert_allclose(theta_2, np.array([0.899, -1.898]) * (1 - lr * wd) - lr * direction,
+                             rtol=1e-5)
 
 
 @pytest.mark.parametrize('kwargs, match', [
