@@ -142,7 +142,8 @@ def kl_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoc
     warmup = int(round(k.warmup_epochs * steps_per_epoch))
   return schedules.from_name(k.schedule, total_steps=total_steps, warmup_steps=warmup,
                              value=k.value, num_cycles=k.num_cycles, ratio=k.ratio,
-                             start=k.start)
+                             start=k.start, steps_per_epoch=steps_per_epoch,
+                             cycle_epochs=k.get("cycle_epochs", 2))  # 2: older runs
 
 
 def train_config(cfg: ml_collections.ConfigDict, total_steps: int,

@@ -60,12 +60,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.flow.max_log_scale = 3.0
 
   c.kl = ml_collections.ConfigDict()
-  c.kl.schedule = "constant"      # constant | linear | sigmoid | cyclical
+  c.kl.schedule = "constant"      # constant | linear | sigmoid | cyclical | della_cyclical
   c.kl.value = 1.0                # final (or constant) beta
   c.kl.start = 0.0
   c.kl.warmup_steps = 0           # linear / sigmoid
   c.kl.num_cycles = 4             # cyclical
   c.kl.ratio = 0.5                # cyclical: fraction of a cycle spent rising
+  c.kl.cycle_epochs = 2           # della_cyclical: epochs per cycle (official --cycle_iters)
   c.kl.free_bits = 0.0            # 0: off; nats per sentence, or per dimension
   c.kl.free_bits_per_dimension = False  # each dimension's KL has its own free nats
   c.kl.free_bits_per_sentence = False   # compare each sentence's KL (Li et al. 2019), not the

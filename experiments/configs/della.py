@@ -25,6 +25,9 @@ Variants, applied left to right:
   - single: DELLA with one latent (from the last layer) fused into every layer.
 - official_kl: the official code's objective, the mean of the per-layer KLs instead of their
   sum.
+- official_schedule: the official code's epoch-based cyclical KL weight (`--cycle_annealing`,
+  `--cycle_iters 2`): cycles of 2 epochs, beta = 1e-5 for the first epoch, a linear ramp to 1
+  over the next half epoch, then 1 (schedules.della_cyclical).
 """
 
 import os
@@ -146,8 +149,15 @@ def official_kl(c):
   c.kl.layer_reduction = "mean"
 
 
+def official_schedule(c):
+  c.kl.schedule = "della_cyclical"
+  c.kl.cycle_epochs = 2
+  c.kl.start = 1e-5
+  c.kl.value = 1.0
+
+
 VARIANTS = {f.__name__: f for f in (ptb, cpu, smoke, gpt2, lm, embedding, memory, softmax, nofusion,
-                                    single, official_kl)}
+                                    single, official_kl, official_schedule)}
 
 
 def get_config(variants: str = ""):
