@@ -1,7 +1,8 @@
 """The official DELLA code's KL schedule and active units (Hu et al. 2022; OpenVLG/DELLA),
 checked against hand-computed values and against plain-Python transcriptions of the official
-`train.py` (`train`) and `train_utils.py` (`calc_au`). The official IW-NLL is checked on a tiny
-DELLA against the numpy reference in tests/models/test_della.py."""
+`train.py` (`train`) and `train_utils.py` (`calc_au`). The official IW-NLL, and AU on the
+posterior means of a tiny DELLA, are checked against the numpy reference in
+tests/models/test_della.py."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiment_configs import load_config
-from vae_jax import configs, errors, schedules
+from vae_jax import configs, della_metrics, errors, schedules
 
 BETA_0 = 1e-5  # the official beta_0
 
@@ -98,3 +99,76 @@ def test_della_cyclical_argument_checks():
     cfg.kl.cycle_epochs = 1
   with pytest.raises(errors.ConfigError, match=r"--config\.kl\.cycle_epochs=1"):
     configs.check_config(cfg)
+
+
+# -- active units --------------------------------------------------------------------------------
+
+
+def official_au(first_pass_batches, second_pass_batches, delta=0.2):
+  """OpenVLG/DELLA train_utils.py `calc_au`, transcribed with numpy for torch: stage 1 sums the
+  posterior means of every batch of one pass, stage 2 the squared deviations from their mean
+  of the means of another pass."""
+  cnt = 0
+  for mean in first_pass_batches:
+    if cnt == 0:
+      means_sum = mean.sum(axis=0, keepdims=True)
+    else:
+      means_sum = means_sum + mean.sum(axis=0, keepdims=True)
+    cnt += mean.shape[0]
+  mean_mean = means_sum / cnt
+  cnt = 0
+  for mean in second_pass_batches:
+    if cnt == 0:
+      var_sum = ((mean - mean_mean) ** 2).sum(axis=0)
+    else:
+      var_sum = var_sum + ((mean - mean_mean) ** 2).sum(axis=0)
+    cnt += mean.shape[0]
+  au_var = var_sum / (cnt - 1)
+  au = (au_var >= delta).sum().item()
+  au_prop = au / mean.shape[-1]
+  return au_prop
+
+
+def test_paper_active_units_hand_example():
+  """Three sentences, three dimensions, each deciding one detail of `calc_au` (threshold 0.2):
+  dim 0: both passes (0, 0.5, 1): Σ dev² = 0.5, / (N − 1) = 0.25 >= 0.2 (the population
+    variance 1/6 would not count);
+  dim 1: pass 1 (0, 0, 0), pass 2 (0.3, 0.3, 0.3): deviations from pass 1's mean,
+    3 · 0.09 / 2 = 0.135 < 0.2, and with threshold 0.135 exactly it counts (>=);
+  dim 2: pass 1 (0, 0, 0), pass 2 (1, 1, 1): 3 / 2 = 1.5 (pass 2's own variance is 0).
+  The proportion is over all dimensions: 2/3."""
+  first = np.array([[0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [1.0, 0.0, 0.0]])
+  second = np.array([[0.0, 0.3, 1.0], [0.5, 0.3, 1.0], [1.0, 0.3, 1.0]])
+  out = della_metrics.paper_active_units(first, second)
+  assert (out["au_paper"], out["au_paper_count"], out["au_paper_threshold"]) == (2 / 3, 2, 0.2)
+  assert della_metrics.PAPER_AU_THRESHOLD == 0.2
+  exact = ((second[:, 1] - 0.0) ** 2).sum() / 2
+  assert della_metrics.paper_active_units(first, second, exact)["au_paper_count"] == 3
+  assert della_metrics.paper_active_units(first, second, 0.26)["au_paper_count"] == 1
+  assert official_au([first], [second]) == 2 / 3
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paper_active_units_against_the_official_code(seed):
+  """Fixed sampled chains: two passes of posterior means over 4 layers of d = 8 (32 units)
+  for 50 sentences in batches of 16, 16, 16, 2, spread so that the counts are neither 0 nor
+  all."""
+  rng = np.random.default_rng(seed)
+  scale = np.exp(rng.uniform(-3, 1, size=32))         # per-unit spread of the means
+  centre = rng.normal(size=32)
+  first, second = (centre + scale * rng.normal(size=(50, 32)) for _ in range(2))
+  split = lambda a: np.split(a, [16, 32, 48])
+  out = della_metrics.paper_active_units(first, second)
+  assert 0 < out["au_paper_count"] < 32
+  assert out["au_paper"] == pytest.approx(official_au(split(first), split(second)), abs=1e-12)
+  assert out["au_paper"] == out["au_paper_count"] / 32
+  for threshold in (0.01, 1.0):
+    assert della_metrics.paper_active_units(first, second, threshold)["au_paper"] == (
+        pytest.approx(official_au(split(first), split(second), threshold), abs=1e-12))
+
+
+def test_paper_active_units_argument_checks():
+  with pytest.raises(ValueError, match="at least 2"):
+    della_metrics.paper_active_units(np.zeros((1, 4)), np.zeros((1, 4)))
+  with pytest.raises(ValueError, match="two"):
+    della_metrics.paper_active_units(np.zeros((3, 4)), np.zeros((3, 5)))

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import numpy_gpt2
-from vae_jax import evaluation, losses, metrics
+from vae_jax import della_metrics, evaluation, losses, metrics
 from vae_jax.data.vocab import BOS, PAD
 from vae_jax.models.della import Della, DellaConfig
 from vae_jax.nn.transformer import TransformerConfig
@@ -196,6 +196,72 @@ def np_log_likelihood(config, params, tokens, u):
   log_p = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
   picked = np.take_along_axis(log_p, tokens[..., None], -1)[..., 0]
   return np.sum(np.where(tokens != PAD, picked, 0.0), axis=-1)
+
+
+def np_posterior_chain(config, params, r, eps):
+  """The posterior chain drawn ancestrally with noise eps `[..., n, d]` (unconditional):
+  z_l = μ_q + σ_q ε_l with the clamped heads; also the heads' raw (unclamped) means `mq_raw`.
+  Returns a dict of `[..., n, d]` arrays z, mp, lp, mq, lq, mq_raw."""
+  eps = f64(eps)
+  n, d, clamp = config.num_latents, config.latent_dim, config.clamp
+  batch = eps.shape[:-2]
+  s = z = np.zeros((*batch, d))
+  out = {k: [] for k in ("z", "mp", "lp", "mq", "lq", "mq_raw")}
+  for l in range(n):
+    if config.prior == "chain":
+      s = np.tanh(np_dense(params[f"w_hh_{l}"], s) + np_dense(params[f"w_ih_{l}"], z))
+      mp, lp = np_head(params[f"prior_{l}"], s, clamp)
+    else:
+      mp, lp = np.zeros((*batch, d)), np.zeros((*batch, d))
+    raw = np_dense(params[f"posterior_{l}"],
+                   np.concatenate([np.broadcast_to(r[:, l], (*batch, r.shape[-1])), s], -1))
+    mq, lq = np.clip(raw[..., :d], -clamp, clamp), np.clip(raw[..., d:], -clamp, clamp)
+    z = mq + np.exp(lq / 2) * eps[..., l, :]
+    for key, value in (("z", z), ("mp", mp), ("lp", lp), ("mq", mq), ("lq", lq),
+                       ("mq_raw", raw[..., :d])):
+      out[key].append(value)
+  return {k: np.stack(v, axis=-2) for k, v in out.items()}
+
+
+def np_log_weights(config, params, tokens, eps):
+  """Importance weights of the chains drawn with eps `[K, B, n, d]` for `tokens` `[B, T]`:
+  (joint `[K, B]`: log p(x|z) + Σ_l log p(z_l|z_<l) − Σ_l log q(z_l|z_<l, x), the paper's
+  `[K, B]`: the same with the layers averaged (OpenVLG/DELLA `iw_sample`), log q − log p of
+  the joint `[K, B]`)."""
+  tokens = np.asarray(tokens)
+  k, b = eps.shape[:2]
+  chain = np_posterior_chain(config, params, np_pooled(config, params, tokens), eps)
+  log_p = np_log_normal(chain["z"], chain["mp"], chain["lp"])         # [K, B, n]
+  log_q = np_log_normal(chain["z"], chain["mq"], chain["lq"])
+  u = (chain["z"] - chain["mp"]) * np.exp(-chain["lp"] / 2)
+  ll = np_log_likelihood(config, params, np.tile(tokens, (k, 1)), u.reshape(k * b, -1))
+  ll = ll.reshape(k, b)
+  return (ll + log_p.sum(-1) - log_q.sum(-1), ll + log_p.mean(-1) - log_q.mean(-1),
+          log_q.sum(-1) - log_p.sum(-1))
+
+
+def np_logmeanexp(a):
+  m = a.max(0)
+  return m + np.log(np.mean(np.exp(a - m), axis=0))
+
+
+def batch_keys(rng, index):
+  """The two keys of batch `index` of an evaluation: `evaluation.collect` and
+  `della_metrics.paper_metrics` fold the batch index into their key, and the batch functions
+  (`evaluation.make_vae_batch_eval`, `della_metrics.make_paper_batch_eval`) split it into
+  (importance-weighting key, other key)."""
+  return jax.random.split(jax.random.fold_in(rng, index))
+
+
+def iw_noise(key, k, chunk_size, shape):
+  """The noise `[K, *shape]` of K importance samples drawn with `key`: `metrics.iw_log_likelihood`
+  draws chunk i (the last one shorter when chunk_size does not divide K) with
+  `fold_in(key, i)`, and `Della.sample_codes` (like `della_metrics.paper_log_weights_fn`)
+  draws `jax.random.normal(chunk key, (chunk, *shape))`."""
+  chunk_size = min(chunk_size, k)
+  sizes = [chunk_size] * (k // chunk_size) + ([k % chunk_size] if k % chunk_size else [])
+  return np.concatenate([f64(jax.random.normal(jax.random.fold_in(key, i), (c, *shape)))
+                         for i, c in enumerate(sizes)])
 
 
 # -- the encoder -------------------------------------------------------------------------------
@@ -578,23 +644,186 @@ def test_config_sizes_and_transformer_switches():
 # -- the generic evaluation ----------------------------------------------------------------------
 
 
-def test_generic_evaluation_runs_on_della():
+def np_monte_carlo_kl(config, params, r, eps):
+  """`[B]` the mean over the chains drawn with eps `[S, B, n, d]` of log q(z|x) − log p(z)."""
+  chain = np_posterior_chain(config, params, r, eps)
+  return np.mean(np_log_normal(chain["z"], chain["mq"], chain["lq"]).sum(-1)
+                 - np_log_normal(chain["z"], chain["mp"], chain["lp"]).sum(-1), axis=0)
+
+
+def np_code_means(config, params, r, eps):
+  """Two estimates `[2, B, n·d]` of E_q[u|x], each the mean of half of the whitened chains
+  drawn with eps `[2S, B, n, d]` (the halves of `evaluation.make_vae_batch_eval`)."""
+  chain = np_posterior_chain(config, params, r, eps)
+  u = (chain["z"] - chain["mp"]) * np.exp(-chain["lp"] / 2)
+  return u.reshape(2, -1, *u.shape[1:-2], config.code_dim).mean(1)
+
+
+def test_generic_evaluation_on_della_against_numpy():
+  """`evaluation.evaluate_vae` on DELLA, its values against the numpy chain on the numpy GPT-2
+  with the same draws: IW-NLL, ELBO, PPL, the Monte Carlo KL, and AU (from the covariance of
+  two independent sample means of E_q[u|x]; per layer from the variance of the chain of
+  posterior means). evaluate_vae gives the first of the four keys split from its own to
+  `collect`; a batch's function draws the importance samples with its first key
+  (`batch_keys`, `iw_noise`), the two halves of 32 chains with the second, and the KL's chains
+  with the second folded with 1."""
   config = LAYER_WISE
   model = Della(config)
   v = random_variables(config)
+  params = v["params"]
   batches = [
       {"tokens": TOKENS, "weights": jnp.ones(3)},
       {"tokens": TOKENS[jnp.array([0, 2, 1])], "weights": jnp.array([1.0, 1.0, 0.0])},
   ]
-  out = evaluation.evaluate_vae(model, v, batches, jax.random.PRNGKey(0), k_samples=8,
-                                chunk_size=8, hole_samples=64, num_prior_samples=4,
-                                max_decode_length=6)
+  rng, k = jax.random.PRNGKey(0), 8
+  out = evaluation.evaluate_vae(model, v, batches, rng, k_samples=k, chunk_size=8,
+                                hole_samples=64, num_prior_samples=4, max_decode_length=6)
   assert out["n_sentences"] == 5
   lengths = np.sum(np.asarray(TOKENS) != PAD, -1)
-  assert out["n_tokens"] == lengths.sum() + lengths[0] + lengths[2]
-  for key in ("nll", "ppl", "elbo", "kl", "mi", "hole_kl", "dispersion", "prior_nll_per_token"):
+  n_tokens = lengths.sum() + lengths[0] + lengths[2]
+  assert out["n_tokens"] == n_tokens
+  for key in ("mi", "hole_kl", "dispersion", "prior_nll_per_token"):
     assert np.isfinite(out[key]), key
-  assert out["nll"] <= -out["elbo"] + 1e-4            # L_K >= the K-sample ELBO
   assert out["mi"] <= np.log(5) + 1e-4                # every term is at most log N
-  assert 0 <= out["au"] <= config.code_dim
-  assert len(out["au_layers_0.01"]) == L
+
+  eval_rng = jax.random.split(rng, 4)[0]
+  parts = {key: [] for key in ("log_px", "elbo", "kl", "means", "layer_means")}
+  for i, batch in enumerate(batches):
+    tokens, real = np.asarray(batch["tokens"]), np.asarray(batch["weights"]) > 0
+    r = np_pooled(config, params, tokens)
+    iw_key, other_key = batch_keys(eval_rng, i)
+    joint, _, _ = np_log_weights(config, params, tokens, iw_noise(iw_key, k, 8, (3, L, 2)))
+    noise = lambda key, n: f64(jax.random.normal(key, (n, 3, L, 2)))
+    parts["log_px"].append(np_logmeanexp(joint)[real])
+    parts["elbo"].append(joint.mean(0)[real])
+    parts["kl"].append(np_monte_carlo_kl(config, params, r,
+                                         noise(jax.random.fold_in(other_key, 1), k))[real])
+    parts["means"].append(np_code_means(config, params, r, noise(other_key, 64))[:, real])
+    parts["layer_means"].append(np_chain_of_means(config, params, r)["mq"][real])
+  log_px, elbo, kl = (np.concatenate(parts[key]) for key in ("log_px", "elbo", "kl"))
+  np.testing.assert_allclose(out["nll"], -log_px.mean(), rtol=1e-4)
+  np.testing.assert_allclose(out["elbo"], elbo.mean(), rtol=1e-4)
+  np.testing.assert_allclose(out["ppl"], np.exp(-log_px.sum() / n_tokens), rtol=1e-4)
+  np.testing.assert_allclose(out["kl"], kl.mean(), rtol=1e-4)
+  assert -log_px.mean() < -elbo.mean() - 0.1           # the IW bound is tighter here
+
+  # AU in prior coordinates: the unbiased covariance over the 5 sentences of the two estimates.
+  a, b = np.concatenate(parts["means"], axis=1)
+  variances = np.sum((a - a.mean(0)) * (b - b.mean(0)), 0) / (len(a) - 1)
+  np.testing.assert_allclose(out["au_variances"], variances, rtol=1e-3, atol=1e-6)
+  assert np.abs(np.log(variances[variances > 0] / 0.01)).min() > 0.01  # none at the threshold
+  assert out["au"] == np.sum(variances > 0.01) and 0 < out["au"] < config.code_dim
+  # Per layer: the population variance of the z-space chain of means, > t.
+  layer_variances = np.concatenate(parts["layer_means"]).var(0)      # [L, d]
+  for t in (0.01, 0.2):
+    assert np.abs(np.log(layer_variances / t)).min() > 0.01      # none at the threshold
+    per_layer = np.sum(layer_variances > t, -1)
+    assert out[f"au_layers_{t:g}"] == per_layer.tolist()
+    assert out[f"au_z_{t:g}"] == per_layer.sum()
+    np.testing.assert_allclose(out[f"au_layer_mean_{t:g}"], per_layer.mean())
+  assert 0 < out["au_z_0.01"] < config.code_dim           # neither none nor all
+
+
+# -- the official estimators (vae_jax.della_metrics) ---------------------------------------------
+
+
+def paper_batches():
+  """Two batches of the evaluation format, the second with a padding row."""
+  return [{"tokens": TOKENS, "weights": jnp.ones(3)},
+          {"tokens": TOKENS[jnp.array([0, 2, 1])], "weights": jnp.array([1.0, 1.0, 0.0])}]
+
+
+def np_paper_weights(config, params, rng, k, chunk_size):
+  """The joint's and the official log weights `[K, N]` of the 5 real sentences of
+  `paper_batches`, drawn as `della_metrics.paper_metrics(..., rng, k_samples=k,
+  chunk_size=chunk_size)` draws them (`batch_keys`, `iw_noise`)."""
+  joint, paper = [], []
+  for i, batch in enumerate(paper_batches()):
+    real = np.asarray(batch["weights"]) > 0
+    iw_key, _ = batch_keys(rng, i)
+    eps = iw_noise(iw_key, k, chunk_size, (3, config.num_latents, config.latent_dim))
+    j, p, _ = np_log_weights(config, params, batch["tokens"], eps)
+    joint.append(j[:, real])
+    paper.append(p[:, real])
+  return np.concatenate(joint, 1), np.concatenate(paper, 1)
+
+
+def test_paper_iw_nll_against_numpy():
+  """nll_paper, its standard error and ppl_paper: the official estimator (OpenVLG/DELLA
+  `calc_iwnll`, `iw_sample`) written out on the numpy chain with the same draws, K = 6 in
+  chunks of 4 and 2: log w = log p(x|z) + mean_l log p(z_l|z_<l) − mean_l log q(z_l|z_<l, x),
+  and PPL over Σ (|x| + 2) tokens (the official attention mask counts BOS). With two layers
+  the estimate is well away from the joint's on the same draws."""
+  config = LAYER_WISE
+  model = Della(config)
+  v = random_variables(config)
+  rng, k = jax.random.PRNGKey(3), 6
+  out = della_metrics.paper_metrics(model, v, paper_batches(), rng, k_samples=k, chunk_size=4)
+  joint, paper = np_paper_weights(config, v["params"], rng, k, 4)
+  log_px = np_logmeanexp(paper)
+  np.testing.assert_allclose(out["nll_paper"], -log_px.mean(), rtol=1e-4)
+  np.testing.assert_allclose(out["nll_paper_se"], log_px.std(ddof=1) / np.sqrt(5), rtol=1e-3)
+  lengths = np.sum(np.asarray(TOKENS) != PAD, -1)[[0, 1, 2, 0, 2]]  # the real rows
+  np.testing.assert_allclose(out["ppl_paper"], np.exp(-log_px.sum() / np.sum(lengths + 1)),
+                             rtol=1e-4)
+  assert abs(out["nll_paper"] + np_logmeanexp(joint).mean()) > 0.1
+
+
+def test_paper_iw_nll_is_the_iw_nll_for_one_latent():
+  """With one latent the layer average is the joint: nll_paper equals the evaluation's IW-NLL
+  on the same draws (the key of `evaluation.collect`), and both the numpy joint estimate."""
+  config = SINGLE
+  model = Della(config)
+  v = random_variables(config)
+  rng, k = jax.random.PRNGKey(4), 5
+  out = della_metrics.paper_metrics(model, v, paper_batches(), rng, k_samples=k, chunk_size=2)
+  ours = evaluation.collect(evaluation.make_vae_batch_eval(model, k, 2), paper_batches(), rng, v)
+  np.testing.assert_allclose(out["nll_paper"], -ours["log_px"].mean(), rtol=1e-6)
+  joint, paper = np_paper_weights(config, v["params"], rng, k, 2)
+  np.testing.assert_allclose(paper, joint)
+  np.testing.assert_allclose(out["nll_paper"], -np_logmeanexp(joint).mean(), rtol=1e-4)
+
+
+def test_paper_active_units_against_numpy():
+  """au_paper: OpenVLG/DELLA `calc_au` (transcribed: the mean of the stage-1 pass, the squared
+  deviations of the stage-2 pass from it, summed batch by batch, / (N − 1), >= threshold,
+  / n·d) on the posterior means of sampled chains with the draws of
+  `della_metrics.make_paper_batch_eval` (second key: ε `[2, B, n, d]`, one chain per stage),
+  the heads' raw means. The parameters push some raw means past the clamp, where the clamped
+  means would count fewer units."""
+  config = LAYER_WISE
+  model = Della(config)
+  v = random_variables(config, seed=7)
+  for l in range(L):
+    head = v["params"][f"posterior_{l}"]
+    head["kernel"] = 6.0 * head["kernel"]
+  params, rng, threshold = v["params"], jax.random.PRNGKey(1), 1.0
+  stages = {"mq_raw": ([], []), "mq": ([], [])}
+  for i, batch in enumerate(paper_batches()):
+    real = np.asarray(batch["weights"]) > 0
+    _, au_key = batch_keys(rng, i)
+    eps = f64(jax.random.normal(au_key, (2, 3, L, 2)))
+    chain = np_posterior_chain(config, params, np_pooled(config, params, batch["tokens"]), eps)
+    for key, (first, second) in stages.items():
+      first.append(chain[key][0, real].reshape(-1, config.code_dim))
+      second.append(chain[key][1, real].reshape(-1, config.code_dim))
+
+  def calc_au(first_batches, second_batches):
+    means_sum, cnt = 0.0, 0
+    for mean in first_batches:
+      means_sum, cnt = means_sum + mean.sum(0, keepdims=True), cnt + len(mean)
+    mean_mean = means_sum / cnt
+    var_sum, cnt = 0.0, 0
+    for mean in second_batches:
+      var_sum, cnt = var_sum + ((mean - mean_mean) ** 2).sum(0), cnt + len(mean)
+    au_var = var_sum / (cnt - 1)
+    return au_var, int((au_var >= threshold).sum())
+
+  variances, count = calc_au(*stages["mq_raw"])
+  assert np.abs(np.log(variances / threshold)).min() > 0.01      # none at the threshold
+  assert 0 < count < config.code_dim
+  assert calc_au(*stages["mq"])[1] < count                       # the clamp would matter
+  out = della_metrics.paper_metrics(model, v, paper_batches(), rng, k_samples=1, chunk_size=1,
+                                    au_threshold=threshold)
+  assert out["au_paper_count"] == count and out["au_paper_threshold"] == threshold
+  np.testing.assert_allclose(out["au_paper"], count / config.code_dim)

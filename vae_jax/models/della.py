@@ -313,6 +313,31 @@ class Della(nn.Module):
     post = self.encode(tokens)
     return self._chain(post.context.shape[:-1], post.context, lambda l, p, q: q[0]).post_mean
 
+  def posterior_chain(self, features: jax.Array, eps: jax.Array) -> Chain:
+    """The posterior chain drawn with standard normal noise `eps [..., n, d]` (its leading axes
+    broadcast against the batch of `features`, the pooled states of `encoder_features`):
+
+      z_l = μ_q(z_{<l}, x) + σ_q(z_{<l}, x) ε_l,   l = 1 … n,
+
+    ancestrally, as training and `sample_codes` draw it (the official code's `post_dist.sample()`
+    in every encoder pass). The official estimators of `vae_jax.della_metrics` read it."""
+    return self._chain(eps.shape[:-2], features,
+                       lambda l, prior, q: q[0] + jnp.exp(0.5 * q[1]) * eps[..., l, :])
+
+  def layer_log_probs(self, features: jax.Array,
+                      eps: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(z `[..., n, d]`, log p(z_l|z_{<l}) `[..., n]`, log q(z_l|z_{<l}, x) `[..., n]`) of the
+    posterior chain drawn with `eps` (`posterior_chain`): each layer's Gaussian log-densities
+    in z space, clamped parameters as everywhere. Their sums over l are the joint log p(z) and
+    log q(z|x); the official IW estimate averages them over l instead
+    (`vae_jax.della_metrics.paper_log_weights_fn`). With the same `eps` the codes are those of
+    `sample_codes`, whose log q(u|x) and log p(u) differ from these sums by the same whitening
+    Jacobian ½ Σ log σ_p², so log p − log q is the same in u and z."""
+    chain = self.posterior_chain(features, eps)
+    log_p = objectives.gaussian_log_prob(chain.z, chain.prior_mean, chain.prior_logvar)
+    log_q = objectives.gaussian_log_prob(chain.z, chain.post_mean, chain.post_logvar)
+    return chain.z, log_p, log_q
+
   def latents(self, u: jax.Array) -> jax.Array:
     """z `[..., L, d]` from codes u `[..., L·d]` (the prior chain, unconditional models)."""
     if self.config.conditional:
