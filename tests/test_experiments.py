@@ -113,7 +113,8 @@ def test_dg_vae_with_pooling_reports_dispersion_holes_and_generation(tmp_path):
   cfg = load_config("dg_vae", "smoke,mean_pool")
   assert cfg.kl.kind == "density_gap" and cfg.model.pooling == "mean"
   result = experiment.run(cfg, str(tmp_path))["test"]
-  assert {"dispersion", "hole_kl", "hole_kl_stderr", "marginal_kl", "prior_matched_dims",
+  assert {"dispersion", "hole_kl", "hole_kl_stderr", "hole_kl_null", "hole_kl_null_stderr",
+          "hole_kl_excess", "hole_kl_excess_stderr", "marginal_kl", "prior_matched_dims",
           "prior_self_bleu", "prior_distinct_1", "prior_distinct_2", "prior_nll_per_token",
           "interp_self_bleu", "interp_distinct_2"} <= set(result)
   assert len(result["marginal_kl"]) == cfg.model.latent_dim

@@ -231,10 +231,14 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
 
   Hole metrics (METHODS.md §2, `vae_jax.holes`) with q_agg the mixture of the split's
   posteriors: hole_kl = KL(p || q_agg) by Monte Carlo over `hole_samples` prior samples (with
-  its standard error), marginal_kl per dimension and prior_matched_dims (marginal KL < 0.03).
-  In the KL-preserving mode they are computed on z_0 (KL is invariant under the shared
-  bijection f); for a flow posterior only hole_kl, with the flow's density, on the
-  `mi_max_examples` subset (the marginals have no closed form).
+  its standard error), beside hole_kl_null, the same estimator on null sets of the same N and
+  widths whose population aggregate is the prior (its finite-mixture bias), and hole_kl_excess,
+  their difference, each with a standard error (`holes.null_calibrated_hole_kl`); marginal_kl
+  per dimension and prior_matched_dims (marginal KL < 0.03). In the KL-preserving mode they are
+  computed on z_0 (KL is invariant under the shared bijection f); for a flow posterior (and
+  DELLA's chain) the joint metrics only, with the flow's density, on the `mi_max_examples`
+  subset and at most 1,000 prior samples, the null's widths from sampled codes
+  (`flow_hole_metrics`; the marginals have no closed form).
 
   With `num_prior_samples` > 0, that many prior codes, and with `num_interpolations` > 0 that
   many random pairs of the split's sentences, each with `interpolation_steps` codes on the
@@ -255,9 +259,8 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
   result = mutual_information_metrics(vae_mi_terms_fn(model, variables), post, out["n_tokens"],
                                       mi_rng, set_rows=None if closed_form else rows)
   if model.config.posterior not in ("gaussian", "kl_preserving"):  # a flow or DELLA's chain
-    hole, stderr = flow_hole_kl(model, variables, jax.tree.map(lambda a: a[rows], post),
-                                hole_rng, num_samples=min(hole_samples, 1000))
-    result.update(hole_kl=float(hole), hole_kl_stderr=float(stderr))
+    result.update(flow_hole_metrics(model, variables, jax.tree.map(lambda a: a[rows], post),
+                                    hole_rng, num_samples=min(hole_samples, 1000)))
   else:
     result.update(holes.gaussian_hole_metrics(hole_rng, mean, logvar, num_samples=hole_samples))
   features = out["features"].astype(np.float64)
@@ -322,19 +325,30 @@ def layer_active_units(layer_means: np.ndarray,
   return out
 
 
-def flow_hole_kl(model: nn.Module, variables, post: PosteriorParams, rng: jax.Array, *,
-                 num_samples: int = 1000, chunk_size: int = 16) -> tuple[jax.Array, jax.Array]:
-  """`holes.prior_hole_kl` for any posterior family, q_agg from `SeqVAE.posterior_log_prob`
-  (flow inversions; cost O(num_samples * N)). Prior codes are decoder-space codes."""
+def flow_hole_metrics(model: nn.Module, variables, post: PosteriorParams, rng: jax.Array, *,
+                      num_samples: int = 1000, width_samples: int = 64,
+                      num_null_sets: int = holes.DEFAULT_NULL_SETS,
+                      chunk_size: int = 16) -> dict[str, Any]:
+  """`holes.null_calibrated_hole_kl` for any posterior family, as host values.
+
+  q_agg from `SeqVAE.posterior_log_prob` (flow inversions; cost O(num_samples * N)); prior
+  codes are decoder-space codes. The null sets are diagonal Gaussians whose widths are each
+  posterior's per-dimension variances, estimated from `width_samples` of its codes: a null of
+  matched widths, not of matched shapes (exact for Gaussian posteriors).
+  """
 
   @jax.jit
   def run(variables, post, rng):
+    width_rng, hole_rng = jax.random.split(rng)
+    codes, _, _ = model.apply(variables, post, width_rng, width_samples, method="sample_codes")
+    logvar = jnp.log(jnp.var(codes, axis=0, ddof=1))
     pairwise = lambda zc: model.apply(variables, zc[:, None, :], post,
                                       method="posterior_log_prob")
-    return holes.prior_hole_kl(rng, pairwise, post.mean.shape[-1], num_samples=num_samples,
-                               chunk_size=chunk_size)
+    return holes.null_calibrated_hole_kl(hole_rng, pairwise, logvar,
+                                         num_null_sets=num_null_sets, num_samples=num_samples,
+                                         chunk_size=chunk_size)
 
-  return run(variables, post, rng)
+  return holes.host_values(run(variables, post, rng))
 
 
 def interpolate_pairs(rng: jax.Array, codes: jax.Array, num_pairs: int, steps: int) -> jax.Array:

@@ -682,7 +682,8 @@ def test_generic_evaluation_on_della_against_numpy():
   lengths = np.sum(np.asarray(TOKENS) != PAD, -1)
   n_tokens = lengths.sum() + lengths[0] + lengths[2]
   assert out["n_tokens"] == n_tokens
-  for key in ("mi", "hole_kl", "dispersion", "prior_nll_per_token"):
+  for key in ("mi", "hole_kl", "hole_kl_null", "hole_kl_excess", "hole_kl_excess_stderr",
+              "dispersion", "prior_nll_per_token"):
     assert np.isfinite(out[key]), key
   assert out["mi"] <= np.log(5) + 1e-4                # every term is at most log N
 

@@ -292,7 +292,10 @@ def test_evaluation_of_flow_models(posterior, kind):
   out = evaluation.evaluate_vae(model, variables, batches, jax.random.PRNGKey(0), k_samples=16,
                                 chunk_size=4)
   assert out["n_sentences"] == 3
-  assert np.isfinite([out["nll"], out["elbo"], out["kl"], out["mi"]]).all()
+  assert np.isfinite([out[k] for k in ("nll", "elbo", "kl", "mi", "hole_kl", "hole_kl_null",
+                                         "hole_kl_excess", "hole_kl_excess_stderr")]).all()
+  np.testing.assert_allclose(out["hole_kl_excess"], out["hole_kl"] - out["hole_kl_null"],
+                             rtol=1e-4, atol=1e-5)
   assert out["nll"] <= -out["elbo"] + 1e-4          # L_K >= the K-sample ELBO
   assert 0 <= out["au"] <= D
   ids = evaluation.reconstruct(model, variables, tokens, jax.random.PRNGKey(1), 5)
