@@ -516,8 +516,8 @@ def examples_text(split: str, examples: dict[str, list]) -> str:
 
 
 COLUMNS = ("nll", "ppl", "elbo", "kl", "mi_per_batch", "mi_set", "au", "dispersion", "hole_kl",
-           "hole_kl_excess", "prior_matched_dims", "prior_self_bleu", "prior_distinct_2",
-           "recon_bleu", "k_samples", "n_sentences", "n_tokens")
+           "hole_kl_null", "hole_kl_excess", "prior_matched_dims", "prior_self_bleu",
+           "prior_distinct_2", "recon_bleu", "k_samples", "n_sentences", "n_tokens")
 
 
 DIALOGUE_COLUMNS = ("nll", "ppl", "kl", "mi_per_batch", "mi_set", "au", "bow", "bleu1_precision", "bleu1_recall",
