@@ -3,7 +3,10 @@
 BLEU is checked on hand-worked examples (the arithmetic is in the comments), among them the
 examples of Papineni et al. 2002 and the values documented in NLTK's `bleu_score` doctests;
 self-BLEU's fast path against a naive O(N^2) loop of `sentence_bleu`; BLEU precision / recall
-against a hand-worked case and a naive double loop; distinct-n on a hand example.
+against a hand-worked case and a naive double loop; distinct-n on a hand example. Sentence and
+corpus BLEU, Self-BLEU and BLEU precision / recall are also compared with NLTK's
+`nltk.translate.bleu_score` (a test dependency, pinned in pyproject.toml), with each of the
+three smoothings.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 
 import numpy as np
 import pytest
+from nltk.translate import bleu_score as nltk_bleu
 
 from vae_jax import text_metrics as tm
 
@@ -266,16 +270,97 @@ def test_average_length():
   assert tm.average_length([]) == 0.0
 
 
-def test_against_nltk_if_installed():
-  nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
+# NLTK's smoothing functions for the three smoothings here (see `tm.corpus_bleu`).
+NLTK_SMOOTHING = {"none": "method0", "epsilon": "method1", "add1": "method2"}
+
+
+def _nltk_smoothing(smoothing):
+  return getattr(nltk_bleu.SmoothingFunction(), NLTK_SMOOTHING[smoothing])
+
+
+def _noisy_copy(rng, sent, vocab, rate=0.25):
+  """`sent` with each token replaced by a random one with probability `rate`, sometimes cut."""
+  out = [str(rng.integers(vocab)) if rng.random() < rate else t for t in sent]
+  return out[:len(out) - int(rng.integers(0, 3))]
+
+
+def _bleu_corpus(rng, num=12, vocab=6):
+  """`num` hypotheses with 1 to 3 references each: the hypotheses are noisy copies of their
+  first reference (partial matches at every order), plus edge cases: an empty hypothesis, one
+  shorter than the 4-gram order, one with no match at all and an empty reference."""
+  refs, hyps = [], []
+  for _ in range(num):
+    r = [[str(t) for t in rng.integers(0, vocab, size=rng.integers(3, 13))]
+         for _ in range(rng.integers(1, 4))]
+    refs.append(r)
+    hyps.append(_noisy_copy(rng, r[0], vocab))
+  refs += [[["1", "2", "3"]], [["1", "2", "3"], ["2", "3"]], [["1", "2"]], [[], ["4", "5"]]]
+  hyps += [[], ["2", "3"], ["7", "8", "9"], ["4", "5", "4"]]
+  return refs, hyps
+
+
+def _samples(rng, num=20, vocab=6):
+  """`num` "generated" sentences: noisy copies of three templates (shared n-grams of every
+  order, as in a model's samples), a duplicate, an empty sentence and a 2-token sentence (the
+  only one of its length: its closest reference length, which excludes itself, is longer)."""
+  templates = [[str(t) for t in rng.integers(0, vocab, size=length)] for length in (5, 8, 11)]
+  sents = [_noisy_copy(rng, templates[i % 3], vocab, rate=0.3) for i in range(num - 3)]
+  return sents + [sents[0], [], templates[2][:2]]
+
+
+# NLTK's method0 warns for every zero precision (and returns BP * exp(w log 2.2e-308) instead of
+# 0, a difference below 1e-76 here).
+@pytest.mark.filterwarnings(r"ignore:\s*The hypothesis contains 0 counts:UserWarning")
+@pytest.mark.parametrize("smoothing", tm.SMOOTHINGS)
+def test_bleu_matches_nltk(smoothing):
+  """Sentence and corpus BLEU, Self-BLEU and BLEU precision / recall against NLTK's
+  `nltk.translate.bleu_score` (pure Python, no downloaded data), on random corpora over a
+  6-token vocabulary: partial matches at every order, zero-match orders, hypotheses shorter
+  than n, empty sentences, duplicates and 1 to 3 references of different lengths."""
   rng = np.random.default_rng(0)
-  refs = [[[str(t) for t in s] for s in _random_corpus(rng, 3, vocab=4, max_len=10)]
-          for _ in range(6)]
-  hyps = [[str(t) for t in s] for s in _random_corpus(rng, 3, vocab=4, max_len=10)]
-  smooth = nltk_bleu.SmoothingFunction()
-  for ours, theirs in (("none", smooth.method0), ("epsilon", smooth.method1)):
+  smooth = _nltk_smoothing(smoothing)
+  refs, hyps = _bleu_corpus(rng)
+
+  # Sentence BLEU, uniform weights for max_n = 1..4 and a non-uniform weighting.
+  scores = []
+  for max_n, weights in ((1, None), (2, None), (3, None), (4, None), (4, (0.1, 0.3, 0.5, 0.1))):
+    nltk_weights = weights or (1.0 / max_n,) * max_n
     for h, r in zip(hyps, refs):
-      expected = nltk_bleu.sentence_bleu(r, h, smoothing_function=theirs)
-      assert tm.sentence_bleu(r, h, smoothing=ours) == pytest.approx(expected, abs=1e-9)
-  expected = nltk_bleu.corpus_bleu(refs, hyps, smoothing_function=smooth.method1)
-  assert tm.corpus_bleu(refs, hyps, smoothing="epsilon") == pytest.approx(expected, abs=1e-9)
+      expected = nltk_bleu.sentence_bleu(r, h, weights=nltk_weights, smoothing_function=smooth)
+      got = tm.sentence_bleu(r, h, max_n=max_n, weights=weights, smoothing=smoothing)
+      assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
+      scores.append(got)
+  assert sum(0.05 < s < 1.0 for s in scores) >= 20      # not a corpus of zeros and ones
+
+  # Corpus BLEU: counts summed over sentences before the division, BP on summed lengths.
+  for max_n in (2, 4):
+    expected = nltk_bleu.corpus_bleu(refs, hyps, weights=(1.0 / max_n,) * max_n,
+                                     smoothing_function=smooth)
+    got = tm.corpus_bleu(refs, hyps, max_n=max_n, smoothing=smoothing)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert 0.05 < got < 1.0
+
+  # Self-BLEU as Texygen computes it: each sentence scored by NLTK's sentence BLEU against all
+  # the others as references, the scores averaged.
+  sents = _samples(rng)
+  for max_n in (2, 4):
+    weights = (1.0 / max_n,) * max_n
+    expected = np.mean([
+        nltk_bleu.sentence_bleu([s for j, s in enumerate(sents) if j != i], sents[i],
+                                weights=weights, smoothing_function=smooth)
+        for i in range(len(sents))])
+    got = tm.self_bleu(sents, max_n=max_n, smoothing=smoothing)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert 0.05 < got < 1.0
+
+  # BLEU precision / recall: BLEU-n of every (sample, single reference) pair.
+  pool = _samples(rng, 13)
+  samples, references = pool[:8], pool[8:]
+  precision, recall = tm.bleu_precision_recall(references, samples, max_n=4,
+                                               smoothing=smoothing)
+  for n in range(1, 5):
+    d = np.array([[nltk_bleu.sentence_bleu([r], h, weights=(1.0 / n,) * n,
+                                           smoothing_function=smooth) for r in references]
+                  for h in samples])
+    assert precision[n - 1] == pytest.approx(d.max(axis=1).mean(), rel=1e-12, abs=1e-15)
+    assert recall[n - 1] == pytest.approx(d.max(axis=0).mean(), rel=1e-12, abs=1e-15)
