@@ -50,7 +50,9 @@ def test_density_gap_matches_brute_force(chunk):
   eps = jax.random.normal(key, (samples, batch // b, b, dim))
   z = (mean.reshape(batch // b, b, dim) + jnp.exp(0.5 * logvar.reshape(batch // b, b, dim))
        * eps).reshape(samples, batch, dim)
-  np.testing.assert_allclose(float(got), brute_force(z, mean, logvar, weights, b), rtol=1e-4)
+  expected = brute_force(z, mean, logvar, weights, b)
+  assert expected > 0.5                  # an aggregate clearly apart from the prior
+  np.testing.assert_allclose(float(got), expected, rtol=1e-4)
 
 
 def test_density_gap_is_near_zero_when_the_aggregate_is_the_prior():
@@ -98,3 +100,84 @@ def test_density_gap_is_the_kl_term_of_the_loss():
   with pytest.raises(ValueError, match="unknown KL term"):
     losses.KLTermConfig(kind="mmd")
   assert math.isfinite(float(loss))
+
+
+def test_density_gap_gradient_in_the_loss_matches_brute_force():
+  """The loss's gradient with respect to the posterior heads is the reconstruction's gradient
+  plus β times the brute-force density gap's gradient (mixtures over chunks of 2 rows).
+
+  The posterior heads are linear, μ = F W_μ + b_μ and log σ² = F W_σ + b_σ (F `[B, h]` the
+  encoder features), so for DG(μ, log σ²), with the samples z = μ + σ ε moving with the
+  posteriors (the same ε as the loss's key),
+
+    ∂DG/∂W = Fᵀ ∂DG/∂(μ or log σ²),   ∂DG/∂b = Σ_i ∂DG/∂(μ_i or log σ²_i),
+
+  where ∂DG/∂μ and ∂DG/∂log σ² are central differences of `brute_force` in float64. This
+  fails if the gap is left out of the loss or its gradient stopped, weighted by anything but β,
+  computed from other posteriors (the prior's, the sampled codes), other samples, other rows
+  (padding included) or other chunks. The reconstruction's gradient is that of the weighted
+  mean of `rec_nll` from `model.apply` with the loss's latent and dropout keys."""
+  beta, num_samples, dim, chunk = 0.3, 3, 3, 2
+  model = SeqVAE(VAEConfig(vocab_size=11, embed_dim=8, hidden_dim=12, latent_dim=dim))
+  tokens = jnp.array([[5, 6, EOS, PAD], [7, 8, 9, EOS], [4, EOS, PAD, PAD], [5, EOS, PAD, PAD]])
+  weights = jnp.array([1.0, 1.0, 1.0, 0.0])   # the last row is padding
+  batch = {"tokens": tokens, "weights": weights}
+  params = model.init({"params": jax.random.PRNGKey(0), "latent": jax.random.PRNGKey(1)},
+                      tokens, deterministic=True)["params"]
+  # Narrow posteriors with spread means: an aggregate clearly apart from N(0, 1).
+  head = params["head"]
+  head["mean"]["kernel"] = 4.0 * head["mean"]["kernel"]
+  head["mean"]["bias"] = head["mean"]["bias"] + jnp.array([0.8, -0.5, 0.3])
+  head["logvar"]["bias"] = head["logvar"]["bias"] - 2.5
+  term = losses.KLTermConfig(kind="density_gap", density_gap_samples=num_samples,
+                             density_gap_chunk=chunk)
+  loss_fn = losses.make_vae_loss(model, optax.constant_schedule(beta), term)
+  rng = jax.random.PRNGKey(5)
+  loss, grads = jax.value_and_grad(lambda p: loss_fn(p, {}, batch, rng, 0)[0])(params)
+  latent_rng, dropout_rng, gap_rng = jax.random.split(rng, 3)
+
+  def apply(p):
+    return model.apply({"params": p}, tokens, deterministic=False,
+                       rngs={"latent": latent_rng, "dropout": dropout_rng})
+
+  def rec(p):
+    return jnp.sum(apply(p).rec_nll * weights) / jnp.sum(weights)
+
+  rec_value, rec_grads = jax.value_and_grad(rec)(params)
+  terms = apply(params)
+  features, mean, logvar = (np.asarray(a, np.float64)
+                            for a in (terms.features, terms.mean, terms.logvar))
+  for layer, value in (("mean", mean), ("logvar", logvar)):
+    np.testing.assert_allclose(
+        value, features @ np.asarray(head[layer]["kernel"]) + np.asarray(head[layer]["bias"]),
+        rtol=1e-5, atol=1e-5)
+
+  # The loss's samples, rebuilt from its key in the layout of density_gap_kl.
+  eps = np.asarray(jax.random.normal(gap_rng, (num_samples, len(tokens) // chunk, chunk, dim)),
+                   np.float64).reshape(num_samples, len(tokens), dim)
+
+  def gap(m, lv):
+    return brute_force(m + np.exp(0.5 * lv) * eps, m, lv, weights, chunk)
+
+  value = gap(mean, logvar)
+  assert value > 1.0
+  np.testing.assert_allclose(float(loss), float(rec_value) + beta * value, rtol=1e-5)
+
+  h = 1e-5
+  d_mean, d_logvar = np.zeros_like(mean), np.zeros_like(logvar)
+  for i in range(len(tokens)):
+    for k in range(dim):
+      step = np.zeros_like(mean)
+      step[i, k] = h
+      d_mean[i, k] = (gap(mean + step, logvar) - gap(mean - step, logvar)) / (2 * h)
+      d_logvar[i, k] = (gap(mean, logvar + step) - gap(mean, logvar - step)) / (2 * h)
+  np.testing.assert_array_equal(d_mean[3], 0.0)      # padding contributes nothing
+  np.testing.assert_array_equal(d_logvar[3], 0.0)
+
+  for layer, d in (("mean", d_mean), ("logvar", d_logvar)):
+    expected = {"kernel": features.T @ d, "bias": d.sum(axis=0)}
+    for name, want in expected.items():
+      kl_part = np.asarray(grads["head"][layer][name] - rec_grads["head"][layer][name])
+      scale = float(np.max(np.abs(want)))
+      assert beta * scale > 1e-3              # a gradient well above the tolerance
+      np.testing.assert_allclose(kl_part, beta * want, rtol=1e-4, atol=1e-4 * beta * scale)
