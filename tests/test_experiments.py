@@ -243,6 +243,10 @@ def test_della_from_gpt2_weights_with_its_bpe_tokenizer_trains_evaluates_reloads
   assert result["n_sentences"] == len(tokens) == 16 and result["n_tokens"] == n_tokens
   assert np.isfinite(result["nll"])
   np.testing.assert_allclose(result["ppl"], np.exp(result["nll"] * 16 / n_tokens), rtol=1e-6)
+  # The official estimators beside them: its PPL counts BOS too (|x| + 2 per sentence).
+  np.testing.assert_allclose(result["ppl_paper"],
+                             np.exp(result["nll_paper"] * 16 / (n_tokens + 16)), rtol=1e-6)
+  assert result["au_paper_count"] == result["au_paper"] * model.config.num_latents * d
   variances = np.asarray(model.apply(variables, tokens, method="layer_means"), np.float64).var(0)
   for t in (0.01, 0.2):
     per_layer = np.sum(variances > t, axis=-1)

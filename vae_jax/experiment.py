@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vae_jax import dialogue_evaluation, errors, evaluation, fileio, losses, probe, run_data
+from vae_jax import (della_metrics, dialogue_evaluation, errors, evaluation, fileio, losses,
+                     probe, run_data)
 from vae_jax import workdir as workdir_lib
 # The config readers live in `configs`, the data readers in `run_data`; their names are kept
 # here for research scripts.
@@ -337,6 +338,11 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
                                     chunk_size=cfg.eval.chunk_size,
                                     mi_max_examples=cfg.eval.mi_max_examples,
                                     **generation_kwargs(cfg))
+      if cfg.model.kind == "della":  # the official estimators beside the correct ones
+        out.update(della_metrics.paper_metrics(
+            model, variables, (mesh_lib.to_global(b, mesh) for b in batches),
+            jax.random.split(rng, 4)[0], k_samples=cfg.eval.k_samples,
+            chunk_size=cfg.eval.chunk_size))
     reconstructions = None
     if cfg.model.kind not in LM_KINDS and not is_dialogue(cfg):
       scores, reconstructions = evaluation.reconstruction_metrics(
