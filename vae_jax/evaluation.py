@@ -282,15 +282,14 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
   }
   prior_rng, interp_rng = jax.random.split(gen_rng)
   if num_prior_samples:
-    z = model.apply(variables, jax.random.normal(prior_rng, (num_prior_samples, mean.shape[1])),
-                    method="prior_code")
+    z = prior_codes(model, variables, prior_rng, num_prior_samples, mean.shape[1])
     scores = generation_metrics(model, variables, z, max_length=max_decode_length,
                                 self_bleu_max=self_bleu_max)
     result.update({f"prior_{k}": v for k, v in scores.items()})
   if num_interpolations:
     post = PosteriorParams(mean, logvar, jnp.asarray(out["context"]) if "context" in out else None)
-    codes = model.apply(variables, post, method="point_code")
-    z = interpolate_pairs(interp_rng, codes, num_interpolations, interpolation_steps)
+    z = interpolate_pairs(interp_rng, point_codes(model, variables, post), num_interpolations,
+                          interpolation_steps)
     scores = generation_metrics(model, variables, z, max_length=max_decode_length,
                                 self_bleu_max=self_bleu_max)
     result.update({f"interp_{k}": v for k, v in scores.items()})
@@ -351,6 +350,23 @@ def flow_hole_metrics(model: nn.Module, variables, post: PosteriorParams, rng: j
   return holes.host_values(run(variables, post, rng))
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def point_codes(model: nn.Module, variables, post: PosteriorParams) -> jax.Array:
+  """`[N, d]` the point code of each posterior (`point_code`), one compiled program."""
+  return model.apply(variables, post, method="point_code")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num", "latent_dim"))
+def prior_codes(model: nn.Module, variables, rng: jax.Array, num: int,
+                latent_dim: int) -> jax.Array:
+  """`[num, d]` decoder-space prior codes: z ~ N(0, I), or f(z) in the KL-preserving mode."""
+  z = jax.random.normal(rng, (num, latent_dim))
+  if has_latent(model):
+    z = model.apply(variables, z, method="prior_code")
+  return z
+
+
+@functools.partial(jax.jit, static_argnames=("num_pairs", "steps"))
 def interpolate_pairs(rng: jax.Array, codes: jax.Array, num_pairs: int, steps: int) -> jax.Array:
   """`[num_pairs * steps, d]` codes on the segments between `num_pairs` random pairs of distinct
   rows of `codes`: (1 - t) z_a + t z_b, t = 0, 1/(steps-1), ..., 1."""
@@ -490,9 +506,14 @@ def reconstruct(model: nn.Module, variables, tokens: jax.Array, rng: jax.Array,
                 max_length: int) -> jax.Array:
   """Greedy decoding from each sentence's point code (the posterior mean, or its image under the
   flow)."""
-  code = model.apply(variables, model.apply(variables, tokens, method="encode"),
+  return generate(model, variables, _encoded_point_codes(model, variables, tokens), rng,
+                  max_length=max_length, greedy=True)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _encoded_point_codes(model: nn.Module, variables, tokens: jax.Array) -> jax.Array:
+  return model.apply(variables, model.apply(variables, tokens, method="encode"),
                      method="point_code")
-  return generate(model, variables, code, rng, max_length=max_length, greedy=True)
 
 
 def sample_prior(model: nn.Module, variables, rng: jax.Array, num: int, latent_dim: int,
@@ -500,9 +521,7 @@ def sample_prior(model: nn.Module, variables, rng: jax.Array, num: int, latent_d
   """Decodes prior samples (greedily by default, as in Bowman et al. 2016): z ~ N(0, I), or
   f(z) in the KL-preserving mode."""
   z_rng, dec_rng = jax.random.split(rng)
-  z = jax.random.normal(z_rng, (num, latent_dim))
-  if has_latent(model):
-    z = model.apply(variables, z, method="prior_code")
+  z = prior_codes(model, variables, z_rng, num, latent_dim)
   return generate(model, variables, z, dec_rng, max_length=max_length, greedy=greedy)
 
 

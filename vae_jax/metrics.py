@@ -25,6 +25,7 @@ the number of samples or the chunk size are Python ints (static under `jax.jit`)
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -450,6 +451,7 @@ def gaussian_mutual_information_per_batch(rng: jax.Array, mean: jax.Array, logva
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("ddof",))
 def active_units(means: jax.Array, *, threshold: float = 0.01, mask: jax.Array | None = None,
                  ddof: int = 1,
                  independent_means: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
