@@ -158,10 +158,11 @@ def mutual_information_report(set_terms: np.ndarray, batch_terms: np.ndarray) ->
   """The MI keys of an evaluation from per-example terms (`metrics.mutual_information_terms`).
 
   mi_per_batch: He et al. 2019's estimator (each example's mixture q(z) is its length-sorted
-    batch of at most 32, `metrics.length_sorted_batches`), the one METHODS.md §6 names and the
-    anchors of METHODS.md §7 report; `mi` is an alias of it.
+    batch of at most 32, `metrics.length_sorted_batches`), the one METHODS.md §6 names and He
+    et al.'s Yahoo anchors of METHODS.md §7 report; `mi` is an alias of it.
   mi_set: the mixture of the whole set (or of `mi_set_examples` of it, for flows), larger by
-    about I(batch; z) and growing with N towards the population MI.
+    about I(batch; z) and growing with N towards the population MI; Li et al. 2019's estimator,
+    that of the PTB anchors quoted in Optimus.
   Each with its standard error over examples (`metrics.mean_and_stderr`): a value within two of
   them of zero is zero.
   """
@@ -258,11 +259,11 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
   closed_form = model.config.posterior in ("gaussian", "kl_preserving")
   result = mutual_information_metrics(vae_mi_terms_fn(model, variables), post, out["n_tokens"],
                                       mi_rng, set_rows=None if closed_form else rows)
-  if model.config.posterior not in ("gaussian", "kl_preserving"):  # a flow or DELLA's chain
+  if closed_form:
+    result.update(holes.gaussian_hole_metrics(hole_rng, mean, logvar, num_samples=hole_samples))
+  else:  # a flow or DELLA's chain
     result.update(flow_hole_metrics(model, variables, jax.tree.map(lambda a: a[rows], post),
                                     hole_rng, num_samples=min(hole_samples, 1000)))
-  else:
-    result.update(holes.gaussian_hole_metrics(hole_rng, mean, logvar, num_samples=hole_samples))
   features = out["features"].astype(np.float64)
   nll, nll_se = metrics.mean_and_stderr(-log_px)
   elbo, elbo_se = metrics.mean_and_stderr(out["elbo"])
