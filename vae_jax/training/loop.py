@@ -10,6 +10,13 @@ that never stopped.
 Steps are counted in optimiser updates: metrics, evaluations and checkpoints
 at step s describe the state after s updates; `loss_fn` receives the number of
 updates applied before its own (0 for the first batch).
+
+On accelerators the step loop keeps the devices busy: between logging, evaluation and
+checkpoint steps it neither reads a device value on the host nor sends one (the step counter
+is the host's, the state is donated to each step), and the next train batches are already on
+the devices (`mesh_lib.Prefetcher`). The only exception is aggressive training's convergence
+check, once per `check_every` inner steps. tests/training/test_accelerator_ready.py runs the
+loop under `jax.transfer_guard` to keep it so.
 """
 
 from collections.abc import Callable, Iterator, Mapping
@@ -274,8 +281,13 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def _accumulate_train(acc, out, step):
-  """Adds one step's output to the running train sums; remembers the first bad step."""
+def _accumulate_train(acc, out, steps_done):
+  """Adds one step's output to the running train sums; remembers the first bad step.
+
+  `steps_done` is the device step counter of the state the step returned (the updates applied
+  after it), so the step's own index `steps_done - 1` never has to be sent from the host.
+  """
+  step = steps_done - 1
   sums = _as_f32(out['sums'])
   finite = jnp.isfinite(out['loss']) & _all_finite(sums)
   if acc is None:
@@ -427,6 +439,16 @@ def _jit_add_sums(mesh):
 
 # The loop.
 
+# Train batches placed on the devices ahead of the step that uses them (`mesh_lib.Prefetcher`).
+PREFETCH_DEPTH = 2
+
+
+def _intended_transfers():
+  """Where the loop means to move data between host and devices (setup, logging, evaluation,
+  checkpoints): transfers are allowed there even when the caller runs the loop under
+  `jax.transfer_guard('disallow')`, which then catches any transfer in the step loop itself."""
+  return jax.transfer_guard('allow')
+
 
 def _check_iterator(train_iter) -> None:
   for name in ('state', 'restore'):
@@ -447,13 +469,12 @@ def _next_batch(train_iter, step: int) -> Batch:
     ) from None
 
 
-def _data_state(train_iter) -> dict:
-  """The iterator position to checkpoint; checked to be the same on every process.
+def _data_state(state: dict) -> dict:
+  """An iterator position (`state()`) to checkpoint; checked to be the same on every process.
 
   Only process 0's copy is written, so the state must describe the position in
   the global batch stream, not this process's shard.
   """
-  state = train_iter.state()
   if jax.process_count() > 1:
     text = json.dumps(state, sort_keys=True, default=str).encode()
     digest = np.frombuffer(hashlib.sha256(text).digest(), np.uint8)
@@ -473,30 +494,49 @@ def _peek(train_iter) -> Batch:
   return batch
 
 
+@functools.lru_cache(maxsize=32)
+def _inner_indices(n: int, mesh) -> tuple[jax.Array, ...]:
+  """The inner-step indices 0..n-1 as replicated int32 device scalars, placed once."""
+  return tuple(jax.device_put(np.asarray(i, np.int32), mesh_lib.replicated(mesh))
+               for i in range(n))
+
+
 def aggressive_inner_steps(encoder_step, state: TrainState, first_batch: Batch,
                            encoder_iter, cfg: AggressiveConfig, mesh) -> tuple[TrainState, int]:
   """Encoder-only updates until the encoder converges (He et al. 2019, Algorithm 1).
 
-  The first inner step uses the outer batch, the next ones fresh batches of `encoder_iter`.
+  The first inner step uses the outer batch, the next ones fresh batches of `encoder_iter`
+  (an iterator of local batches, or a `mesh_lib.Prefetcher` of placed ones).
   Every `check_every` steps the loss per word of the window is compared with the previous
   window's; the inner loop ends when it stopped decreasing, or after `max_inner_steps`.
+
+  The comparison decides on the host whether to take another step, so it is the one device ->
+  host transfer of the inner loop (once per `check_every` inner steps, as He et al.'s code reads
+  the loss); everything between checks is dispatched without waiting for the device.
   """
   previous = math.inf
-  window_loss, window_words = 0.0, 0.0
+  window_loss = window_words = None  # the window's sums, on the device
   batch = first_batch
+  indices = _inner_indices(cfg.max_inner_steps, mesh)
   taken = 0
   for i in range(cfg.max_inner_steps):
-    state, out = encoder_step(state, batch, jnp.asarray(i, jnp.int32))
+    state, out = encoder_step(state, batch, indices[i])
     taken += 1
-    window_loss = window_loss + out['loss'] * out['sums']['n_sentences']
-    window_words = window_words + out['sums']['n_tokens']
+    loss = out['loss'] * out['sums']['n_sentences']
+    words = out['sums']['n_tokens']
+    window_loss = loss if window_loss is None else window_loss + loss
+    window_words = words if window_words is None else window_words + words
     if (i + 1) % cfg.check_every == 0:
-      current = float(_to_host(window_loss / jnp.maximum(window_words, 1.0)))
+      with _intended_transfers():  # the convergence check
+        current = float(_to_host(window_loss / jnp.maximum(window_words, 1.0)))
       if previous - current < 0:
         break
-      previous, window_loss, window_words = current, 0.0, 0.0
+      previous, window_loss, window_words = current, None, None
     if i + 1 < cfg.max_inner_steps:
-      batch = mesh_lib.to_global(_next_batch(encoder_iter, -1), mesh)
+      if isinstance(encoder_iter, mesh_lib.Prefetcher):
+        batch = next(encoder_iter)
+      else:
+        batch = mesh_lib.to_global(_next_batch(encoder_iter, -1), mesh)
   return state, taken
 
 
@@ -525,7 +565,11 @@ class _Guard:
   def check_acc(self, acc) -> None:
     if acc is None:
       return
-    bad_step, bad_loss = _to_host((acc['first_bad_step'], acc['bad_loss']))
+    self.check_host_acc(_to_host({k: acc[k] for k in ('first_bad_step', 'bad_loss')}))
+
+  def check_host_acc(self, host_acc) -> None:
+    """`check_acc` of train sums already fetched by `_to_host`."""
+    bad_step, bad_loss = host_acc['first_bad_step'], host_acc['bad_loss']
     if bad_step >= 0:
       loss = 'the loss' if not math.isfinite(bad_loss) else 'a train sum'
       self.fail(bad_step, f'{loss} was not finite (loss={bad_loss})')
@@ -560,7 +604,10 @@ def train_and_evaluate(
     task: the method's functions.
     train_iter: infinite iterator of this process's train batches with
       `state()` / `restore()`; `state()` must be the same on every process
-      (the position in the global batch stream): process 0's is saved.
+      (the position in the global batch stream): process 0's is saved. The loop
+      reads `PREFETCH_DEPTH` batches ahead (never past `num_steps`); checkpoints
+      save the position after the batches trained on, and on return the iterator
+      is put back there.
     eval_data: split name -> zero-argument callable returning a fresh finite
       iterator of this process's batches (every process the same number).
     config: loop settings.
@@ -593,69 +640,82 @@ def train_and_evaluate(
     raise ValueError(
         'The plateau schedule (optimizer.plateau.patience) needs validation data, '
         'but eval_data is empty; pass an eval split or set patience=None.')
-  mesh = mesh if mesh is not None else mesh_lib.make_mesh()
-  opt_cfg, plateau_cfg = config.optimizer, config.optimizer.plateau
-  programs = _programs(task, opt_cfg, mesh)
-  _, _, eval_rng = _rngs(config.seed)
-
-  ckpt = checkpoint_lib.Checkpointer(
-      workdir, vocab_fingerprint=vocab_fingerprint, keep=config.keep,
-      best_metric=config.best_metric, async_save=config.async_checkpoints)
+  with _intended_transfers():
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh()
+    opt_cfg, plateau_cfg = config.optimizer, config.optimizer.plateau
+    programs = _programs(task, opt_cfg, mesh)
+    _, _, eval_rng = _rngs(config.seed)
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir, vocab_fingerprint=vocab_fingerprint, keep=config.keep,
+        best_metric=config.best_metric, async_save=config.async_checkpoints)
   guard = _Guard(ckpt, opt_cfg)
   writer = None
   bar = None
+  # The batches on the devices ahead of the step that uses them; their positions are the
+  # iterators' positions after the batches the model consumed (what checkpoints save).
+  batches = encoder_batches = None
   # Aggressive training's controller (He et al. start from a previous MI of 0).
   aggressive_state = {'active': aggressive is not None, 'previous': 0.0}
 
   def saved_position():
-    position = _data_state(train_iter)
+    position = _data_state(batches.position())
     if aggressive is None:
       return position
-    return {'train': position, 'encoder': _data_state(encoder_iter),
+    encoder = encoder_batches.position() if encoder_batches is not None else encoder_iter.state()
+    return {'train': position, 'encoder': _data_state(encoder),
             'aggressive': dict(aggressive_state)}
 
   try:
-    example_batch = _peek(train_iter)
-    resume_step = None
-    if ckpt.latest_step() is None:
-      state = init_train_state(task, opt_cfg, example_batch, config.seed, mesh)
-      if task.warm_start is not None:
-        state = state.replace(params=jax.device_put(task.warm_start(state.params),
-                                                    mesh_lib.replicated(mesh)))
-      logging.info('Initialised a new run in %s.', workdir)
-    else:
-      # The newest latest checkpoint that can be read (damaged newer ones are
-      # skipped with a warning, and deleted by discard_after below).
-      target = abstract_train_state(task, opt_cfg, example_batch, mesh)
-      state, data_state, meta = ckpt.restore_latest(target)
-      resume_step = meta['step']
-      if aggressive is not None:
-        encoder_iter.restore(data_state['encoder'])
-        aggressive_state.update(data_state['aggressive'])
-        data_state = data_state['train']
-      train_iter.restore(data_state)
-      ckpt.discard_after(resume_step)
-      # The config's learning rate and clipping apply on resume (scaled by
-      # the plateau controller), so a diverged run can resume with new ones.
-      state = programs.apply_config(state)
-      logging.info('Resumed from step %d of %s.', resume_step, workdir)
-    writer = writers.MetricWriter(workdir, resume_step=resume_step)
-    step = int(jax.device_get(state.step))
-    if resume_step is not None and step != resume_step:
-      raise ValueError(f'Checkpoint {resume_step} holds a state at step {step}; '
-                       'the checkpoint directory is inconsistent.')
+    with _intended_transfers():
+      example_batch = _peek(train_iter)
+      resume_step = None
+      if ckpt.latest_step() is None:
+        state = init_train_state(task, opt_cfg, example_batch, config.seed, mesh)
+        if task.warm_start is not None:
+          state = state.replace(params=jax.device_put(task.warm_start(state.params),
+                                                      mesh_lib.replicated(mesh)))
+        logging.info('Initialised a new run in %s.', workdir)
+      else:
+        # The newest latest checkpoint that can be read (damaged newer ones are
+        # skipped with a warning, and deleted by discard_after below).
+        target = abstract_train_state(task, opt_cfg, example_batch, mesh)
+        state, data_state, meta = ckpt.restore_latest(target)
+        resume_step = meta['step']
+        if aggressive is not None:
+          encoder_iter.restore(data_state['encoder'])
+          aggressive_state.update(data_state['aggressive'])
+          data_state = data_state['train']
+        train_iter.restore(data_state)
+        ckpt.discard_after(resume_step)
+        # The config's learning rate and clipping apply on resume (scaled by
+        # the plateau controller), so a diverged run can resume with new ones.
+        state = programs.apply_config(state)
+        logging.info('Resumed from step %d of %s.', resume_step, workdir)
+      writer = writers.MetricWriter(workdir, resume_step=resume_step)
+      step = int(jax.device_get(state.step))
+      if resume_step is not None and step != resume_step:
+        raise ValueError(f'Checkpoint {resume_step} holds a state at step {step}; '
+                         'the checkpoint directory is inconsistent.')
 
-    results: dict[str, Any] = {}
-    train_metrics: dict[str, float] = {}
-    evaluated_at = None
-    stopped_early = optim.should_stop(state.plateau, plateau_cfg)
-    if stopped_early:
-      logging.info('The run already stopped after %d learning-rate decays.',
-                   plateau_cfg.max_decays)
-    bar = writers.progress_bar(config.num_steps, step, config.progress_bar)
-    acc = None
-    inner_steps = 0
-    tick, tick_step = time.time(), step
+      results: dict[str, Any] = {}
+      train_metrics: dict[str, float] = {}
+      evaluated_at = None
+      stopped_early = optim.should_stop(state.plateau, plateau_cfg)
+      if stopped_early:
+        logging.info('The run already stopped after %d learning-rate decays.',
+                     plateau_cfg.max_decays)
+      bar = writers.progress_bar(config.num_steps, step, config.progress_bar)
+      acc = None
+      inner_steps = 0
+      tick, tick_step = time.time(), step
+      first_step = step
+      batches = mesh_lib.Prefetcher(
+          train_iter, mesh, depth=PREFETCH_DEPTH,
+          limit=0 if stopped_early else max(config.num_steps - step, 0),
+          read=lambda i: _next_batch(train_iter, first_step + i))
+      if aggressive_state['active']:
+        encoder_batches = mesh_lib.Prefetcher(
+            encoder_iter, mesh, depth=PREFETCH_DEPTH, read=lambda _: _next_batch(encoder_iter, -1))
 
     def run_eval(state, step, write=True):
       nonlocal evaluated_at
@@ -674,99 +734,118 @@ def train_and_evaluate(
       evaluated_at = step
       return out
 
+    # The step loop: nothing in it waits for the devices or reads a device value on the host
+    # (checked by tests/training/test_accelerator_ready.py); the step counter is the host's
+    # `step`, and device values are fetched only at logging, evaluation and checkpoint steps,
+    # in the `_intended_transfers` block.
     while step < config.num_steps and not stopped_early:
-      batch = mesh_lib.to_global(_next_batch(train_iter, step), mesh)
+      batch = next(batches)
       if aggressive_state['active']:
         state, taken = aggressive_inner_steps(programs.encoder_step, state, batch,
-                                              encoder_iter, aggressive, mesh)
+                                              encoder_batches, aggressive, mesh)
         inner_steps += taken
         state, out = programs.decoder_step(state, batch)
       else:
         state, out = programs.train_step(state, batch)
-      acc = programs.accumulate(acc, out, step)
+      acc = programs.accumulate(acc, out, state.step)
       step += 1
       bar.update(1)
       is_last = step == config.num_steps
-      if step % config.log_every == 0 or is_last:
-        guard.check_acc(acc)
-        host = _to_host(acc)
-        train_metrics = dict(task.summarize(host['sums']))
-        train_metrics['loss'] = host['loss'] / host['steps']
-        train_metrics['grad_norm'] = host['grad_norm'] / host['steps']
-        train_metrics['learning_rate'] = float(jax.device_get(
-            optim.get_learning_rate(state.opt_state)))
-        now = time.time()
-        train_metrics['steps_per_sec'] = (step - tick_step) / max(now - tick, 1e-9)
-        if aggressive is not None:
-          train_metrics['aggressive'] = float(aggressive_state['active'])
-          train_metrics['inner_steps'] = inner_steps / max(step - tick_step, 1)
-          inner_steps = 0
-        tick, tick_step = now, step
-        writer.write_scalars(step, 'train', train_metrics)
-        writers.log_metrics(step, 'train', train_metrics)
-        bar.set_postfix(loss=f'{train_metrics["loss"]:.4g}')
-        acc = None
-      if eval_data and (step % config.eval_every == 0 or is_last):
-        guard.check_acc(acc)
-        results.update(run_eval(state, step))
-        val = results[config.eval_split]
-        if config.best_metric not in val:
-          raise KeyError(
-              f'best_metric={config.best_metric!r} is not among the '
-              f'{config.eval_split!r} metrics {sorted(val)}; set '
-              'TrainConfig.best_metric to one of them.')
-        guard.check_state(state, step)
-        if aggressive_state['active']:
-          if aggressive.stop_metric not in val:
+      is_log = step % config.log_every == 0 or is_last
+      is_eval = bool(eval_data) and (step % config.eval_every == 0 or is_last)
+      if not (is_log or is_eval or step % config.checkpoint_every == 0 or is_last):
+        continue
+      with _intended_transfers():
+        if is_log:
+          host = _to_host({'acc': acc, 'lr': optim.get_learning_rate(state.opt_state)})
+          guard.check_host_acc(host['acc'])
+          host, lr = host['acc'], host['lr']
+          train_metrics = dict(task.summarize(host['sums']))
+          train_metrics['loss'] = host['loss'] / host['steps']
+          train_metrics['grad_norm'] = host['grad_norm'] / host['steps']
+          train_metrics['learning_rate'] = float(lr)
+          now = time.time()
+          train_metrics['steps_per_sec'] = (step - tick_step) / max(now - tick, 1e-9)
+          if aggressive is not None:
+            train_metrics['aggressive'] = float(aggressive_state['active'])
+            train_metrics['inner_steps'] = inner_steps / max(step - tick_step, 1)
+            inner_steps = 0
+          tick, tick_step = now, step
+          writer.write_scalars(step, 'train', train_metrics)
+          writers.log_metrics(step, 'train', train_metrics)
+          bar.set_postfix(loss=f'{train_metrics["loss"]:.4g}')
+          acc = None
+        if is_eval:
+          guard.check_acc(acc)
+          results.update(run_eval(state, step))
+          val = results[config.eval_split]
+          if config.best_metric not in val:
             raise KeyError(
-                f'aggressive.stop_metric={aggressive.stop_metric!r} is not among the '
-                f'{config.eval_split!r} metrics {sorted(val)}.')
-          value = float(val[aggressive.stop_metric])
-          if value - aggressive_state['previous'] < 0:
-            aggressive_state['active'] = False
-            logging.info('Validation %s fell from %.4f to %.4f: aggressive training ends at '
-                         'step %d.', aggressive.stop_metric, aggressive_state['previous'],
-                         value, step)
-          aggressive_state['previous'] = value
-        if ckpt.maybe_save_best(step, state, saved_position(), val):
-          logging.info('New best %s=%.4f at step %d.', config.best_metric,
-                       val[config.best_metric], step)
-        if plateau_cfg.enabled:
-          decays = int(jax.device_get(state.plateau.num_decays))
-          state = programs.apply_plateau(state, val[config.best_metric])
-          if int(jax.device_get(state.plateau.num_decays)) > decays:
-            lr = float(jax.device_get(optim.get_learning_rate(state.opt_state)))
-            logging.info('Validation %s has not improved for %d evaluations: '
-                         'learning rate decayed to %g (decay %d).',
-                         config.best_metric, plateau_cfg.patience, lr, decays + 1)
-            if config.reload_best_on_decay and ckpt.best_step() is not None:
-              ckpt.wait()
-              try:
-                best, _, meta = ckpt.restore_best(abstract_train_state(
-                    task, opt_cfg, example_batch, mesh))
-                state = state.replace(params=best.params, model_state=best.model_state)
-                logging.info('Continuing from the best parameters (step %d).', meta['step'])
-              except errors.CheckpointError as e:
-                logging.warning('Continuing from the current parameters: %s', e)
-          if optim.should_stop(state.plateau, plateau_cfg):
-            stopped_early = True
-            logging.info('Stopping early at step %d: the learning rate was decayed '
-                         '%d times (max_decays).', step, plateau_cfg.max_decays)
-      if step % config.checkpoint_every == 0 or is_last or stopped_early:
-        guard.check_acc(acc)
-        guard.check_state(state, step)
-        ckpt.save_latest(step, state, saved_position(), train_metrics)
+                f'best_metric={config.best_metric!r} is not among the '
+                f'{config.eval_split!r} metrics {sorted(val)}; set '
+                'TrainConfig.best_metric to one of them.')
+          guard.check_state(state, step)
+          if aggressive_state['active']:
+            if aggressive.stop_metric not in val:
+              raise KeyError(
+                  f'aggressive.stop_metric={aggressive.stop_metric!r} is not among the '
+                  f'{config.eval_split!r} metrics {sorted(val)}.')
+            value = float(val[aggressive.stop_metric])
+            if value - aggressive_state['previous'] < 0:
+              aggressive_state['active'] = False
+              logging.info('Validation %s fell from %.4f to %.4f: aggressive training ends at '
+                           'step %d.', aggressive.stop_metric, aggressive_state['previous'],
+                           value, step)
+            aggressive_state['previous'] = value
+          if ckpt.maybe_save_best(step, state, saved_position(), val):
+            logging.info('New best %s=%.4f at step %d.', config.best_metric,
+                         val[config.best_metric], step)
+          if plateau_cfg.enabled:
+            decays = int(jax.device_get(state.plateau.num_decays))
+            state = programs.apply_plateau(state, val[config.best_metric])
+            if int(jax.device_get(state.plateau.num_decays)) > decays:
+              lr = float(jax.device_get(optim.get_learning_rate(state.opt_state)))
+              logging.info('Validation %s has not improved for %d evaluations: '
+                           'learning rate decayed to %g (decay %d).',
+                           config.best_metric, plateau_cfg.patience, lr, decays + 1)
+              if config.reload_best_on_decay and ckpt.best_step() is not None:
+                ckpt.wait()
+                try:
+                  best, _, meta = ckpt.restore_best(abstract_train_state(
+                      task, opt_cfg, example_batch, mesh))
+                  state = state.replace(params=best.params, model_state=best.model_state)
+                  logging.info('Continuing from the best parameters (step %d).', meta['step'])
+                except errors.CheckpointError as e:
+                  logging.warning('Continuing from the current parameters: %s', e)
+            if optim.should_stop(state.plateau, plateau_cfg):
+              stopped_early = True
+              logging.info('Stopping early at step %d: the learning rate was decayed '
+                           '%d times (max_decays).', step, plateau_cfg.max_decays)
+        if step % config.checkpoint_every == 0 or is_last or stopped_early:
+          guard.check_acc(acc)
+          guard.check_state(state, step)
+          ckpt.save_latest(step, state, saved_position(), train_metrics)
 
-    if eval_data and evaluated_at != step:
-      # Nothing trained (already finished or stopped): report the final state;
-      # its metrics are in the log already.
-      results.update(run_eval(state, step, write=False))
+    with _intended_transfers():
+      if eval_data and evaluated_at != step:
+        # Nothing trained (already finished or stopped): report the final state;
+        # its metrics are in the log already.
+        results.update(run_eval(state, step, write=False))
     results.update(step=step, stopped_early=stopped_early, train=train_metrics)
     return results
   finally:
-    if bar is not None:
-      bar.close()
-    ckpt.wait()
-    ckpt.close()
-    if writer is not None:
-      writer.close()
+    with _intended_transfers():
+      # The iterators stand after the batches the model consumed, as if nothing was read ahead.
+      for prefetched in (batches, encoder_batches):
+        if prefetched is not None:
+          try:
+            prefetched.rewind()
+          except Exception as e:  # pylint: disable=broad-except  (never hide the real error)
+            logging.warning('Could not put a data iterator back after the batches read '
+                            'ahead: %s', e)
+      if bar is not None:
+        bar.close()
+      ckpt.wait()
+      ckpt.close()
+      if writer is not None:
+        writer.close()
