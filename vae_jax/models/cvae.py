@@ -273,9 +273,7 @@ class CVAE(nn.Module):
   def log_likelihood(self, tokens: jax.Array, cond: jax.Array,
                      deterministic: bool = True) -> jax.Array:
     """log p(x|c,z) `[B]` for the conditioning vector `cond` = `condition(c, z)`."""
-    mask = token_mask(tokens)
-    logits = self.decoder(tokens, mask, cond, deterministic=deterministic)
-    return -objectives.token_nll(logits, tokens, mask)
+    return -self.decoder.nll(tokens, token_mask(tokens), cond, deterministic=deterministic)
 
   def bow_log_likelihood(self, tokens: jax.Array, cond: jax.Array) -> jax.Array:
     """sum_t log p_bow(x_t|c,z) over the real tokens (EOS included, as Zhao et al.)."""

@@ -274,9 +274,7 @@ class SeqVAE(nn.Module):
   def log_likelihood(self, tokens: jax.Array, z: jax.Array,
                      deterministic: bool = True) -> jax.Array:
     """log p(x|z) `[B]` (summed over tokens, EOS included)."""
-    mask = token_mask(tokens)
-    logits = self.decoder(tokens, mask, z, deterministic=deterministic)
-    return -objectives.token_nll(logits, tokens, mask)
+    return -self.decoder.nll(tokens, token_mask(tokens), z, deterministic=deterministic)
 
   def __call__(self, tokens: jax.Array, deterministic: bool = False) -> VAETerms:
     c = self.config
@@ -332,8 +330,7 @@ class LSTMLanguageModel(nn.Module):
 
   def __call__(self, tokens: jax.Array, deterministic: bool = False) -> LMTerms:
     mask = token_mask(tokens)
-    logits = self.decoder(tokens, mask, None, deterministic=deterministic)
-    return LMTerms(rec_nll=objectives.token_nll(logits, tokens, mask),
+    return LMTerms(rec_nll=self.decoder.nll(tokens, mask, None, deterministic=deterministic),
                    n_tokens=jnp.sum(mask, axis=-1))
 
   def final_hidden(self, tokens: jax.Array) -> jax.Array:

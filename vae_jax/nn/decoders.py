@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from vae_jax.data.vocab import BOS, UNK
 from vae_jax.nn.lstm import LSTM, uniform_init, uniform_lstm_init
+from vae_jax.nn.output import OutputLayer
 
 State = tuple[jax.Array, jax.Array]
 
@@ -71,7 +72,7 @@ class LSTMDecoder(nn.Module):
     self.lstm = LSTM(self.hidden_dim, **uniform_lstm_init(self.init_scale))
     if self.latent_dim:
       self.latent_to_cell = nn.Dense(self.hidden_dim, **kernel)
-    self.output = nn.Dense(self.vocab_size, **kernel)
+    self.output = OutputLayer(self.hidden_dim, self.vocab_size, **kernel)
     if self.latent_dim and self.latent_to_output:
       self.latent_to_logits = nn.Dense(self.vocab_size, use_bias=False, **kernel)
     self.drop_in = nn.Dropout(self.dropout_in)
@@ -88,6 +89,21 @@ class LSTMDecoder(nn.Module):
   def __call__(self, tokens: jax.Array, mask: jax.Array, z: jax.Array | None,
                deterministic: bool = True) -> jax.Array:
     """Teacher-forced logits `[B, T, V]` for targets `tokens` (`w_1 … w_n EOS PAD …`)."""
+    return self._logits(self._outputs(tokens, mask, z, deterministic), z, time_axis=True)
+
+  def nll(self, tokens: jax.Array, mask: jax.Array, z: jax.Array | None,
+          deterministic: bool = True) -> jax.Array:
+    """-log p(tokens | z) `[B]`, summed over the real tokens: the teacher-forced logits'
+    token NLL, computed without materialising them twice (`output.linear_softmax_nll`)."""
+    outputs = self._outputs(tokens, mask, z, deterministic)
+    skip = None
+    if self.latent_dim and self.latent_to_output:
+      skip = self.latent_to_logits(z)
+    return self.output.nll(outputs, tokens, mask, seq_bias=skip)
+
+  def _outputs(self, tokens: jax.Array, mask: jax.Array, z: jax.Array | None,
+               deterministic: bool) -> jax.Array:
+    """`[B, T, H]` the LSTM's outputs after output dropout (the softmax layer's input)."""
     inputs = shift_right(tokens)
     if not deterministic and self.word_dropout > 0:
       inputs = word_dropout(self.make_rng("dropout"), inputs, self.word_dropout)
@@ -96,8 +112,7 @@ class LSTMDecoder(nn.Module):
     state = self.initial_state(z, tokens.shape[0])
     static = z if self.latent_dim else None
     outputs, _ = self.lstm(x, mask, initial_state=state, static_inputs=static)
-    outputs = self.drop_out(outputs, deterministic=deterministic)
-    return self._logits(outputs, z, time_axis=True)
+    return self.drop_out(outputs, deterministic=deterministic)
 
   def final_hidden(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """`[B, H]` the state after reading `BOS w_1 … w_n` (the one that predicts EOS): a
