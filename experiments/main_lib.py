@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vae_jax import errors
+from vae_jax.training import host_memory
 
 FLAGS = flags.FLAGS
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -161,7 +162,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(define_flags: Callable[[flags.FlagValues], None], main: Callable) -> None:
-  """Defines the flags and runs `main` under absl with clear errors."""
+  """Defines the flags and runs `main` under absl with clear errors.
+
+  First of all, before any computation starts XLA's threads, malloc is set to keep freed
+  memory (`host_memory.retain_freed_memory`: without it XLA:CPU's per-step buffers are mapped
+  and zero-filled afresh at every step).
+  """
+  host_memory.retain_freed_memory()
   try:
     define_flags(FLAGS)  # parses the default config, with the `--config.*` overrides in argv
   except (flags.Error, KeyError, AttributeError, ValueError) as e:
