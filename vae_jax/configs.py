@@ -50,7 +50,8 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> VAEConfig:
       smoothness_dropout=m.smoothness_dropout, mean_batch_norm=m.get("mean_batch_norm", 0.0),
       mean_batch_norm_epsilon=m.get("mean_batch_norm_epsilon", 1e-5),
       init=m.get("init", "default"), init_scale=m.get("init_scale", 0.01),
-      embed_init_scale=m.get("embed_init_scale", 0.1))
+      embed_init_scale=m.get("embed_init_scale", 0.1),
+      matmul_dtype=m.get("matmul_dtype", "float32"))
 
 
 def cvae_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> CVAEConfig:

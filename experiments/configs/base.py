@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init = "default"        # LSTM VAE / LM: default | uniform (He et al. 2019: LSTM and
   c.model.init_scale = 0.01       #   dense kernels U(-init_scale, init_scale), embeddings
   c.model.embed_init_scale = 0.1  #   U(-embed_init_scale, embed_init_scale))
+  c.model.matmul_dtype = "float32"  # LSTM models: "bfloat16" matmul operands, f32 accumulation
   c.model.flow = ml_collections.ConfigDict()
   c.model.flow.kind = "iaf"       # planar | iaf | coupling
   c.model.flow.num_layers = 4

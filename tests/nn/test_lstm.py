@@ -330,3 +330,30 @@ def test_recurrence_offset_broadcast_gradient():
     return jnp.sum(ys ** 2) + jnp.sum(c)
 
   assert_close(jax.grad(f)(bias, False), jax.grad(f)(bias, True), 1e-6)
+
+
+def test_bfloat16_matmuls_follow_the_float32_layer():
+  """matmul_dtype=bfloat16 rounds the matmul operands only: outputs and gradients stay within
+  bf16 rounding (~1e-2 relative) of the float32 reference, are float32, and differ from it."""
+  x, z, state = make_inputs(3, True, True)
+  exact = lstm_lib.LSTM(H)
+  mixed = lstm_lib.LSTM(H, matmul_dtype=jnp.bfloat16)
+  params = init_params(exact, x, z)
+  mask = make_mask(LENGTHS)
+  wy = jnp.asarray(np.random.default_rng(8).normal(size=(B, T, H)), jnp.float32)
+
+  def loss(model, params, x):
+    y, (c, h) = model.apply(params, x, mask, initial_state=state, static_inputs=z)
+    return jnp.sum(wy * y) + jnp.sum(c) + jnp.sum(h)
+
+  want = jax.value_and_grad(functools.partial(loss, exact), argnums=(0, 1))(params, x)
+  got = jax.jit(jax.value_and_grad(functools.partial(loss, mixed), argnums=(0, 1)))(params, x)
+  np.testing.assert_allclose(got[0], want[0], rtol=2e-2)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(g, w, rtol=0.1, atol=0.03 * float(jnp.max(jnp.abs(w))))
+  assert float(got[0]) != float(want[0])
+  # Decoding step by step uses the same matmul dtype.
+  (c1, h1), y1 = mixed.apply(params, state, x[:, 0], static_inputs=z, method="step")
+  y_all, _ = mixed.apply(params, x[:, :1], initial_state=state, static_inputs=z)
+  np.testing.assert_allclose(y1, y_all[:, 0], rtol=1e-5, atol=1e-6)

@@ -58,6 +58,10 @@ class VAEConfig:
       such draws (PyTorch's b_ih + b_hh); dense biases zero (their linear layers have none).
       The flow, its context head and BN-VAE keep their own initialisation (not in the
       reference).
+  matmul_dtype: 'float32' (default), or 'bfloat16': the LSTMs' and the output layer's matmuls
+    take bfloat16 operands and accumulate in float32 (parameters, states, gates, the softmax
+    and the optimiser stay float32); about 1.8x the float32 matmul rate on CPUs with
+    AVX512-BF16 and the usual mixed precision on accelerators.
   """
   vocab_size: int
   embed_dim: int = 256
@@ -79,6 +83,7 @@ class VAEConfig:
   init: Init = "default"
   init_scale: float = 0.01
   embed_init_scale: float = 0.1
+  matmul_dtype: str = "float32"
 
   def __post_init__(self):
     if self.vocab_size <= 4:
@@ -103,9 +108,16 @@ class VAEConfig:
       raise ValueError(f"kl_samples must be >= 1, got {self.kl_samples}")
     if self.init not in ("default", "uniform"):
       raise ValueError(f"unknown init {self.init!r}; use 'default' or 'uniform'")
+    if self.matmul_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"matmul_dtype must be 'float32' or 'bfloat16', got {self.matmul_dtype!r}")
     if self.init_scale <= 0 or self.embed_init_scale <= 0:
       raise ValueError("init_scale and embed_init_scale must be > 0, got "
                        f"{self.init_scale}, {self.embed_init_scale}")
+
+  @property
+  def lstm_matmul_dtype(self):
+    """None (float32 matmuls) or jnp.bfloat16, for the LSTMs and the output layer."""
+    return None if self.matmul_dtype == "float32" else jnp.dtype(self.matmul_dtype)
 
   @property
   def weight_init_scale(self) -> float | None:
@@ -185,7 +197,8 @@ class SeqVAE(nn.Module):
     self.decoder_embed = (self.encoder_embed if c.share_embedding else
                           c.embed("decoder_embed"))
     self.encoder = LSTMEncoder(self.encoder_embed, c.encoder_hidden_dim or c.hidden_dim,
-                               pooling=c.pooling, init_scale=scale)
+                               pooling=c.pooling, init_scale=scale,
+                               matmul_dtype=c.lstm_matmul_dtype)
     self.head = GaussianHead(c.latent_dim, batch_norm_gamma=c.mean_batch_norm,
                              batch_norm_epsilon=c.mean_batch_norm_epsilon, init_scale=scale)
     if c.posterior != "gaussian":
@@ -195,7 +208,8 @@ class SeqVAE(nn.Module):
     self.decoder = LSTMDecoder(self.decoder_embed, c.vocab_size, c.hidden_dim, c.latent_dim,
                                dropout_in=c.dropout_in, dropout_out=c.dropout_out,
                                word_dropout=c.word_dropout,
-                               latent_to_output=c.latent_to_output, init_scale=scale)
+                               latent_to_output=c.latent_to_output, init_scale=scale,
+                               matmul_dtype=c.lstm_matmul_dtype)
 
   # -- the posterior ---------------------------------------------------------------------------
 
@@ -326,7 +340,8 @@ class LSTMLanguageModel(nn.Module):
     c = self.config
     self.decoder = LSTMDecoder(c.embed("embed"), c.vocab_size, c.hidden_dim, latent_dim=0,
                                dropout_in=c.dropout_in, dropout_out=c.dropout_out,
-                               word_dropout=c.word_dropout, init_scale=c.weight_init_scale)
+                               word_dropout=c.word_dropout, init_scale=c.weight_init_scale,
+                               matmul_dtype=c.lstm_matmul_dtype)
 
   def __call__(self, tokens: jax.Array, deterministic: bool = False) -> LMTerms:
     mask = token_mask(tokens)

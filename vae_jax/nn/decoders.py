@@ -13,6 +13,8 @@ With `latent_dim = 0` the same module is the LSTM language model (zero initial s
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,8 @@ class LSTMDecoder(nn.Module):
       `uniform_lstm_init(s)`, and the kernels of z -> c_0, of the output layer and of the skip
       connection U(-s, s), their biases zero (He et al.'s `trans_linear` and `pred_linear`
       have none).
+    matmul_dtype: None (float32), or the dtype of the LSTM's and the output layer's matmul
+      operands (e.g. `jnp.bfloat16`), accumulating in float32.
   """
   embed: nn.Module
   vocab_size: int
@@ -66,13 +70,16 @@ class LSTMDecoder(nn.Module):
   word_dropout: float = 0.0
   latent_to_output: bool = False
   init_scale: float | None = None
+  matmul_dtype: Any = None
 
   def setup(self):
     kernel = {} if self.init_scale is None else {"kernel_init": uniform_init(self.init_scale)}
-    self.lstm = LSTM(self.hidden_dim, **uniform_lstm_init(self.init_scale))
+    self.lstm = LSTM(self.hidden_dim, matmul_dtype=self.matmul_dtype,
+                     **uniform_lstm_init(self.init_scale))
     if self.latent_dim:
       self.latent_to_cell = nn.Dense(self.hidden_dim, **kernel)
-    self.output = OutputLayer(self.hidden_dim, self.vocab_size, **kernel)
+    self.output = OutputLayer(self.hidden_dim, self.vocab_size,
+                              matmul_dtype=self.matmul_dtype, **kernel)
     if self.latent_dim and self.latent_to_output:
       self.latent_to_logits = nn.Dense(self.vocab_size, use_bias=False, **kernel)
     self.drop_in = nn.Dropout(self.dropout_in)

@@ -8,7 +8,7 @@ switch here, so every model can use either.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -51,16 +51,19 @@ class LSTMEncoder(nn.Module):
     pooling: 'last' (h_T, METHODS §0) or a pooling over all states (METHODS §1).
     init_scale: None, the LSTM's default initialisation; s, He et al. 2019's U(-s, s) for its
       kernels and bias (`uniform_lstm_init`).
+    matmul_dtype: the LSTM's matmul operand dtype (None: float32; see `LSTM`).
   """
   embed: nn.Module
   hidden_dim: int
   pooling: Pooling = "last"
   init_scale: float | None = None
+  matmul_dtype: Any = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     x = self.embed(tokens)
-    lstm = LSTM(self.hidden_dim, name="lstm", **uniform_lstm_init(self.init_scale))
+    lstm = LSTM(self.hidden_dim, name="lstm", matmul_dtype=self.matmul_dtype,
+                **uniform_lstm_init(self.init_scale))
     outputs, (_, h_last) = lstm(x, mask)
     return pool_states(outputs, mask, h_last, self.pooling)
 

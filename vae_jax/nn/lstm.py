@@ -157,12 +157,15 @@ def _put(x: Array, value: Array, t: Array) -> Array:
   return jax.lax.dynamic_update_index_in_dim(x, value, t, axis=1)
 
 
-def _forward_loop(x_proj, offset, mask, c0, h0, w_hh, unroll, save_residuals):
+def _forward_loop(x_proj, offset, mask, c0, h0, w_hh, unroll, save_residuals,
+                  matmul_dtype=None):
   """Runs the masked recurrence; optionally stacks what the backward pass needs."""
   four_h, steps, batch = x_proj.shape
   hidden = four_h // 4
   dtype = x_proj.dtype
-  w_hh_t = w_hh.T  # [4H, H], transposed once, outside the loop.
+  w_hh_t = w_hh.T  # [4H, H], transposed (and cast) once, outside the loop.
+  if matmul_dtype is not None:
+    w_hh_t = w_hh_t.astype(matmul_dtype)
   stacked = lambda f: jnp.zeros((f, steps, batch), dtype)
   buffers = {"y": stacked(hidden)}
   if save_residuals:
@@ -170,7 +173,7 @@ def _forward_loop(x_proj, offset, mask, c0, h0, w_hh, unroll, save_residuals):
 
   def body(t, carry):
     c, h, bufs = carry
-    a = _at(x_proj, t) + offset + jnp.dot(w_hh_t, h)
+    a = _at(x_proj, t) + offset + _dot(w_hh_t, h, _MM, matmul_dtype)
     act = _gate_activations(a)
     i, f, g, o = _split4(act)
     c_new = f * c + i * g
@@ -198,14 +201,32 @@ def _sum_steps(x: Array, keep_batch: bool) -> Array:
   return jnp.dot(x.reshape(f, -1), jnp.ones((x.shape[1] * x.shape[2],), x.dtype))[:, None]
 
 
-def _project(x: Array, w_ih: Array) -> Array:
+def _dot(a: Array, b: Array, dims, matmul_dtype: Any) -> Array:
+  """`dot_general(a, b, dims)`; with a `matmul_dtype` (e.g. bfloat16) the operands are cast
+  to it and the products accumulated in float32 (the result is float32)."""
+  if matmul_dtype is None:
+    return jax.lax.dot_general(a, b, dims)
+  return jax.lax.dot_general(a.astype(matmul_dtype), b.astype(matmul_dtype), dims,
+                             preferred_element_type=jnp.float32)
+
+
+_MM = (((1,), (0,)), ((), ()))  # a @ b
+_NT = (((1,), (1,)), ((), ()))  # a @ b^T
+
+
+def _project(x: Array, w_ih: Array, matmul_dtype: Any = None) -> Array:
   """(x_t W_x)^T for all steps: `[D, T, B]`, `[D, 4H]` -> `[4H, T, B]`, one matmul."""
-  return jax.lax.dot_general(w_ih, x, (((0,), (0,)), ((), ())))
+  if matmul_dtype is None:
+    return jax.lax.dot_general(w_ih, x, (((0,), (0,)), ((), ())))
+  # [4H, D] @ [D, T*B]: XLA:CPU runs mixed-precision dots only in this plain layout.
+  d, steps, batch = x.shape
+  return _dot(w_ih.T, x.reshape(d, steps * batch), _MM, matmul_dtype).reshape(-1, steps, batch)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def lstm_recurrence(x: Array, w_ih: Array, offset: Array, mask: Array, c0: Array, h0: Array,
-                    w_hh: Array, unroll: int = 1) -> tuple[Array, State]:
+                    w_hh: Array, unroll: int = 1, matmul_dtype: Any = None
+                    ) -> tuple[Array, State]:
   """The masked LSTM over a whole sequence, feature-major, with a hand-written VJP.
 
   Args:
@@ -216,22 +237,27 @@ def lstm_recurrence(x: Array, w_ih: Array, offset: Array, mask: Array, c0: Array
     c0, h0: `[H, B]` initial state (transposed).
     w_hh: `[H, 4H]` recurrent kernel.
     unroll: loop unroll factor (forward and backward).
+    matmul_dtype: None (matmuls in the inputs' dtype), or e.g. `jnp.bfloat16`: every matmul of
+      the forward and backward passes takes operands cast to it and accumulates in float32;
+      the state, gates and gradients stay float32.
 
   Returns:
     (`[H, T, B]` outputs y_t (0 at padded steps), (c_T, h_T) each `[H, B]`).
   """
-  buffers, final = _forward_loop(_project(x, w_ih), offset, mask, c0, h0, w_hh, unroll, False)
+  buffers, final = _forward_loop(_project(x, w_ih, matmul_dtype), offset, mask, c0, h0, w_hh,
+                                 unroll, False, matmul_dtype)
   return buffers["y"], final
 
 
-def _recurrence_fwd(x, w_ih, offset, mask, c0, h0, w_hh, unroll):
-  buffers, final = _forward_loop(_project(x, w_ih), offset, mask, c0, h0, w_hh, unroll, True)
+def _recurrence_fwd(x, w_ih, offset, mask, c0, h0, w_hh, unroll, matmul_dtype):
+  buffers, final = _forward_loop(_project(x, w_ih, matmul_dtype), offset, mask, c0, h0, w_hh,
+                                 unroll, True, matmul_dtype)
   residuals = (x, w_ih, buffers["act"], buffers["c_prev"], buffers["h_prev"], mask, w_hh,
                offset)
   return (buffers["y"], final), residuals
 
 
-def _recurrence_bwd(unroll, residuals, cotangents):
+def _recurrence_bwd(unroll, matmul_dtype, residuals, cotangents):
   x, w_ih, acts, c_prev, h_prev, mask, w_hh, offset = residuals
   dys, (dc_t, dh_t) = cotangents
   four_h, steps, batch = acts.shape
@@ -250,6 +276,7 @@ def _recurrence_bwd(unroll, residuals, cotangents):
                        tanh_c * o * (1.0 - o)], axis=0)
   dys = mask[None] * dys
   block = jax.lax.broadcasted_iota(jnp.int32, (4, 1, 1), 0)
+  w_hh_loop = w_hh if matmul_dtype is None else w_hh.astype(matmul_dtype)
 
   def body(k, carry):
     dc, dh, d_acts = carry
@@ -259,7 +286,7 @@ def _recurrence_bwd(unroll, residuals, cotangents):
     dc_new = m * dc + dh_new * _at(q, t)
     da = jnp.where(block == 3, dh_new[None], dc_new[None]) * _at(p, t).reshape(4, hidden, batch)
     da = da.reshape(four_h, batch)
-    dh_prev = (1.0 - m) * dh + jnp.dot(w_hh, da)
+    dh_prev = (1.0 - m) * dh + _dot(w_hh_loop, da, _MM, matmul_dtype)
     dc_prev = (1.0 - m) * dc + dc_new * _at(f, t)
     return dc_prev, dh_prev, _put(d_acts, da, t)
 
@@ -268,12 +295,12 @@ def _recurrence_bwd(unroll, residuals, cotangents):
   # The weight gradients are single matmuls over all T*B positions (contracting the
   # trailing (T, B) axes), instead of T outer products inside the loop.
   d_flat = d_acts.reshape(four_h, steps * batch)
-  nt = (((1,), (1,)), ((), ()))
-  dw_hh = jax.lax.dot_general(h_prev.reshape(hidden, steps * batch), d_flat, nt)
-  dw_ih = jax.lax.dot_general(x.reshape(x.shape[0], steps * batch), d_flat, nt)
-  dx = jnp.dot(w_ih, d_flat).reshape(x.shape)
+  dw_hh = _dot(h_prev.reshape(hidden, steps * batch), d_flat, _NT, matmul_dtype)
+  dw_ih = _dot(x.reshape(x.shape[0], steps * batch), d_flat, _NT, matmul_dtype)
+  dx = _dot(w_ih, d_flat, _MM, matmul_dtype).reshape(x.shape)
   d_offset = _sum_steps(d_acts, keep_batch=offset.shape[1] != 1)
-  return dx, dw_ih, d_offset, jnp.zeros_like(mask), dc0, dh0, dw_hh
+  return (dx.astype(x.dtype), dw_ih.astype(w_ih.dtype), d_offset, jnp.zeros_like(mask), dc0,
+          dh0, dw_hh.astype(w_hh.dtype))
 
 
 lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -296,6 +323,8 @@ class LSTM(nn.Module):
     forget_bias: constant added to the forget-gate block of the bias at initialisation.
     unroll: unroll factor of the forward and backward loops (1 is fastest on CPU).
     param_dtype: parameter dtype (computation follows the inputs' dtype, promoted with it).
+    matmul_dtype: None, or the dtype the matmuls' operands are cast to (e.g. `jnp.bfloat16`),
+      accumulating in float32; the state, gates and parameters keep their dtype.
   """
   features: int
   kernel_init: Initializer = uniform_init(0.1)
@@ -304,6 +333,7 @@ class LSTM(nn.Module):
   forget_bias: float = 0.0
   unroll: int = 1
   param_dtype: Any = jnp.float32
+  matmul_dtype: Any = None
 
   @nn.compact
   def _params(self, in_features: int, static_features: int | None):
@@ -365,7 +395,8 @@ class LSTM(nn.Module):
     offset = self._offset(bias, kernel_static, static_inputs)
     offset = offset.T if offset.ndim == 2 else offset[:, None]
     ys, (c_t, h_t) = lstm_recurrence(jnp.transpose(inputs, (2, 1, 0)), kernel_ih, offset,
-                                     mask_tm, c0.T, h0.T, kernel_hh, self.unroll)
+                                     mask_tm, c0.T, h0.T, kernel_hh, self.unroll,
+                                     self.matmul_dtype)
     return jnp.transpose(ys, (2, 1, 0)), (c_t.T, h_t.T)
 
   def step(self, state: State, x: Array, static_inputs: Array | None = None,
@@ -385,8 +416,9 @@ class LSTM(nn.Module):
     static_features = None if static_inputs is None else static_inputs.shape[-1]
     kernel_ih, kernel_hh, bias, kernel_static = self._params(x.shape[-1], static_features)
     c, h = state
-    a = jnp.dot(x, kernel_ih) + self._offset(bias, kernel_static, static_inputs)
-    a = a + jnp.dot(h, kernel_hh)
+    a = (_dot(x, kernel_ih, _MM, self.matmul_dtype)
+         + self._offset(bias, kernel_static, static_inputs))
+    a = a + _dot(h, kernel_hh, _MM, self.matmul_dtype)
     i, f, g, o = _split4(_gate_activations(a, axis=-1), axis=-1)
     c_new = f * c + i * g
     h_new = o * jnp.tanh(c_new)

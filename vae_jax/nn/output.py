@@ -30,6 +30,7 @@ logits for step-by-step decoding.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -45,10 +46,17 @@ def _flat(x: Array, features: int) -> Array:
   return x.reshape(-1, features)
 
 
+def _matmul(a: Array, b: Array, matmul_dtype: Any) -> Array:
+  """a @ b accumulated in float32, the operands cast to `matmul_dtype` when given."""
+  if matmul_dtype is not None:
+    a, b = a.astype(matmul_dtype), b.astype(matmul_dtype)
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
 def _logits(h2: Array, kernel: Array, bias: Array | None, seq_bias: Array | None,
-            steps: int) -> Array:
+            steps: int, matmul_dtype: Any = None) -> Array:
   """`[N, V]` logits of the flattened `[N, H]` hidden states (N = sequences × steps)."""
-  logits = jnp.dot(h2, kernel, preferred_element_type=jnp.float32)
+  logits = _matmul(h2, kernel, matmul_dtype)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   if seq_bias is not None:
@@ -79,36 +87,38 @@ def _log_normaliser(logits: Array) -> Array:
   return jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[:, 0]
 
 
-def _forward(hidden, kernel, bias, seq_bias, targets, mask):
+def _forward(hidden, kernel, bias, seq_bias, targets, mask, matmul_dtype):
   steps = targets.shape[-1]
   h2 = _flat(hidden, hidden.shape[-1])
   flat_targets = targets.reshape(-1)
-  logits = _logits(h2, kernel, bias, seq_bias, steps)
+  logits = _logits(h2, kernel, bias, seq_bias, steps, matmul_dtype)
   lse = _log_normaliser(logits)
   token_nll = (lse - _target_logits(h2, kernel, bias, seq_bias, flat_targets, steps))
   token_nll = token_nll.reshape(targets.shape) * mask.astype(jnp.float32)
   return jnp.sum(token_nll, axis=-1), (h2, logits, lse)
 
 
-@jax.custom_vjp
-def _fused_nll(hidden, kernel, bias, seq_bias, targets, mask):
-  return _forward(hidden, kernel, bias, seq_bias, targets, mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused_nll(hidden, kernel, bias, seq_bias, targets, mask, matmul_dtype):
+  return _forward(hidden, kernel, bias, seq_bias, targets, mask, matmul_dtype)[0]
 
 
-def _fused_nll_fwd(hidden, kernel, bias, seq_bias, targets, mask):
-  nll, (h2, logits, lse) = _forward(hidden, kernel, bias, seq_bias, targets, mask)
+def _fused_nll_fwd(hidden, kernel, bias, seq_bias, targets, mask, matmul_dtype):
+  nll, (h2, logits, lse) = _forward(hidden, kernel, bias, seq_bias, targets, mask,
+                                    matmul_dtype)
   return nll, (hidden, h2, kernel, bias, seq_bias, targets, mask, logits, lse)
 
 
-def _fused_nll_bwd(residuals, g):
+def _fused_nll_bwd(matmul_dtype, residuals, g):
   hidden, h2, kernel, bias, seq_bias, targets, mask, logits, lse = residuals
   n, v = logits.shape
   coef = (g[..., None] * mask.astype(jnp.float32)).reshape(-1)  # [N]
   # dNLL/dlogits = c (softmax - onehot(y)), in one elementwise pass (no scatter, no copy).
   is_target = jax.lax.broadcasted_iota(jnp.int32, (n, v), 1) == targets.reshape(-1, 1)
   p = (jnp.exp(logits - lse[:, None]) - is_target.astype(jnp.float32)) * coef[:, None]
-  d_kernel = jnp.dot(h2.T.astype(jnp.float32), p).astype(kernel.dtype)
-  d_hidden = jnp.dot(p, kernel.T.astype(jnp.float32)).reshape(hidden.shape).astype(hidden.dtype)
+  d_kernel = _matmul(h2.T.astype(jnp.float32), p, matmul_dtype).astype(kernel.dtype)
+  d_hidden = _matmul(p, kernel.T.astype(jnp.float32), matmul_dtype).reshape(
+      hidden.shape).astype(hidden.dtype)
   d_bias = None
   if bias is not None:
     # A matrix-vector product: XLA:CPU's reductions over a leading axis are slow.
@@ -125,7 +135,8 @@ _fused_nll.defvjp(_fused_nll_fwd, _fused_nll_bwd)
 
 
 def linear_softmax_nll(hidden: Array, kernel: Array, bias: Array | None, targets: Array,
-                       mask: Array, seq_bias: Array | None = None) -> Array:
+                       mask: Array, seq_bias: Array | None = None,
+                       matmul_dtype: Any = None) -> Array:
   """Per-sequence NLL of `targets` under softmax(hidden W + b + seq_bias), fused.
 
   Equal to `objectives.token_nll(hidden @ kernel + bias + seq_bias[..., None, :], targets,
@@ -140,6 +151,8 @@ def linear_softmax_nll(hidden: Array, kernel: Array, bias: Array | None, targets
     mask: `[..., T]` 1 for real tokens (EOS included), 0 for padding.
     seq_bias: `[..., V]` a per-sequence addition to the logits (e.g. a skip connection from
       z), or None.
+    matmul_dtype: None (float32 matmuls), or e.g. `jnp.bfloat16`: the three matmuls take
+      operands cast to it and accumulate in float32; the softmax stays float32.
 
   Returns:
     `[...]` the NLL summed over each sequence's real tokens (f32).
@@ -149,7 +162,7 @@ def linear_softmax_nll(hidden: Array, kernel: Array, bias: Array | None, targets
                      "must agree on [..., T]")
   if seq_bias is not None and seq_bias.shape != targets.shape[:-1] + kernel.shape[-1:]:
     raise ValueError(f"seq_bias {seq_bias.shape} must be {targets.shape[:-1]} + [V]")
-  return _fused_nll(hidden, kernel, bias, seq_bias, targets, mask)
+  return _fused_nll(hidden, kernel, bias, seq_bias, targets, mask, matmul_dtype)
 
 
 class OutputLayer(nn.Module):
@@ -157,11 +170,13 @@ class OutputLayer(nn.Module):
   (`kernel` [in_features, V], `bias` [V]) and initialisers.
 
   `__call__(h)` returns logits (decoding); `nll(h, targets, mask, seq_bias)` the per-sequence
-  NLL through `linear_softmax_nll`.
+  NLL through `linear_softmax_nll`. `matmul_dtype` (e.g. bfloat16): the matmuls' operand dtype,
+  accumulating in float32.
   """
   in_features: int
   vocab_size: int
   use_bias: bool = True
+  matmul_dtype: Any = None
   kernel_init: Callable[..., Any] = nn.initializers.lecun_normal()
   bias_init: Callable[..., Any] = nn.initializers.zeros_init()
 
@@ -172,9 +187,16 @@ class OutputLayer(nn.Module):
                  if self.use_bias else None)
 
   def __call__(self, hidden: Array) -> Array:
-    logits = jax.lax.dot_general(hidden, self.kernel, (((hidden.ndim - 1,), (0,)), ((), ())))
+    kernel = self.kernel
+    kwargs = {}
+    if self.matmul_dtype is not None:
+      hidden, kernel = hidden.astype(self.matmul_dtype), kernel.astype(self.matmul_dtype)
+      kwargs["preferred_element_type"] = jnp.float32
+    logits = jax.lax.dot_general(hidden, kernel, (((hidden.ndim - 1,), (0,)), ((), ())),
+                                 **kwargs)
     return logits if self.bias is None else logits + self.bias
 
   def nll(self, hidden: Array, targets: Array, mask: Array,
           seq_bias: Array | None = None) -> Array:
-    return linear_softmax_nll(hidden, self.kernel, self.bias, targets, mask, seq_bias)
+    return linear_softmax_nll(hidden, self.kernel, self.bias, targets, mask, seq_bias,
+                              self.matmul_dtype)
