@@ -60,6 +60,8 @@ from vae_jax.training import host_memory, loop, mesh as mesh_lib, optim  # noqa:
 flags.DEFINE_string("data_dir", "../shared/data", "Folder with ptb/ (and yahoo/).")
 flags.DEFINE_list("sizes", ["ptb", "yahoo_on_ptb"], "Model sizes: ptb, yahoo_on_ptb, yahoo.")
 flags.DEFINE_list("optimizers", ["sgd", "adam"], "sgd (lr 1, clip 5) and/or adam (1e-3, clip 5).")
+flags.DEFINE_list("matmul_dtypes", ["float32"],
+                  "float32 and/or bfloat16 (model.matmul_dtype; named e.g. 'sgd_bf16').")
 flags.DEFINE_enum("batching", "reference", ["reference", "pipeline"],
                   "The reference's equal-length batches, or the training pipeline's.")
 flags.DEFINE_float("dropout", 0.5, "Decoder dropout on its input and output.")
@@ -133,10 +135,10 @@ def pipeline_batches(size: dict, seed: int) -> tuple[list, Vocab, str]:
   return [next(it) for _ in range(FLAGS.steps)], vocab, source + ", pipeline batches"
 
 
-def make_task(vocab_size: int, size: dict) -> loop.Task:
+def make_task(vocab_size: int, size: dict, matmul_dtype: str = "float32") -> loop.Task:
   cfg = VAEConfig(vocab_size=vocab_size, embed_dim=size["embed_dim"],
                   hidden_dim=size["hidden_dim"], latent_dim=LATENT, dropout_in=FLAGS.dropout,
-                  dropout_out=FLAGS.dropout, init="uniform")
+                  dropout_out=FLAGS.dropout, init="uniform", matmul_dtype=matmul_dtype)
   model = SeqVAE(cfg)
   return loop.Task(
       init_fn=lambda rng, b: model.init({"params": rng, "latent": rng}, b["tokens"]),
@@ -158,9 +160,10 @@ def bench_train(name: str, ceiling: float) -> list[dict]:
   mean_len = real_tokens / sum(float(np.sum(b["weights"])) for b in host_batches)
   flops = common.lstm_vae_flops_per_token(size["embed_dim"], size["hidden_dim"], len(vocab),
                                           LATENT, mean_len, train=True)
-  task = make_task(len(vocab), size)
   records = []
-  for opt_name in FLAGS.optimizers:
+  variants = [(o, d) for d in FLAGS.matmul_dtypes for o in FLAGS.optimizers]
+  for opt_name, dtype in variants:
+    task = make_task(len(vocab), size, dtype)
     opt_cfg = OPTIMIZERS[opt_name]
     state = loop.init_train_state(task, opt_cfg, host_batches[0], FLAGS.seed, mesh)
     step = loop.make_train_step(task, optim.make_optimizer(opt_cfg), mesh)
@@ -180,7 +183,8 @@ def bench_train(name: str, ceiling: float) -> list[dict]:
     rates = [real_tokens / t for t in times]
     tps = statistics.median(rates)
     records.append({
-        "size": name, "optimizer": opt_name, "dropout": FLAGS.dropout, "data": source,
+        "size": name, "optimizer": opt_name + ("" if dtype == "float32" else "_bf16"),
+        "matmul_dtype": dtype, "dropout": FLAGS.dropout, "data": source,
         "vocab_size": len(vocab), "batch_size": BATCH, "steps": FLAGS.steps,
         "tokens": real_tokens, "padding_fraction": 1.0 - real_tokens / positions,
         "distinct_shapes": len({b["tokens"].shape for b in host_batches}),
