@@ -13,3 +13,16 @@ def load_config(name: str, variants: str = ""):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variants)
+
+
+def one_shape(cfg):
+  """Pads every batch to `data.max_length` (`data.pad_multiple` = max_length): one compiled
+  train and evaluation program per run instead of one per padded width (8, 16, 24, ...)."""
+  with cfg.unlocked():
+    cfg.data.pad_multiple = cfg.data.max_length
+  return cfg
+
+
+def smoke_config(name: str, variants: str = "smoke"):
+  """`load_config(name, variants)` (a smoke variant) with every batch padded to one shape."""
+  return one_shape(load_config(name, variants))

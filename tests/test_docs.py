@@ -25,10 +25,12 @@ from doc_commands import ROOT, Command, documented_commands, readme_quick_start
 from vae_jax import errors, experiment
 from vae_jax.data import corpora
 
-# Appended to README's command: a few steps of a small model; everything else as written.
+# Appended to README's command: a few steps of a small model, every batch padded to one width
+# (one compiled train and evaluation program); everything else as written.
 SHRINK = ["--config.train.num_steps=6", "--config.train.num_epochs=0",
           "--config.train.eval_every=3", "--config.train.log_every=3",
           "--config.data.max_train_examples=96", "--config.data.batch_size=16",
+          "--config.data.max_length=32", "--config.data.pad_multiple=32",
           "--config.model.embed_dim=16", "--config.model.hidden_dim=24",
           "--config.model.latent_dim=4", "--config.model.flow.hidden_dim=16",
           "--config.model.flow.context_dim=16", "--config.eval.k_samples=4",

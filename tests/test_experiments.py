@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiment_configs import load_config
+from experiment_configs import load_config, smoke_config
 from vae_jax import experiment, run_data
 from vae_jax.data import pipeline
 from vae_jax.data.vocab import PAD, Vocab, VocabMismatchError
@@ -29,7 +29,8 @@ def run_main(script, *args):
 
 def test_vae_cli_trains_evaluates_and_reevaluates(tmp_path):
   workdir = tmp_path / "vae"
-  out = run_main("vae.py", "--config=experiments/configs/vae.py:smoke", f"--workdir={workdir}")
+  out = run_main("vae.py", "--config=experiments/configs/vae.py:smoke",
+                 "--config.data.pad_multiple=32", f"--workdir={workdir}")
   assert "nll" in out and "samples" in out
   result = json.loads((workdir / "eval_test.json").read_text())
   assert EVAL_KEYS <= set(result)
@@ -47,7 +48,7 @@ def test_vae_cli_trains_evaluates_and_reevaluates(tmp_path):
 
 
 def test_lm_run_and_resume_is_a_no_op_when_finished(tmp_path):
-  cfg = load_config("lm", "smoke")
+  cfg = smoke_config("lm")
   first = experiment.run(cfg, str(tmp_path))
   assert first["test"]["kl"] == 0.0 and first["test"]["ppl"] > 1
   # Running the finished run again restores it and reproduces the evaluation exactly.
@@ -57,7 +58,7 @@ def test_lm_run_and_resume_is_a_no_op_when_finished(tmp_path):
 
 def two_step_run(workdir):
   """A 2-step smoke run without final evaluation; returns its (unlocked) config."""
-  cfg = load_config("vae", "smoke")
+  cfg = smoke_config("vae")
   cfg.unlock()
   cfg.train.num_steps = 2
   cfg.eval.splits = ""
@@ -79,7 +80,7 @@ def test_unknown_variant_names_the_choices():
 
 
 def test_load_run_restores_the_trained_model(tmp_path):
-  cfg = load_config("flow_vrae", "smoke,coupling")
+  cfg = smoke_config("flow_vrae", "smoke,coupling")
   first = experiment.run(cfg, str(tmp_path))
   saved_cfg, model, variables, vocab = experiment.load_run(str(tmp_path))
   assert saved_cfg.model.flow.kind == "coupling" and len(vocab) == model.config.vocab_size
@@ -110,7 +111,7 @@ def test_regulariser_weight_without_token_dropout_is_refused():
 
 
 def test_dg_vae_with_pooling_reports_dispersion_holes_and_generation(tmp_path):
-  cfg = load_config("dg_vae", "smoke,mean_pool")
+  cfg = smoke_config("dg_vae", "smoke,mean_pool")
   assert cfg.kl.kind == "density_gap" and cfg.model.pooling == "mean"
   result = experiment.run(cfg, str(tmp_path))["test"]
   assert {"dispersion", "hole_kl", "hole_kl_stderr", "hole_kl_null", "hole_kl_null_stderr",
@@ -131,7 +132,7 @@ def test_dg_vae_with_pooling_reports_dispersion_holes_and_generation(tmp_path):
 
 
 def test_aggressive_training_and_ae_pretraining_runs(tmp_path):
-  cfg = load_config("vae", "smoke,aggressive")
+  cfg = smoke_config("vae", "smoke,aggressive")
   cfg.eval.splits = ""
   cfg.train.num_steps, cfg.train.eval_every, cfg.train.log_every = 4, 2, 2
   cfg.train.aggressive_max_inner_steps, cfg.train.aggressive_check_every = 4, 2
@@ -140,7 +141,7 @@ def test_aggressive_training_and_ae_pretraining_runs(tmp_path):
              (tmp_path / "aggressive" / "metrics.jsonl").read_text().splitlines()]
   train = [r["metrics"] for r in records if r["split"] == "train"]
   assert train[0]["aggressive"] == 1.0 and train[0]["inner_steps"] >= 1
-  cfg = load_config("vae", "smoke,ae_free_bits")
+  cfg = smoke_config("vae", "smoke,ae_free_bits")
   cfg.eval.splits = ""
   cfg.train.num_steps, cfg.train.eval_every, cfg.train.log_every = 4, 4, 2
   experiment.run(cfg, str(tmp_path / "ae_fb"))
@@ -166,7 +167,7 @@ def test_decoder_reset_keeps_the_pretrained_encoder():
 
 
 def test_cvrae_dialogue_flow_run_reports_dialogue_metrics(tmp_path):
-  cfg = load_config("cvrae_dialogue", "smoke,iaf")
+  cfg = smoke_config("cvrae_dialogue", "smoke,iaf")
   with cfg.unlocked():
     cfg.data.dir = str(ROOT.parent / "shared" / "data" / "dailydialog")
   result = experiment.run(cfg, str(tmp_path))["test"]
@@ -198,13 +199,14 @@ def _tiny_gpt2_checkpoint(directory, cfg):
   (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n"
                                                                    for a, b in merges))
   config = experiment.transformer_config(cfg, len(vocab) + gpt2.ID_OFFSET)
-  params = Transformer(config).init(jax.random.PRNGKey(7), np.ones((1, 4), np.int32))["params"]
+  params = jax.jit(Transformer(config).init)(jax.random.PRNGKey(7),
+                                             np.ones((1, 4), np.int32))["params"]
   gpt2.save_gpt2_checkpoint(params, config, directory)
   return params
 
 
 def test_della_from_gpt2_weights_with_its_bpe_tokenizer_trains_evaluates_reloads(tmp_path):
-  cfg = load_config("della", "smoke")
+  cfg = smoke_config("della")
   with cfg.unlocked():
     cfg.data.tokenizer = "gpt2"
     cfg.model.pretrained_dir = str(tmp_path / "gpt2")
@@ -215,7 +217,8 @@ def test_della_from_gpt2_weights_with_its_bpe_tokenizer_trains_evaluates_reloads
   task = experiment.build_task(cfg, model, vocab, 1, 1)
   tokens = experiment.encoder(cfg, vocab)(experiment.load_split_examples(cfg, "test")[:2])
   batch = pipeline.make_batch(tokens, np.arange(2), 24)
-  params = task.warm_start(task.init_fn(jax.random.PRNGKey(0), batch)["params"])["transformer"]
+  params = task.warm_start(jax.jit(task.init_fn)(jax.random.PRNGKey(0), batch)["params"])
+  params = params["transformer"]
   for name in ("wpe", "ln_f"):
     np.testing.assert_array_equal(jax.tree.leaves(params[name]),
                                   jax.tree.leaves(pretrained[name]))
@@ -247,7 +250,8 @@ def test_della_from_gpt2_weights_with_its_bpe_tokenizer_trains_evaluates_reloads
   np.testing.assert_allclose(result["ppl_paper"],
                              np.exp(result["nll_paper"] * 16 / (n_tokens + 16)), rtol=1e-6)
   assert result["au_paper_count"] == result["au_paper"] * model.config.num_latents * d
-  variances = np.asarray(model.apply(variables, tokens, method="layer_means"), np.float64).var(0)
+  layer_means = jax.jit(lambda v, t: model.apply(v, t, method="layer_means"))(variables, tokens)
+  variances = np.asarray(layer_means, np.float64).var(0)
   for t in (0.01, 0.2):
     per_layer = np.sum(variances > t, axis=-1)
     assert result[f"au_layers_{t:g}"] == per_layer.tolist()

@@ -13,7 +13,7 @@ from matplotlib import image
 import numpy as np
 import pytest
 
-from experiment_configs import load_config
+from experiment_configs import smoke_config
 from vae_jax import errors, experiment, plots
 from vae_jax.data import synthetic
 from vae_jax.training import writers
@@ -27,7 +27,7 @@ import report  # noqa: E402
 def run_dir(tmp_path_factory) -> Path:
   """An 8-step flow VRAE run on the embedded corpus (valid at steps 4 and 8), no final
   evaluation."""
-  cfg = load_config("flow_vrae", "smoke")
+  cfg = smoke_config("flow_vrae")
   cfg.unlock()
   cfg.train.num_steps, cfg.train.log_every, cfg.train.eval_every = 8, 4, 4
   cfg.eval.splits = ""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiment_configs import load_config
+from experiment_configs import smoke_config
 from vae_jax import errors, experiment
 from vae_jax.data import synthetic
 
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def smoke_ptb_config(data_dir: str):
-  """The smoke VAE on a tiny corpus in PTB's layout."""
-  cfg = load_config("vae", "smoke")
+  """The smoke VAE on a tiny corpus in PTB's layout (every batch padded to max_length)."""
+  cfg = smoke_config("vae")
   cfg.unlock()
   cfg.data.corpus, cfg.data.dir = "ptb", data_dir
   cfg.train.num_steps, cfg.train.eval_every, cfg.train.log_every = 2, 2, 2
