@@ -6,6 +6,7 @@ global batch; the result must equal one process with 4 devices.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,8 +25,12 @@ def _free_port() -> int:
 
 
 def _start(args, devices, log_path):
+  # The test session's XLA flags (tests/conftest.py: no backend optimisation) and its
+  # compilation cache, with this process's device count.
+  flags = re.sub(r'--xla_force_host_platform_device_count=\S+', '',
+                 os.environ.get('XLA_FLAGS', ''))
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}'.strip())
   log = open(log_path, 'w')
   proc = subprocess.Popen([sys.executable, os.path.join(HERE, 'multihost_worker.py')]
                           + args, cwd=HERE, env=env, stdout=log,
