@@ -5,6 +5,7 @@ this process and in the subprocesses of the CLI and multi-process tests); the on
 lets each compile once per test session.
 """
 
+import gc
 import os
 from pathlib import Path
 
@@ -25,3 +26,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_collection_finish(session):
+  """Moves everything alive after collection (JAX, Flax, the test modules) out of the garbage
+  collector's reach: later collections, automatic or explicit (a checkpoint restore collects
+  after each read), then scan only what the tests create."""
+  gc.collect()
+  gc.freeze()
