@@ -20,6 +20,14 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import jax  # noqa: E402
 
+from vae_jax.training import host_memory  # noqa: E402
+
+# As every entry point does: keep freed memory mapped, so that XLA:CPU's per-execution
+# temporaries do not page-fault afresh (before the backend starts its threads). Subprocesses
+# that do not go through an entry point get the same setting from the environment.
+host_memory.retain_freed_memory()
+os.environ.setdefault("GLIBC_TUNABLES", host_memory.TUNABLES)
+
 CACHE_DIR = Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
