@@ -99,20 +99,13 @@ while [[ $# -gt 0 ]]; do
     --skip_tests) skip_tests=1; shift ;;
     --dry_run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
-    --output_dir|--output_dir=*) value_of --output_dir "$1" "${2-}" "$has_next"
-      OUTPUT_DIR="$value"; shift "$shift_by" ;;
-    --data_dir|--data_dir=*) value_of --data_dir "$1" "${2-}" "$has_next"
-      DATA_DIR="$value"; shift "$shift_by" ;;
-    --sizes|--sizes=*) value_of --sizes "$1" "${2-}" "$has_next"
-      SIZES="$value"; shift "$shift_by" ;;
-    --steps|--steps=*) value_of --steps "$1" "${2-}" "$has_next"
-      STEPS="$value"; shift "$shift_by" ;;
-    --reference_dir|--reference_dir=*) value_of --reference_dir "$1" "${2-}" "$has_next"
-      REFERENCE_DIR="$value"; shift "$shift_by" ;;
-    --reference_python|--reference_python=*) value_of --reference_python "$1" "${2-}" "$has_next"
-      REFERENCE_PYTHON="$value"; shift "$shift_by" ;;
-    --python|--python=*) value_of --python "$1" "${2-}" "$has_next"
-      PYTHON="$value"; shift "$shift_by" ;;
+    --output_dir|--output_dir=*|--data_dir|--data_dir=*|--sizes|--sizes=*|--steps|--steps=*|\
+    --reference_dir|--reference_dir=*|--reference_python|--reference_python=*|\
+    --python|--python=*)
+      name=${1%%=*}  # --data_dir -> DATA_DIR, and so on
+      value_of "$name" "$1" "${2-}" "$has_next"
+      var=${name#--}
+      printf -v "${var^^}" '%s' "$value"; shift "$shift_by" ;;
     *) usage >&2; EXIT_CODE=2 die "unknown argument '$1' (train_throughput.py flags go after --)." ;;
   esac
 done
