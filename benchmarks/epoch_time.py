@@ -68,7 +68,8 @@ class _Runner:
     if aggressive:
       self.encoder_step = loop.make_group_step(task, tx, param_groups, "encoder", mesh)
       self.step = loop.make_group_step(task, tx, param_groups, "decoder", mesh)
-      self.encoder_iter = pipeline.TrainIterator(data, BATCH, seed=1)
+      self.encoder_iter = mesh_lib.Prefetcher(pipeline.TrainIterator(data, BATCH, seed=1),
+                                              mesh)
       self.config = loop.AggressiveConfig()
     else:
       self.step = loop.make_train_step(task, tx, mesh)

@@ -198,7 +198,8 @@ def test_every_jitted_step_donates_the_state():
     groups = loop._programs(TASK, GROUP_OPT, mesh)  # pylint: disable=protected-access
     state = loop.init_train_state(TASK, GROUP_OPT, batch, 0, mesh)
     encoded, _ = loop.aggressive_inner_steps(
-        groups.encoder_step, state, placed, toy_task.ToyIterator(seed=7),
+        groups.encoder_step, state, placed,
+        mesh_lib.Prefetcher(toy_task.ToyIterator(seed=7), mesh),
         loop.AggressiveConfig(max_inner_steps=2, check_every=2), mesh)
     assert not alive(state)
     decoded, _ = groups.decoder_step(encoded, placed)

@@ -82,7 +82,7 @@ Array = jax.Array
 State = tuple[Array, Array]  # (c, h), each [B, H]
 Initializer = Callable[..., Array]
 
-__all__ = ["LSTM", "lstm_recurrence", "summed_uniform_init", "uniform_init",
+__all__ = ["LSTM", "lstm_recurrence", "mixed_dot", "summed_uniform_init", "uniform_init",
            "uniform_lstm_init"]
 
 
@@ -173,7 +173,7 @@ def _forward_loop(x_proj, offset, mask, c0, h0, w_hh, unroll, save_residuals,
 
   def body(t, carry):
     c, h, bufs = carry
-    a = _at(x_proj, t) + offset + _dot(w_hh_t, h, _MM, matmul_dtype)
+    a = _at(x_proj, t) + offset + mixed_dot(w_hh_t, h, MM, matmul_dtype)
     act = _gate_activations(a)
     i, f, g, o = _split4(act)
     c_new = f * c + i * g
@@ -201,7 +201,7 @@ def _sum_steps(x: Array, keep_batch: bool) -> Array:
   return jnp.dot(x.reshape(f, -1), jnp.ones((x.shape[1] * x.shape[2],), x.dtype))[:, None]
 
 
-def _dot(a: Array, b: Array, dims, matmul_dtype: Any) -> Array:
+def mixed_dot(a: Array, b: Array, dims, matmul_dtype: Any = None) -> Array:
   """`dot_general(a, b, dims)`; with a `matmul_dtype` (e.g. bfloat16) the operands are cast
   to it and the products accumulated in float32 (the result is float32)."""
   if matmul_dtype is None:
@@ -210,7 +210,7 @@ def _dot(a: Array, b: Array, dims, matmul_dtype: Any) -> Array:
                              preferred_element_type=jnp.float32)
 
 
-_MM = (((1,), (0,)), ((), ()))  # a @ b
+MM = (((1,), (0,)), ((), ()))  # a @ b
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
 
 
@@ -220,7 +220,7 @@ def _project(x: Array, w_ih: Array, matmul_dtype: Any = None) -> Array:
     return jax.lax.dot_general(w_ih, x, (((0,), (0,)), ((), ())))
   # [4H, D] @ [D, T*B]: XLA:CPU runs mixed-precision dots only in this plain layout.
   d, steps, batch = x.shape
-  return _dot(w_ih.T, x.reshape(d, steps * batch), _MM, matmul_dtype).reshape(-1, steps, batch)
+  return mixed_dot(w_ih.T, x.reshape(d, steps * batch), MM, matmul_dtype).reshape(-1, steps, batch)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
@@ -286,7 +286,7 @@ def _recurrence_bwd(unroll, matmul_dtype, residuals, cotangents):
     dc_new = m * dc + dh_new * _at(q, t)
     da = jnp.where(block == 3, dh_new[None], dc_new[None]) * _at(p, t).reshape(4, hidden, batch)
     da = da.reshape(four_h, batch)
-    dh_prev = (1.0 - m) * dh + _dot(w_hh_loop, da, _MM, matmul_dtype)
+    dh_prev = (1.0 - m) * dh + mixed_dot(w_hh_loop, da, MM, matmul_dtype)
     dc_prev = (1.0 - m) * dc + dc_new * _at(f, t)
     return dc_prev, dh_prev, _put(d_acts, da, t)
 
@@ -295,9 +295,9 @@ def _recurrence_bwd(unroll, matmul_dtype, residuals, cotangents):
   # The weight gradients are single matmuls over all T*B positions (contracting the
   # trailing (T, B) axes), instead of T outer products inside the loop.
   d_flat = d_acts.reshape(four_h, steps * batch)
-  dw_hh = _dot(h_prev.reshape(hidden, steps * batch), d_flat, _NT, matmul_dtype)
-  dw_ih = _dot(x.reshape(x.shape[0], steps * batch), d_flat, _NT, matmul_dtype)
-  dx = _dot(w_ih, d_flat, _MM, matmul_dtype).reshape(x.shape)
+  dw_hh = mixed_dot(h_prev.reshape(hidden, steps * batch), d_flat, _NT, matmul_dtype)
+  dw_ih = mixed_dot(x.reshape(x.shape[0], steps * batch), d_flat, _NT, matmul_dtype)
+  dx = mixed_dot(w_ih, d_flat, MM, matmul_dtype).reshape(x.shape)
   d_offset = _sum_steps(d_acts, keep_batch=offset.shape[1] != 1)
   return (dx.astype(x.dtype), dw_ih.astype(w_ih.dtype), d_offset, jnp.zeros_like(mask), dc0,
           dh0, dw_hh.astype(w_hh.dtype))
@@ -416,9 +416,9 @@ class LSTM(nn.Module):
     static_features = None if static_inputs is None else static_inputs.shape[-1]
     kernel_ih, kernel_hh, bias, kernel_static = self._params(x.shape[-1], static_features)
     c, h = state
-    a = (_dot(x, kernel_ih, _MM, self.matmul_dtype)
+    a = (mixed_dot(x, kernel_ih, MM, self.matmul_dtype)
          + self._offset(bias, kernel_static, static_inputs))
-    a = a + _dot(h, kernel_hh, _MM, self.matmul_dtype)
+    a = a + mixed_dot(h, kernel_hh, MM, self.matmul_dtype)
     i, f, g, o = _split4(_gate_activations(a, axis=-1), axis=-1)
     c_new = f * c + i * g
     h_new = o * jnp.tanh(c_new)

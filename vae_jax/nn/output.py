@@ -37,20 +37,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vae_jax.nn.lstm import MM, mixed_dot
+
 Array = jax.Array
 
 __all__ = ["OutputLayer", "linear_softmax_nll"]
 
 
-def _flat(x: Array, features: int) -> Array:
-  return x.reshape(-1, features)
-
-
 def _matmul(a: Array, b: Array, matmul_dtype: Any) -> Array:
-  """a @ b accumulated in float32, the operands cast to `matmul_dtype` when given."""
-  if matmul_dtype is not None:
-    a, b = a.astype(matmul_dtype), b.astype(matmul_dtype)
-  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+  """a @ b, with operands cast to `matmul_dtype` and float32 accumulation when given."""
+  return mixed_dot(a, b, MM, matmul_dtype)
 
 
 def _logits(h2: Array, kernel: Array, bias: Array | None, seq_bias: Array | None,
@@ -67,9 +63,12 @@ def _logits(h2: Array, kernel: Array, bias: Array | None, seq_bias: Array | None
 
 
 def _target_logits(h2: Array, kernel: Array, bias: Array | None, seq_bias: Array | None,
-                   targets: Array, steps: int) -> Array:
-  """`[N]` logit of each target, from the target columns of W (never from the logits)."""
+                   targets: Array, steps: int, matmul_dtype: Any = None) -> Array:
+  """`[N]` logit of each target, from the target columns of W (never from the logits), with
+  the operands rounded as the logits' matmul rounds them."""
   columns = jnp.take(kernel, targets, axis=1).T  # [N, H]
+  if matmul_dtype is not None:
+    h2, columns = h2.astype(matmul_dtype), columns.astype(matmul_dtype)
   out = jnp.sum(h2.astype(jnp.float32) * columns.astype(jnp.float32), axis=-1)
   if bias is not None:
     out = out + jnp.take(bias, targets).astype(jnp.float32)
@@ -89,13 +88,13 @@ def _log_normaliser(logits: Array) -> Array:
 
 def _forward(hidden, kernel, bias, seq_bias, targets, mask, matmul_dtype):
   steps = targets.shape[-1]
-  h2 = _flat(hidden, hidden.shape[-1])
-  flat_targets = targets.reshape(-1)
+  h2 = hidden.reshape(-1, hidden.shape[-1])
   logits = _logits(h2, kernel, bias, seq_bias, steps, matmul_dtype)
   lse = _log_normaliser(logits)
-  token_nll = (lse - _target_logits(h2, kernel, bias, seq_bias, flat_targets, steps))
+  token_nll = lse - _target_logits(h2, kernel, bias, seq_bias, targets.reshape(-1), steps,
+                                   matmul_dtype)
   token_nll = token_nll.reshape(targets.shape) * mask.astype(jnp.float32)
-  return jnp.sum(token_nll, axis=-1), (h2, logits, lse)
+  return jnp.sum(token_nll, axis=-1), (logits, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -104,14 +103,14 @@ def _fused_nll(hidden, kernel, bias, seq_bias, targets, mask, matmul_dtype):
 
 
 def _fused_nll_fwd(hidden, kernel, bias, seq_bias, targets, mask, matmul_dtype):
-  nll, (h2, logits, lse) = _forward(hidden, kernel, bias, seq_bias, targets, mask,
-                                    matmul_dtype)
-  return nll, (hidden, h2, kernel, bias, seq_bias, targets, mask, logits, lse)
+  nll, (logits, lse) = _forward(hidden, kernel, bias, seq_bias, targets, mask, matmul_dtype)
+  return nll, (hidden, kernel, bias, seq_bias, targets, mask, logits, lse)
 
 
 def _fused_nll_bwd(matmul_dtype, residuals, g):
-  hidden, h2, kernel, bias, seq_bias, targets, mask, logits, lse = residuals
+  hidden, kernel, bias, seq_bias, targets, mask, logits, lse = residuals
   n, v = logits.shape
+  h2 = hidden.reshape(n, hidden.shape[-1])
   coef = (g[..., None] * mask.astype(jnp.float32)).reshape(-1)  # [N]
   # dNLL/dlogits = c (softmax - onehot(y)), in one elementwise pass (no scatter, no copy).
   is_target = jax.lax.broadcasted_iota(jnp.int32, (n, v), 1) == targets.reshape(-1, 1)
@@ -187,13 +186,8 @@ class OutputLayer(nn.Module):
                  if self.use_bias else None)
 
   def __call__(self, hidden: Array) -> Array:
-    kernel = self.kernel
-    kwargs = {}
-    if self.matmul_dtype is not None:
-      hidden, kernel = hidden.astype(self.matmul_dtype), kernel.astype(self.matmul_dtype)
-      kwargs["preferred_element_type"] = jnp.float32
-    logits = jax.lax.dot_general(hidden, kernel, (((hidden.ndim - 1,), (0,)), ((), ())),
-                                 **kwargs)
+    logits = mixed_dot(hidden, self.kernel, (((hidden.ndim - 1,), (0,)), ((), ())),
+                       self.matmul_dtype)
     return logits if self.bias is None else logits + self.bias
 
   def nll(self, hidden: Array, targets: Array, mask: Array,

@@ -505,8 +505,8 @@ def aggressive_inner_steps(encoder_step, state: TrainState, first_batch: Batch,
                            encoder_iter, cfg: AggressiveConfig, mesh) -> tuple[TrainState, int]:
   """Encoder-only updates until the encoder converges (He et al. 2019, Algorithm 1).
 
-  The first inner step uses the outer batch, the next ones fresh batches of `encoder_iter`
-  (an iterator of local batches, or a `mesh_lib.Prefetcher` of placed ones).
+  The first inner step uses the outer batch, the next ones fresh batches of `encoder_iter`,
+  an iterator of batches already placed on the mesh (e.g. a `mesh_lib.Prefetcher`).
   Every `check_every` steps the loss per word of the window is compared with the previous
   window's; the inner loop ends when it stopped decreasing, or after `max_inner_steps`.
 
@@ -533,10 +533,7 @@ def aggressive_inner_steps(encoder_step, state: TrainState, first_batch: Batch,
         break
       previous, window_loss, window_words = current, None, None
     if i + 1 < cfg.max_inner_steps:
-      if isinstance(encoder_iter, mesh_lib.Prefetcher):
-        batch = next(encoder_iter)
-      else:
-        batch = mesh_lib.to_global(_next_batch(encoder_iter, -1), mesh)
+      batch = next(encoder_iter)
   return state, taken
 
 
