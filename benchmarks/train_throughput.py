@@ -228,7 +228,7 @@ def bench_eval(ceiling: float) -> dict:
                                                             pad_multiple=2)]
   variables = model.init({"params": jax.random.PRNGKey(0), "latent": jax.random.PRNGKey(1)},
                          iw_batches[0])
-  batch_eval = evaluation.make_vae_batch_eval(model, FLAGS.k_samples, FLAGS.chunk_size)
+  batch_eval = evaluation.make_batch_eval(model, FLAGS.k_samples, FLAGS.chunk_size)
   rng = jax.random.PRNGKey(0)
 
   def iw_nll():

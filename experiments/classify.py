@@ -6,7 +6,7 @@
       --test_split=test --out=runs/classify_yelp.json
 
 For every workdir the best checkpoint is loaded, every labelled sentence of the training
-subsets and of the test split is mapped to its features (`evaluation.features`: the posterior
+subsets and of the test split is mapped to its features (`generation.features`: the posterior
 mean of a VAE, the final hidden state of a language model), and for every training subset an
 L2-penalised logistic regression is fitted, its penalty chosen by 5-fold cross-validation on
 that subset (`vae_jax.probe`). Training sentences that also occur in the test split are removed
@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 import main_lib
-from vae_jax import errors, evaluation, experiment, fileio, probe
+from vae_jax import errors, experiment, fileio, generation, probe
 from vae_jax.data import corpora, pipeline, synthetic
 
 FLAGS = flags.FLAGS
@@ -58,7 +58,7 @@ def encoded_features(cfg, model, variables, vocab, examples, rng: jax.Array) -> 
   logging.info("%d sentences: %s", len(examples), data.summary())
 
   def feature_fn(tokens: np.ndarray, index: int) -> np.ndarray:
-    return np.asarray(evaluation.features(model, variables, tokens,
+    return np.asarray(generation.features(model, variables, (tokens,),
                                           jax.random.fold_in(rng, index)))
 
   return probe.feature_matrix(data, feature_fn, cfg.eval.batch_size, cfg.data.pad_multiple)

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 import main_lib
-from vae_jax import dialogue_evaluation, errors, evaluation, experiment, fileio, plots, probe
+from vae_jax import errors, evaluation, experiment, fileio, generation, plots, probe
 from vae_jax import workdir as workdir_lib
 from vae_jax.data import corpora, readers, synthetic
 from vae_jax.models.cvae import CVAE
@@ -102,20 +102,10 @@ def restore(workdir: str, which: str):
 
 
 def kl_description(model) -> tuple[str, bool]:
-  """The per-dimension KL panel's title for `model`'s posterior, and whether those KLs sum to
-  the posterior's exact KL."""
-  posterior = model.config.posterior
-  if isinstance(model, CVAE):
-    if posterior == "flow":
-      return "base Gaussian KL(q(u0_d|x,c) ‖ N(0,1)), prior coords\n(not the flow's KL)", False
-    return "KL(q(u_d|x,c) ‖ N(0,1)), prior coordinates", True
-  if posterior == "gaussian":
-    return "KL(q(z_d|x) ‖ N(0,1))", True
-  if posterior == "kl_preserving":
-    return "KL(q(z0_d|x) ‖ N(0,1)) (KL-preserving flow: exact)", True
-  if posterior == "flow":
-    return "base Gaussian KL(q(z0_d|x) ‖ N(0,1))\n(not the flow posterior's KL)", False
-  return "KL of u_d's Gaussian along the chain of means\n(not the exact KL)", False
+  """The per-dimension KL panel's title for `model`'s posterior family (in latent coordinates:
+  the prior's for the dialogue CVAE), and whether those KLs sum to the posterior's exact KL."""
+  family = model.posterior_family
+  return family.kl_label, family.closed_form
 
 
 def colourings(cfg, data, examples) -> list[plots.Colouring]:
@@ -160,7 +150,7 @@ def posterior_report(workdir: str, name: str, *, split: str, which: str, max_exa
   if run is None:
     return None
   cfg, model, variables, vocab = run
-  if not evaluation.has_latent(model) or not model.config.latent_dim:
+  if not generation.code_dim(model):
     logging.warning("%s: the %s model has no latent code, so no posterior figures (curves "
                     "only).", workdir, cfg.model.kind)
     return None
@@ -169,10 +159,7 @@ def posterior_report(workdir: str, name: str, *, split: str, which: str, max_exa
       cfg.data.dir = data_dir
   examples = subset(experiment.load_split_examples(cfg, split), max_examples, seed)
   data = experiment.encoder(cfg, vocab)(examples)
-  if isinstance(model, CVAE):
-    batch_eval, keys = dialogue_evaluation.make_cvae_batch_eval(model, 1, 1), CVAE.input_keys
-  else:
-    batch_eval, keys = evaluation.make_vae_batch_eval(model, 1, 1), ("tokens",)
+  batch_eval, keys = evaluation.make_batch_eval(model, 1, 1), evaluation.input_keys(model)
   summary = evaluation.posterior_summaries(
       batch_eval, variables, data, jax.random.PRNGKey(seed), batch_size=cfg.eval.batch_size,
       pad_multiple=cfg.data.pad_multiple, keys=keys)

@@ -2,7 +2,7 @@
 extra keys beside the correct ones of `vae_jax.evaluation` (METHODS.md §4, §6).
 
 The paper's PPL and AU come from `calc_iwnll` and `calc_au`, which differ from the definitions
-of METHODS.md §6 that `evaluation.evaluate_vae` implements. The headline keys (`nll`, `ppl`,
+of METHODS.md §6 that `evaluation.evaluate` implements. The headline keys (`nll`, `ppl`,
 `au`, `au_layers_*`) stay the correct estimators; these functions add, clearly labelled:
 
 - `nll_paper`, `ppl_paper` (`calc_iwnll`): importance weighting with the layers' log-densities
@@ -45,9 +45,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from vae_jax import metrics
+from vae_jax import evaluation, metrics
 from vae_jax.models.vae import token_mask
 
 # `calc_au`'s delta.
@@ -61,7 +60,7 @@ def paper_log_weights_fn(model: nn.Module, variables, tokens: jax.Array,
     log p(x|z) + mean_l log p(z_l|z_<l) − mean_l log q(z_l|z_<l, x),
 
   drawn with ε = `jax.random.normal(rng, (k, B, n, d))` (`Della.layer_log_probs`), the noise
-  `Della.sample_codes` draws from the same key: given the same keys (`metrics.iw_log_likelihood`
+  `Della.sample_chain` draws from the same key: given the same keys (`metrics.iw_log_likelihood`
   folds the chunk index into its key), `nll_paper` weights the same samples as `nll`.
   `features` are the pooled states of `Della.encoder_features` for `tokens` `[B, T]`."""
   c = model.config
@@ -107,7 +106,7 @@ def make_paper_batch_eval(model: nn.Module, k_samples: int, chunk_size: int) -> 
       (`sampled_posterior_means`, two independent chains);
     n_tokens: |x| + 1 (words and EOS).
 
-  `rng` is split as `evaluation.make_vae_batch_eval` splits it, (IW key, other key), so that
+  `rng` is split as `evaluation.make_batch_eval` splits it, (IW key, other key), so that
   with the key the evaluation's batch gets, both IW estimates weight the same K samples."""
   c = model.config
 
@@ -120,6 +119,7 @@ def make_paper_batch_eval(model: nn.Module, k_samples: int, chunk_size: int) -> 
     eps = jax.random.normal(au_rng, (2, *features.shape[:-1], c.num_latents, c.latent_dim))
     means = sampled_posterior_means(model, variables, features, eps)
     return {"log_px_paper": log_px, "au_means": means[0], "au_means_b": means[1],
+            "layer_means": model.apply(variables, tokens, method="layer_means"),
             "n_tokens": jnp.sum(token_mask(tokens), axis=-1)}
 
   return batch_eval
@@ -145,11 +145,19 @@ def paper_active_units(first_pass: np.ndarray, second_pass: np.ndarray,
           "au_paper_threshold": float(threshold)}
 
 
-def _to_host(x) -> np.ndarray:
-  """A global (possibly multi-process) array as a numpy array on every process."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
+def layer_active_units(layer_means: np.ndarray,
+                       thresholds: tuple[float, ...] = (0.01, 0.2)) -> dict[str, Any]:
+  """Active units of layer-wise latents (DELLA, Hu et al. 2022) from the z-space posterior
+  means `[N, L, d]`: per threshold, the count per layer (`au_layers_<t>`), their sum
+  (`au_z_<t>`) and their mean over layers (`au_layer_mean_<t>`, the paper reports it at 0.2)."""
+  variance = np.asarray(layer_means, np.float64).var(axis=0)  # [L, d]
+  out = {}
+  for t in thresholds:
+    per_layer = (variance > t).sum(axis=-1)
+    out[f"au_layers_{t:g}"] = [int(a) for a in per_layer]
+    out[f"au_z_{t:g}"] = int(per_layer.sum())
+    out[f"au_layer_mean_{t:g}"] = float(per_layer.mean())
+  return out
 
 
 def paper_metrics(model: nn.Module, variables, batches: Iterable[dict], rng: jax.Array, *,
@@ -160,26 +168,21 @@ def paper_metrics(model: nn.Module, variables, batches: Iterable[dict], rng: jax
 
     nll_paper, nll_paper_se: −mean_x of the official L_K(x) and its standard error;
     ppl_paper: exp(−Σ_x L_K(x) / Σ_x (|x| + 2));
-    au_paper, au_paper_count, au_paper_threshold: `paper_active_units` at `au_threshold`.
+    au_paper, au_paper_count, au_paper_threshold: `paper_active_units` at `au_threshold`;
+    au_layers_<t>, au_z_<t>, au_layer_mean_<t>: `layer_active_units`, the correct per-layer
+      count on the chain of posterior means that the paper's table reports.
 
   Batch i is evaluated with `jax.random.fold_in(rng, i)` (`make_paper_batch_eval`), as
-  `evaluation.collect` does: passed the key `evaluate_vae` gives `collect`, `nll_paper` weights
+  `evaluation.collect` does: passed the key `evaluation.evaluate` gives `collect`, `nll_paper` weights
   the samples `nll` weights, and for one latent (n = 1) equals it. The batch function reads
-  `tokens` only (unconditional models, as `evaluation.make_vae_batch_eval`).
+  `tokens` only (unconditional models, as `evaluation.make_batch_eval`).
   """
-  batch_eval = make_paper_batch_eval(model, k_samples, chunk_size)
-  parts: dict[str, list[np.ndarray]] = {}
-  for i, batch in enumerate(batches):
-    out = batch_eval(variables, batch["tokens"], jax.random.fold_in(rng, i))
-    real = _to_host(batch["weights"]) > 0
-    for key, value in out.items():
-      parts.setdefault(key, []).append(_to_host(value)[real])
-  if not parts:
-    raise ValueError("the evaluation split is empty: no batches to evaluate")
-  out = {k: np.concatenate(v) for k, v in parts.items()}
+  out = evaluation.collect(make_paper_batch_eval(model, k_samples, chunk_size), batches, rng,
+                           variables)
   log_px = out["log_px_paper"].astype(np.float64)
   nll, nll_se = metrics.mean_and_stderr(-log_px)
   n_tokens = float(np.sum(out["n_tokens"] + 1, dtype=np.float64))
   return {"nll_paper": nll, "nll_paper_se": nll_se,
           "ppl_paper": float(np.exp(-log_px.sum() / n_tokens)),
-          **paper_active_units(out["au_means"], out["au_means_b"], au_threshold)}
+          **paper_active_units(out["au_means"], out["au_means_b"], au_threshold),
+          **layer_active_units(out["layer_means"])}

@@ -1,128 +1,97 @@
-"""The evaluation suite of a trained model (METHODS.md §6): IW-NLL, PPL, KL, MI, AU, the
-encoder-feature dispersion (Long et al. 2019), the hole metrics (METHODS.md §2), and the
-generation metrics of decoded prior samples and interpolations, and the BLEU of greedy
-reconstructions against their inputs (`reconstruction_metrics`). `posterior_summaries` and
+"""The one evaluation of a trained model (METHODS.md §6), for every model of the latent-model
+protocol (`vae_jax.posteriors`): the LSTM VAE in all its posterior families, the dialogue CVAE
+(against its conditional prior), DELLA, and the language models (the code-less case, where the
+importance-weighted bound is the exact likelihood and KL = MI = AU = 0).
+
+`evaluate` returns IW-NLL, PPL, ELBO, KL (each with its standard error), MI (per batch and
+whole set), AU, the encoder-feature dispersion (Long et al. 2019), the hole metrics
+(METHODS.md §2) and, for models with an unconditional prior, the generation metrics of prior
+samples and interpolations (`vae_jax.generation`). It consumes batches in the project's
+format (global `jax.Array`s sharded over the mesh when given one); per-example quantities are
+computed under `jit` batch by batch, the set-level ones (MI, AU, holes) from the posteriors of
+the whole split, rebuilt from their collected `PosteriorParams`. `posterior_summaries` and
 `dimension_statistics` give the per-dimension KL and active-unit statistic behind those numbers
 (drawn by experiments/report.py).
-
-`evaluate_vae` and `evaluate_lm` consume batches in the project's batch format (global
-`jax.Array`s sharded over the mesh when given one) and return a flat dict of numbers, the
-content of `eval_<split>.json`. Per-example quantities are computed under `jit` batch by batch;
-the set-level metrics (MI, AU) use every posterior of the split at once.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from vae_jax import holes, metrics, objectives, probe, text_metrics
-from vae_jax.data.vocab import EOS, PAD
-from vae_jax.models.vae import PosteriorParams, token_mask
-from vae_jax.nn import decoding
+from vae_jax import generation, holes, metrics, objectives, posteriors, probe
+from vae_jax.generation import code_dim, to_host
+from vae_jax.models.vae import token_mask
 
 
-def to_host(x) -> np.ndarray:
-  """A global (possibly multi-process) array as a numpy array on every process."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
+def input_keys(model: nn.Module) -> tuple[str, ...]:
+  """The batch entries a model reads (`model.input_keys`; the tokens alone by default)."""
+  return getattr(model, "input_keys", ("tokens",))
 
 
-def has_latent(model: nn.Module) -> bool:
-  """Whether `model` is a latent-variable model with `SeqVAE`'s posterior interface
-  (`encode`, `sample_codes`, `posterior_log_prob`, `point_code`, `prior_code`,
-  `log_likelihood`): the LSTM VAE and DELLA; not the language models."""
-  return hasattr(type(model), "sample_codes")
+def make_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
+                    mean_samples: int = 32) -> Callable:
+  """Jitted per-batch evaluation `(variables, *inputs, rng) -> dict of [B, ...] arrays`
+  (inputs: the batch entries `input_keys(model)`).
 
-
-def code_dim(model: nn.Module) -> int:
-  """The size of a model's code: d, or L·d for DELLA's layer-wise latents."""
-  return getattr(model.config, "code_dim", model.config.latent_dim)
-
-
-def vae_log_likelihood_fn(model: nn.Module, variables, tokens: jax.Array):
-  """`z [n, B, d] -> [n, B]` log p(x|z) for every sample, decoding the n*B codes at once."""
-
-  def log_likelihood(z):
-    n, b, d = z.shape
-    tiled = jnp.broadcast_to(tokens[None], (n, *tokens.shape)).reshape(n * b, -1)
-    ll = model.apply(variables, tiled, z.reshape(n * b, d), method="log_likelihood")
-    return ll.reshape(n, b)
-
-  return log_likelihood
-
-
-def make_vae_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
-                        mean_samples: int = 32) -> Callable:
-  """Jitted per-batch evaluation: `(variables, tokens, rng) -> dict of [B] / [B, d] arrays`.
-
-  The importance weights come from the model's own posterior (`SeqVAE.sample_codes`), so a flow
-  posterior is scored with its change-of-variables density. The KL is analytic for a Gaussian
-  base (also in the KL-preserving mode); for a flow posterior it is the Monte Carlo average of
-  log q - log p over K fresh samples (no decoding needed). `code_mean` and `code_mean_b` are
-  E_q[z|x], exact for a Gaussian, otherwise two independent `mean_samples` averages (their
-  covariance over the set gives the active units without the Monte Carlo noise's bias).
+  log_px: the importance-weighted bound L_K(x) with K = `k_samples` samples of the model's own
+    posterior (`Posterior.log_weights`), `chunk_size` decoded at a time; elbo: the mean of the
+    K log weights. kl: analytic for a closed form, else the Monte Carlo mean over K fresh
+    samples. code_mean, code_mean_b: E_q[u|x] (exact and equal for a closed form, else two
+    independent `mean_samples` averages, for an unbiased active-unit count). mean, logvar: the
+    base Gaussian in latent coordinates. params: the posterior parameters (for the set-level
+    metrics). aux: the model's auxiliary NLLs at the point code (the CVAE's bag of words).
+  The rng is split (IW key, other key); the KL's samples use the other key folded with 1.
   """
-  gaussian = model.config.posterior == "gaussian"
+
+  def evaluate_batch(m, inputs, rng):
+    iw_rng, mean_rng = jax.random.split(rng)
+    tokens = inputs[0]
+    features = m.encoder_features(*inputs)
+    params = m.encode(*inputs, features=features)
+    post = m.posterior(params)
+
+    def log_likelihood(cond):  # [n, B, ...] decoder inputs -> [n, B]
+      n, b = cond.shape[:2]
+      tiled = jnp.broadcast_to(tokens[None], (n, *tokens.shape)).reshape(n * b, -1)
+      return m.log_likelihood(tiled, cond.reshape(n * b, *cond.shape[2:])).reshape(n, b)
+
+    log_px, elbo = metrics.iw_log_likelihood(
+        lambda r, n: post.log_weights(r, n, log_likelihood), iw_rng, k_samples, chunk_size,
+        return_elbo=True)
+    code_mean, code_mean_b = post.mean_estimates(mean_rng, mean_samples)
+    mean, logvar = post.whitened_base()
+    return {"log_px": log_px, "elbo": elbo,
+            "kl": post.kl(jax.random.fold_in(mean_rng, 1), k_samples),
+            "n_tokens": jnp.sum(token_mask(tokens), axis=-1), "mean": mean, "logvar": logvar,
+            "code_mean": code_mean, "code_mean_b": code_mean_b, "features": features,
+            "params": params,
+            "aux": m.auxiliary_nlls(tokens, m.decoder_input(post.point(), params))}
 
   @jax.jit
-  def batch_eval(variables, tokens, rng):
-    iw_rng, mean_rng = jax.random.split(rng)
-    features = model.apply(variables, tokens, method="encoder_features")
-    post = model.apply(variables, tokens, True, features, method="encode")
-    sample = lambda r, n: model.apply(variables, post, r, n, method="sample_codes")
-    log_weights = metrics.posterior_log_weights_fn(
-        sample, vae_log_likelihood_fn(model, variables, tokens))
-    log_px, mean_log_w = metrics.iw_log_likelihood(log_weights, iw_rng, k_samples, chunk_size,
-                                                   return_elbo=True)
-    if gaussian or model.config.posterior == "kl_preserving":
-      kl = metrics.gaussian_kl_per_example(post.mean, post.logvar)
-    else:
-      _, log_q, log_p = sample(jax.random.fold_in(mean_rng, 1), k_samples)
-      kl = metrics.monte_carlo_kl(log_q, log_p)
-    if gaussian:
-      code_mean = code_mean_b = post.mean
-    else:  # two independent estimates, for an unbiased variance (metrics.active_units)
-      halves = sample(mean_rng, 2 * mean_samples)[0].reshape(2, mean_samples, *post.mean.shape)
-      code_mean, code_mean_b = jnp.mean(halves, axis=1)
-    return {
-        "log_px": log_px,
-        "elbo": mean_log_w,
-        "kl": kl,
-        "n_tokens": jnp.sum(token_mask(tokens), axis=-1),
-        "mean": post.mean,
-        "logvar": post.logvar,
-        "code_mean": code_mean,
-        "code_mean_b": code_mean_b,
-        "features": features,
-        **({} if post.context is None else {"context": post.context}),
-        **({"layer_means": model.apply(variables, tokens, method="layer_means")}
-           if hasattr(type(model), "layer_means") else {}),
-    }
+  def batch_eval(variables, *inputs_and_rng):
+    *inputs, rng = inputs_and_rng
+    return model.apply(variables, tuple(inputs), rng, method=evaluate_batch)
 
   return batch_eval
 
 
 def collect(batch_eval: Callable, batches: Iterable[dict], rng: jax.Array, *args,
-            keys: tuple[str, ...] = ("tokens",)) -> dict[str, np.ndarray]:
+            keys: tuple[str, ...] = ("tokens",)) -> dict[str, Any]:
   """Runs `batch_eval(*args, *batch[keys], rng_i)` over all batches; the per-example outputs
-  of real rows, concatenated."""
-  parts: dict[str, list[np.ndarray]] = {}
+  (pytrees) of real rows, concatenated."""
+  parts: list[dict] = []
   for i, batch in enumerate(batches):
     out = batch_eval(*args, *(batch[k] for k in keys), jax.random.fold_in(rng, i))
     real = to_host(batch["weights"]) > 0
-    for key, value in out.items():
-      parts.setdefault(key, []).append(to_host(value)[real])
+    parts.append(jax.tree.map(lambda v: to_host(v)[real], out))
   if not parts:
     raise ValueError("the evaluation split is empty: no batches to evaluate")
-  return {k: np.concatenate(v) for k, v in parts.items()}
+  return jax.tree.map(lambda *v: np.concatenate(v), *parts)
 
 
 # He et al. 2019 evaluate in length-sorted batches of 32 (their PTB and Yahoo runs); their MI is
@@ -130,28 +99,38 @@ def collect(batch_eval: Callable, batches: Iterable[dict], rng: jax.Array, *args
 MI_BATCH_SIZE = 32
 
 
-def flow_mi_terms(model: nn.Module, variables, post: PosteriorParams, rng: jax.Array, *,
-                  mask: jax.Array | None = None, chunk_size: int = 16) -> jax.Array:
-  """`metrics.mutual_information_terms` for a posterior without a closed form (METHODS.md §6):
+def posterior_mi_terms(model: nn.Module, variables, params: posteriors.PosteriorParams,
+                       rng: jax.Array, *, mask: jax.Array | None = None,
+                       chunk_size: int = 16) -> jax.Array:
+  """`metrics.mutual_information_terms` for any posterior family (METHODS.md §6):
 
-    t_i = log q(z_i|x_i) - log (1/N) sum_j q(z_i|x_j),  z_i ~ q(z|x_i),
+    t_i = log q(u_i|x_i) - log (1/N) sum_j q(u_i|x_j),  u_i ~ q(u|x_i),
 
-  with every log q(z|x_j) evaluated by inverting x_j's flow (`SeqVAE.posterior_log_prob`),
-  `chunk_size` query codes against all N posteriors at a time. Cost O(N^2) flow inversions.
+  with every log q(u|x_j) from `Posterior.log_prob` (for flows by inverting x_j's flow),
+  `chunk_size` query codes against all N posteriors at a time: O(N^2) density evaluations.
   `mask` drops padding rows from the mixture (their terms are meaningless).
   """
-  z, log_q, _ = model.apply(variables, post, rng, 1, method="sample_codes")
-  pairwise = lambda zc: model.apply(variables, zc[:, None, :], post, method="posterior_log_prob")
-  log_q_agg = metrics.aggregate_posterior_log_prob(z[0], pairwise, mask=mask,
-                                                   chunk_size=chunk_size)
-  return metrics.mutual_information_terms(log_q[0], log_q_agg)
+
+  def terms(m, params, rng):
+    post = m.posterior(params)
+    u, log_q = post.sample(rng, 1)
+    log_q_agg = metrics.aggregate_posterior_log_prob(
+        u[0], lambda uc: post.log_prob(uc[:, None, :]), mask=mask, chunk_size=chunk_size)
+    return metrics.mutual_information_terms(log_q[0], log_q_agg)
+
+  return model.apply(variables, params, rng, method=terms)
 
 
-def flow_mutual_information(model: nn.Module, variables, post: PosteriorParams, rng: jax.Array,
-                            *, chunk_size: int = 16) -> jax.Array:
-  """I_q(x; z) over a set of N sentences: the mean of `flow_mi_terms`."""
-  return jax.jit(lambda v, p, r: jnp.mean(flow_mi_terms(model, v, p, r, chunk_size=chunk_size)))(
-      variables, post, rng)
+def mi_terms_fn(model: nn.Module, variables) -> Callable:
+  """The `terms_fn` of `mutual_information_metrics` over a set's `PosteriorParams`: the
+  closed form for a Gaussian in latent coordinates (`metrics.gaussian_mi_terms`), the
+  densities otherwise (`posterior_mi_terms`)."""
+  if model.posterior_family.closed_form:
+    def gaussian_terms(params, rng, mask):
+      mean, logvar = posteriors.call(model, variables, params, lambda q: q.gaussian())
+      return metrics.gaussian_mi_terms(rng, mean, logvar, mask=mask)
+    return gaussian_terms
+  return lambda params, rng, mask: posterior_mi_terms(model, variables, params, rng, mask=mask)
 
 
 def mutual_information_report(set_terms: np.ndarray, batch_terms: np.ndarray) -> dict[str, Any]:
@@ -201,70 +180,100 @@ def mutual_information_metrics(terms_fn: Callable[[Any, jax.Array, Any], jax.Arr
                                    metrics.per_batch_terms(batch_terms, batches, len(lengths)))
 
 
-def vae_mi_terms_fn(model: nn.Module, variables) -> Callable:
-  """The `terms_fn` of `mutual_information_metrics` for a model's `PosteriorParams`."""
-  if model.config.posterior in ("gaussian", "kl_preserving"):
-    return lambda post, rng, mask: metrics.gaussian_mi_terms(rng, post.mean, post.logvar,
-                                                             mask=mask)
-  return lambda post, rng, mask: flow_mi_terms(model, variables, post, rng, mask=mask)
+def flow_hole_metrics(model: nn.Module, variables, params: posteriors.PosteriorParams,
+                      rng: jax.Array, *, num_samples: int = 1000, width_samples: int = 64,
+                      num_null_sets: int = holes.DEFAULT_NULL_SETS,
+                      chunk_size: int = 16) -> dict[str, Any]:
+  """`holes.null_calibrated_hole_kl` for a posterior without a closed form, as host values.
+
+  q_agg from `Posterior.log_prob` (flow inversions, DELLA's chain; cost O(num_samples * N));
+  prior codes are latent codes. The null sets are diagonal Gaussians whose widths are each
+  posterior's per-dimension variances, estimated from `width_samples` of its codes: a null of
+  matched widths, not of matched shapes (exact for Gaussian posteriors).
+  """
+
+  def hole_kl(m, params, rng):
+    post = m.posterior(params)
+    width_rng, hole_rng = jax.random.split(rng)
+    logvar = jnp.log(jnp.var(post.sample(width_rng, width_samples)[0], axis=0, ddof=1))
+    return holes.null_calibrated_hole_kl(hole_rng, lambda uc: post.log_prob(uc[:, None, :]),
+                                         logvar, num_null_sets=num_null_sets,
+                                         num_samples=num_samples, chunk_size=chunk_size)
+
+  return holes.host_values(jax.jit(lambda v, p, r: model.apply(v, p, r, method=hole_kl))(
+      variables, params, rng))
 
 
-def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.Array, *,
-                 k_samples: int = 500, chunk_size: int = 50, au_threshold: float = 0.01,
-                 mi_max_examples: int = 0, hole_samples: int = 10_000,
-                 num_prior_samples: int = 0, num_interpolations: int = 0,
-                 interpolation_steps: int = 10, max_decode_length: int = 40,
-                 self_bleu_max: int = 1000) -> dict[str, Any]:
+def _subset(n: int, max_examples: int) -> np.ndarray:
+  """A sorted random subset of `max_examples` of n rows (all when 0 or n is smaller)."""
+  rows = np.arange(n)
+  if max_examples and max_examples < n:
+    rows = np.sort(np.random.default_rng(0).choice(rows, max_examples, replace=False))
+  return rows
+
+
+def evaluate(model: nn.Module, variables, batches: Iterable[dict], rng: jax.Array, *,
+             k_samples: int = 500, chunk_size: int = 50, au_threshold: float = 0.01,
+             mi_max_examples: int = 0, hole_samples: int = 10_000,
+             num_prior_samples: int = 0, num_interpolations: int = 0,
+             interpolation_steps: int = 10, max_decode_length: int = 40,
+             self_bleu_max: int = 1000) -> dict[str, Any]:
   """IW-NLL (K = k_samples), PPL, ELBO, KL, MI (per batch and whole set), AU, dispersion, hole
-  metrics and (optionally) generation metrics of a VAE.
+  metrics and (optionally) generation metrics of any model of the protocol.
 
   nll = -mean_x L_K(x); ppl = exp(-sum_x L_K(x) / sum_x (|x| + 1)); elbo is the K-sample Monte
-  Carlo ELBO per sentence; kl is the KL per sentence (analytic for a Gaussian base, Monte Carlo
-  for a flow posterior); each with its standard error over sentences (`nll_se`, `elbo_se`,
-  `kl_se`). MI follows METHODS.md §6 (`mutual_information_metrics`: `mi` = `mi_per_batch`, He
-  et al.'s estimator, and `mi_set`, each with its standard error); for a posterior without a
-  closed form `mi_set` uses at most `mi_max_examples` sentences (a random subset; 0: all), its
-  cost being quadratic. AU (`active_unit_report`) is from the variance of E_q[z|x] (for flows,
-  the covariance of two independent sampled estimates of it), with the per-dimension variances.
+  Carlo ELBO per sentence (ppl_elbo its perplexity); kl is the KL per sentence (analytic for a
+  closed form, Monte Carlo otherwise); each with its standard error over sentences (`nll_se`,
+  `elbo_se`, `kl_se`). A model without a code is evaluated exactly (one sample, `k_samples`
+  reported 0; kl = mi = au = 0). MI follows METHODS.md §6 (`mutual_information_metrics`: `mi`
+  = `mi_per_batch`, He et al.'s estimator, and `mi_set`, each with its standard error); without
+  a closed form `mi_set` uses at most `mi_max_examples` sentences (a random subset; 0: all),
+  its cost being quadratic. AU (`active_unit_report`) is from the variance of E_q[u|x] (for
+  sampled estimates, the covariance of two independent ones), with the per-dimension variances.
 
   dispersion: the variance across the split of the encoder feature fed to the posterior heads,
   averaged over its dimensions (Long et al. 2019's diagnostic of collapse).
 
   Hole metrics (METHODS.md §2, `vae_jax.holes`) with q_agg the mixture of the split's
-  posteriors: hole_kl = KL(p || q_agg) by Monte Carlo over `hole_samples` prior samples (with
-  its standard error), beside hole_kl_null, the same estimator on null sets of the same N and
-  widths whose population aggregate is the prior (its finite-mixture bias), and hole_kl_excess,
-  their difference, each with a standard error (`holes.null_calibrated_hole_kl`); marginal_kl
-  per dimension and prior_matched_dims (marginal KL < 0.03). In the KL-preserving mode they are
-  computed on z_0 (KL is invariant under the shared bijection f); for a flow posterior (and
-  DELLA's chain) the joint metrics only, with the flow's density, on the `mi_max_examples`
-  subset and at most 1,000 prior samples, the null's widths from sampled codes
+  posteriors in latent coordinates: hole_kl = KL(p || q_agg) by Monte Carlo over
+  `hole_samples` prior samples (with its standard error), beside hole_kl_null, the same
+  estimator on null sets of the same N and widths whose population aggregate is the prior
+  (its finite-mixture bias), and hole_kl_excess, their difference, each with a standard error
+  (`holes.null_calibrated_hole_kl`); marginal_kl per dimension and prior_matched_dims
+  (marginal KL < 0.03) for a closed form; without one, the joint metrics only, with the
+  posterior's density, on the `mi_max_examples` subset and at most 1,000 prior samples
   (`flow_hole_metrics`; the marginals have no closed form).
 
   With `num_prior_samples` > 0, that many prior codes, and with `num_interpolations` > 0 that
   many random pairs of the split's sentences, each with `interpolation_steps` codes on the
   segment between their point codes (endpoints included), are decoded greedily and scored by
-  `generation_metrics` (keys `prior_*` and `interp_*`).
+  `generation.generation_metrics` (keys `prior_*` and `interp_*`); models with an
+  unconditional prior only (the dialogue CVAE's generation is `vae_jax.dialogue_evaluation`).
   """
   eval_rng, mi_rng, hole_rng, gen_rng = jax.random.split(rng, 4)
-  batch_eval = make_vae_batch_eval(model, k_samples, chunk_size)
-  out = collect(batch_eval, batches, eval_rng, variables)
+  dim = code_dim(model)
+  k = k_samples if dim else 1
+  out = collect(make_batch_eval(model, k, chunk_size), batches, eval_rng, variables,
+                keys=input_keys(model))
   log_px = out["log_px"].astype(np.float64)
   n_tokens = float(out["n_tokens"].sum())
-  mean, logvar = jnp.asarray(out["mean"]), jnp.asarray(out["logvar"])
-  post = PosteriorParams(mean, logvar, jnp.asarray(out["context"]) if "context" in out else None)
-  rows = np.arange(len(mean))
-  if mi_max_examples and mi_max_examples < len(rows):
-    rows = np.sort(np.random.default_rng(0).choice(rows, mi_max_examples, replace=False))
-  closed_form = model.config.posterior in ("gaussian", "kl_preserving")
-  result = mutual_information_metrics(vae_mi_terms_fn(model, variables), post, out["n_tokens"],
-                                      mi_rng, set_rows=None if closed_form else rows)
-  if closed_form:
-    result.update(holes.gaussian_hole_metrics(hole_rng, mean, logvar, num_samples=hole_samples))
-  else:  # a flow or DELLA's chain
-    result.update(flow_hole_metrics(model, variables, jax.tree.map(lambda a: a[rows], post),
-                                    hole_rng, num_samples=min(hole_samples, 1000)))
-  features = out["features"].astype(np.float64)
+  result = {}
+  if dim:
+    params = jax.tree.map(jnp.asarray, out["params"])
+    closed_form = model.posterior_family.closed_form
+    rows = None if closed_form else _subset(len(log_px), mi_max_examples)
+    result.update(mutual_information_metrics(mi_terms_fn(model, variables), params,
+                                             out["n_tokens"], mi_rng, set_rows=rows))
+    if closed_form and hole_samples:
+      result.update(holes.gaussian_hole_metrics(hole_rng, jnp.asarray(out["mean"]),
+                                                jnp.asarray(out["logvar"]),
+                                                num_samples=hole_samples))
+    elif hole_samples:
+      result.update(flow_hole_metrics(model, variables, jax.tree.map(lambda a: a[rows], params),
+                                      hole_rng, num_samples=min(hole_samples, 1000)))
+    result.update(active_unit_report(out["code_mean"], out["code_mean_b"], au_threshold))
+  else:
+    result.update(mi=0.0, au=0)
   nll, nll_se = metrics.mean_and_stderr(-log_px)
   elbo, elbo_se = metrics.mean_and_stderr(out["elbo"])
   kl, kl_se = metrics.mean_and_stderr(out["kl"])
@@ -272,29 +281,34 @@ def evaluate_vae(model: nn.Module, variables, batches: Iterable[dict], rng: jax.
       "nll": nll, "nll_se": nll_se,
       "ppl": float(np.exp(-log_px.sum() / n_tokens)),
       "elbo": elbo, "elbo_se": elbo_se,
+      "ppl_elbo": float(np.exp(-out["elbo"].astype(np.float64).sum() / n_tokens)),
       "kl": kl, "kl_se": kl_se,
-      **active_unit_report(out["code_mean"], out["code_mean_b"], au_threshold),
-      "dispersion": float(features.var(axis=0).mean()),
+      "dispersion": float(out["features"].astype(np.float64).var(axis=0).mean()),
       **result,
-      **(layer_active_units(out["layer_means"]) if "layer_means" in out else {}),
-      "k_samples": int(k_samples),
+      **{key.removesuffix("_nll"): float(v.astype(np.float64).mean())
+         for key, v in out["aux"].items()},
+      "k_samples": int(k_samples) if dim else 0,
       "n_sentences": int(log_px.shape[0]),
       "n_tokens": int(n_tokens),
   }
   prior_rng, interp_rng = jax.random.split(gen_rng)
-  if num_prior_samples:
-    z = prior_codes(model, variables, prior_rng, num_prior_samples, mean.shape[1])
-    scores = generation_metrics(model, variables, z, max_length=max_decode_length,
-                                self_bleu_max=self_bleu_max)
-    result.update({f"prior_{k}": v for k, v in scores.items()})
-  if num_interpolations:
-    post = PosteriorParams(mean, logvar, jnp.asarray(out["context"]) if "context" in out else None)
-    z = interpolate_pairs(interp_rng, point_codes(model, variables, post), num_interpolations,
-                          interpolation_steps)
-    scores = generation_metrics(model, variables, z, max_length=max_decode_length,
-                                self_bleu_max=self_bleu_max)
-    result.update({f"interp_{k}": v for k, v in scores.items()})
+  if dim and num_prior_samples:
+    z = generation.decoder_inputs(model, variables,
+                                  jax.random.normal(prior_rng, (num_prior_samples, dim)))
+    result.update(_prefixed("prior", generation.generation_metrics(
+        model, variables, z, max_length=max_decode_length, self_bleu_max=self_bleu_max)))
+  if dim and num_interpolations:
+    u = generation.interpolate_pairs(interp_rng,
+                                     generation.point_codes(model, variables, params),
+                                     num_interpolations, interpolation_steps)
+    result.update(_prefixed("interp", generation.generation_metrics(
+        model, variables, generation.decoder_inputs(model, variables, u),
+        max_length=max_decode_length, self_bleu_max=self_bleu_max)))
   return result
+
+
+def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
+  return {f"{prefix}_{k}": v for k, v in scores.items()}
 
 
 def active_unit_report(code_mean: np.ndarray, code_mean_b: np.ndarray,
@@ -310,233 +324,6 @@ def active_unit_report(code_mean: np.ndarray, code_mean_b: np.ndarray,
           "au_variances": [float(v) for v in variances]}
 
 
-def layer_active_units(layer_means: np.ndarray,
-                       thresholds: tuple[float, ...] = (0.01, 0.2)) -> dict[str, Any]:
-  """Active units of layer-wise latents (DELLA, Hu et al. 2022) from the z-space posterior
-  means `[N, L, d]`: per threshold, the count per layer (`au_layers_<t>`), their sum
-  (`au_z_<t>`) and their mean over layers (`au_layer_mean_<t>`, the paper reports it at 0.2)."""
-  variance = np.asarray(layer_means, np.float64).var(axis=0)  # [L, d]
-  out = {}
-  for t in thresholds:
-    per_layer = (variance > t).sum(axis=-1)
-    out[f"au_layers_{t:g}"] = [int(a) for a in per_layer]
-    out[f"au_z_{t:g}"] = int(per_layer.sum())
-    out[f"au_layer_mean_{t:g}"] = float(per_layer.mean())
-  return out
-
-
-def flow_hole_metrics(model: nn.Module, variables, post: PosteriorParams, rng: jax.Array, *,
-                      num_samples: int = 1000, width_samples: int = 64,
-                      num_null_sets: int = holes.DEFAULT_NULL_SETS,
-                      chunk_size: int = 16) -> dict[str, Any]:
-  """`holes.null_calibrated_hole_kl` for any posterior family, as host values.
-
-  q_agg from `SeqVAE.posterior_log_prob` (flow inversions; cost O(num_samples * N)); prior
-  codes are decoder-space codes. The null sets are diagonal Gaussians whose widths are each
-  posterior's per-dimension variances, estimated from `width_samples` of its codes: a null of
-  matched widths, not of matched shapes (exact for Gaussian posteriors).
-  """
-
-  @jax.jit
-  def run(variables, post, rng):
-    width_rng, hole_rng = jax.random.split(rng)
-    codes, _, _ = model.apply(variables, post, width_rng, width_samples, method="sample_codes")
-    logvar = jnp.log(jnp.var(codes, axis=0, ddof=1))
-    pairwise = lambda zc: model.apply(variables, zc[:, None, :], post,
-                                      method="posterior_log_prob")
-    return holes.null_calibrated_hole_kl(hole_rng, pairwise, logvar,
-                                         num_null_sets=num_null_sets, num_samples=num_samples,
-                                         chunk_size=chunk_size)
-
-  return holes.host_values(run(variables, post, rng))
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def point_codes(model: nn.Module, variables, post: PosteriorParams) -> jax.Array:
-  """`[N, d]` the point code of each posterior (`point_code`), one compiled program."""
-  return model.apply(variables, post, method="point_code")
-
-
-@functools.partial(jax.jit, static_argnames=("model", "num", "latent_dim"))
-def prior_codes(model: nn.Module, variables, rng: jax.Array, num: int,
-                latent_dim: int) -> jax.Array:
-  """`[num, d]` decoder-space prior codes: z ~ N(0, I), or f(z) in the KL-preserving mode."""
-  z = jax.random.normal(rng, (num, latent_dim))
-  if has_latent(model):
-    z = model.apply(variables, z, method="prior_code")
-  return z
-
-
-@functools.partial(jax.jit, static_argnames=("num_pairs", "steps"))
-def interpolate_pairs(rng: jax.Array, codes: jax.Array, num_pairs: int, steps: int) -> jax.Array:
-  """`[num_pairs * steps, d]` codes on the segments between `num_pairs` random pairs of distinct
-  rows of `codes`: (1 - t) z_a + t z_b, t = 0, 1/(steps-1), ..., 1."""
-  n = codes.shape[0]
-  a_rng, b_rng = jax.random.split(rng)
-  a = jax.random.randint(a_rng, (num_pairs,), 0, n)
-  b = (a + jax.random.randint(b_rng, (num_pairs,), 1, max(n, 2))) % n  # b != a when n > 1
-  t = jnp.linspace(0.0, 1.0, steps)[None, :, None]
-  z = (1.0 - t) * codes[a][:, None] + t * codes[b][:, None]
-  return z.reshape(num_pairs * steps, codes.shape[1])
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _own_log_likelihood(model: nn.Module, variables, tokens: jax.Array, z: jax.Array):
-  return model.apply(variables, tokens, z, method="log_likelihood")
-
-
-def generation_metrics(model: nn.Module, variables, z: jax.Array, *, max_length: int = 40,
-                       self_bleu_max: int = 1000, decode_batch: int = 500) -> dict[str, float]:
-  """Decodes codes `z [N, d]` greedily and scores the sentences (METHODS.md §2, §6):
-
-  self_bleu: Self-BLEU-4 (Zhu et al. 2018; each sentence against all others, on a random
-    subset of `self_bleu_max` scored sentences) — lower is more diverse;
-  distinct_1, distinct_2: distinct n-grams / all n-grams (Li et al. 2016);
-  nll_per_token: the model's own fluency, -sum log p(x̂|z) / sum (|x̂| + 1), of each generated
-    x̂ under the code that generated it (EOS included; a sentence cut at `max_length` without
-    EOS counts its tokens only);
-  length: mean number of words.
-  """
-  ids, log_liks = [], []
-  rng = jax.random.PRNGKey(0)  # unused by greedy decoding
-  for start in range(0, z.shape[0], decode_batch):
-    zc = z[start:start + decode_batch]
-    out = generate(model, variables, zc, rng, max_length=max_length, greedy=True)
-    log_liks.append(to_host(_own_log_likelihood(model, variables, out, zc)))
-    ids.append(to_host(out))
-  ids = np.concatenate(ids)
-  n_tokens = float(np.sum(ids != PAD))
-  sentences = [until_eos(row) for row in ids]
-  return {
-      "self_bleu": text_metrics.self_bleu(sentences, max_n=4, max_hypotheses=self_bleu_max),
-      "distinct_1": text_metrics.distinct_n(sentences, 1),
-      "distinct_2": text_metrics.distinct_n(sentences, 2),
-      "nll_per_token": float(-np.sum(np.concatenate(log_liks), dtype=np.float64) / n_tokens),
-      "length": text_metrics.average_length(sentences),
-  }
-
-
-def until_eos(row: np.ndarray) -> list[int]:
-  """The word ids of a decoded or encoded row: everything before its first EOS (the whole row
-  when it has none), padding dropped."""
-  row = np.asarray(row)
-  stop = np.flatnonzero(row == EOS)
-  return [int(t) for t in row[:stop[0] if stop.size else len(row)] if t != PAD]
-
-
-def reconstruction_metrics(model: nn.Module, variables, token_batches: Iterable[np.ndarray],
-                           rng: jax.Array, *, max_length: int | None = None
-                           ) -> tuple[dict[str, float], list[list[int]]]:
-  """Greedy reconstructions x̂ = greedy_decode(point_code(q(z|x))) of the sentences in
-  `token_batches` (arrays `[B, T]` of real rows, EOS-terminated, PAD-padded), scored against
-  their inputs (METHODS.md §4, §6):
-
-  recon_bleu: corpus BLEU-4 (Papineni et al. 2002; `text_metrics.corpus_bleu`, no smoothing,
-    brevity penalty included) of the reconstructions, each with its own input as the single
-    reference, EOS excluded from both;
-  recon_exact: the fraction of sentences reproduced exactly;
-  recon_length: the mean length of the reconstructions, in words.
-
-  Each batch is decoded for `max_length` steps (default: its width T, so a reconstruction can
-  be as long as the longest input of its batch plus its EOS). A collapsed posterior reproduces
-  the same sentence for every input and scores near 0; an autoencoder near 1.
-
-  Returns the metrics and the reconstructions (word-id lists, in input order).
-  """
-  references, hypotheses = [], []
-  for tokens in token_batches:
-    tokens = np.asarray(tokens)
-    out = to_host(reconstruct(model, variables, jnp.asarray(tokens), rng,
-                              max_length or tokens.shape[1]))
-    references += [until_eos(row) for row in tokens]
-    hypotheses += [until_eos(row) for row in out]
-  if not hypotheses:
-    return {}, []
-  scores = {
-      "recon_bleu": text_metrics.corpus_bleu([[r] for r in references], hypotheses, max_n=4),
-      "recon_exact": float(np.mean([h == r for h, r in zip(hypotheses, references)])),
-      "recon_length": text_metrics.average_length(hypotheses),
-  }
-  return scores, hypotheses
-
-
-def make_lm_batch_eval(model: nn.Module) -> Callable:
-
-  @jax.jit
-  def batch_eval(variables, tokens, rng):
-    del rng
-    terms = model.apply(variables, tokens, deterministic=True)
-    return {"nll": terms.rec_nll, "n_tokens": terms.n_tokens}
-
-  return batch_eval
-
-
-def evaluate_lm(model: nn.Module, variables, batches: Iterable[dict],
-                rng: jax.Array) -> dict[str, Any]:
-  """Exact NLL and PPL of a language model (no latent: KL = MI = AU = 0)."""
-  out = collect(make_lm_batch_eval(model), batches, rng, variables)
-  nll = out["nll"].astype(np.float64)
-  n_tokens = float(out["n_tokens"].sum())
-  return {
-      "nll": float(nll.mean()),
-      "ppl": float(np.exp(nll.sum() / n_tokens)),
-      "elbo": float(-nll.mean()),
-      "kl": 0.0, "mi": 0.0, "au": 0,
-      "k_samples": 0,
-      "n_sentences": int(nll.shape[0]),
-      "n_tokens": int(n_tokens),
-  }
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_length", "greedy", "batch_size"))
-def generate(model: nn.Module, variables, z: jax.Array | None, rng: jax.Array, *,
-             max_length: int, greedy: bool, batch_size: int | None = None) -> jax.Array:
-  """Decodes from codes z (`[N, d]`; None for a language model): greedy or sampled."""
-  if z is None:
-    state = model.apply(variables, batch_size, method=type(model).initial_state)
-  else:
-    state = model.apply(variables, z, method=type(model).initial_state)
-  n = z.shape[0] if z is not None else batch_size
-  step_fn = lambda s, t: model.apply(variables, s, t, z, method=type(model).decode_step)
-  if greedy:
-    return decoding.greedy_decode(step_fn, state, n, max_length)
-  return decoding.sample_decode(step_fn, state, rng, n, max_length)
-
-
-def reconstruct(model: nn.Module, variables, tokens: jax.Array, rng: jax.Array,
-                max_length: int) -> jax.Array:
-  """Greedy decoding from each sentence's point code (the posterior mean, or its image under the
-  flow)."""
-  return generate(model, variables, _encoded_point_codes(model, variables, tokens), rng,
-                  max_length=max_length, greedy=True)
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _encoded_point_codes(model: nn.Module, variables, tokens: jax.Array) -> jax.Array:
-  return model.apply(variables, model.apply(variables, tokens, method="encode"),
-                     method="point_code")
-
-
-def sample_prior(model: nn.Module, variables, rng: jax.Array, num: int, latent_dim: int,
-                 max_length: int, greedy: bool = True) -> jax.Array:
-  """Decodes prior samples (greedily by default, as in Bowman et al. 2016): z ~ N(0, I), or
-  f(z) in the KL-preserving mode."""
-  z_rng, dec_rng = jax.random.split(rng)
-  z = prior_codes(model, variables, z_rng, num, latent_dim)
-  return generate(model, variables, z, dec_rng, max_length=max_length, greedy=greedy)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "num_samples"))
-def features(model: nn.Module, variables, tokens: jax.Array, rng: jax.Array,
-             num_samples: int = 32) -> jax.Array:
-  """A fixed-size feature per sentence `[B, F]` for probing classifiers (METHODS.md §3): the
-  posterior mean E_q[z|x] of a VAE (a `num_samples` average for flow posteriors), the final
-  hidden state of a language model."""
-  if has_latent(model):
-    return model.apply(variables, tokens, rng, num_samples, method="code_mean")
-  return model.apply(variables, tokens, method=type(model).final_hidden)
-
-
 # The per-example posterior summaries of `posterior_summaries`, in their packed order.
 POSTERIOR_SUMMARY_KEYS = ("mean", "logvar", "code_mean", "code_mean_b")
 
@@ -547,8 +334,7 @@ def posterior_summaries(batch_eval: Callable, variables, data, rng: jax.Array, *
   """Per-example posterior summaries of every example of `data`, row i = example i.
 
   `batch_eval(variables, *batch[keys], rng)` is the evaluation's own per-batch function
-  (`make_vae_batch_eval`, or `dialogue_evaluation.make_cvae_batch_eval` with `keys =
-  CVAE.input_keys`; k_samples = 1 makes its likelihood part one decoder pass), so the numbers
+  (`make_batch_eval`, with `keys = input_keys(model)`; k_samples = 1 makes its likelihood part one decoder pass), so the numbers
   are those the evaluation computes its KL, MI and AU from:
 
     mean, logvar: `[N, d]` the base Gaussian N(mean, exp(logvar)) of q (DELLA's whitened

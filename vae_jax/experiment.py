@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vae_jax import (della_metrics, dialogue_evaluation, errors, evaluation, fileio, losses,
-                     probe, run_data)
+from vae_jax import (della_metrics, dialogue_evaluation, errors, evaluation, fileio,
+                     generation, losses, probe, run_data)
 from vae_jax import workdir as workdir_lib
 # The config readers live in `configs`, the data readers in `run_data`; their names are kept
 # here for research scripts.
@@ -67,10 +67,10 @@ def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int)
     variables = {"params": params, **model_state}
     n = max(cfg.eval.num_print, 1)
     if is_vae:
-      ids = evaluation.sample_prior(model, variables, rng, n, evaluation.code_dim(model),
+      ids = generation.sample_prior(model, variables, rng, n, generation.code_dim(model),
                                     max_len)
     else:
-      ids = evaluation.generate(model, variables, None, rng, max_length=max_len, greedy=False,
+      ids = generation.generate(model, variables, None, rng, max_length=max_len, greedy=False,
                                 batch_size=n)
     return [" ".join(vocab.decode(row)) for row in np.asarray(ids)]
 
@@ -270,7 +270,7 @@ def _with_encoder(init_fn, pretrained):
 
 
 def generation_kwargs(cfg) -> dict[str, int]:
-  """The hole and generation settings of `evaluation.evaluate_vae` (defaults for runs saved
+  """The hole and generation settings of `evaluation.evaluate` (defaults for runs saved
   before these fields existed)."""
   e = cfg.eval
   return dict(hole_samples=e.get("hole_samples", 10_000),
@@ -330,14 +330,11 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
     rng = jax.random.PRNGKey(seed)
     if is_dialogue(cfg):
       out, shown = _evaluate_dialogue(cfg, model, variables, vocab, data, global_batches, rng)
-    elif cfg.model.kind in LM_KINDS:
-      out = evaluation.evaluate_lm(model, variables, global_batches, rng)
     else:
-      out = evaluation.evaluate_vae(model, variables, global_batches, rng,
-                                    k_samples=cfg.eval.k_samples,
-                                    chunk_size=cfg.eval.chunk_size,
-                                    mi_max_examples=cfg.eval.mi_max_examples,
-                                    **generation_kwargs(cfg))
+      out = evaluation.evaluate(model, variables, global_batches, rng,
+                                k_samples=cfg.eval.k_samples, chunk_size=cfg.eval.chunk_size,
+                                mi_max_examples=cfg.eval.mi_max_examples,
+                                **generation_kwargs(cfg))
       if cfg.model.kind == "della":  # the official estimators beside the correct ones
         out.update(della_metrics.paper_metrics(
             model, variables, (mesh_lib.to_global(b, mesh) for b in batches),
@@ -345,7 +342,7 @@ def evaluate_workdir(cfg, workdir: str, splits: list[str], *, vocab: Vocab | Non
             chunk_size=cfg.eval.chunk_size))
     reconstructions = None
     if cfg.model.kind not in LM_KINDS and not is_dialogue(cfg):
-      scores, reconstructions = evaluation.reconstruction_metrics(
+      scores, reconstructions = generation.reconstruction_metrics(
           model, variables, reconstruction_batches(cfg, data), rng)
       out.update(scores)
     out.update(split=split, checkpoint=used, step=step)
@@ -391,9 +388,9 @@ def _evaluate_dialogue(cfg, model, variables, vocab: Vocab, data, batches, rng):
 
 
 def _dialogue_features(cfg, model, variables, data, rng) -> np.ndarray:
-  """`dialogue_evaluation.probe_features` of every pair of `data`, row i = pair i."""
-  feature_fn = lambda tokens, context, speakers, i: dialogue_evaluation.probe_features(
-      model, variables, tokens, context, speakers, jax.random.fold_in(rng, i))
+  """`generation.features` of every pair of `data`, row i = pair i."""
+  feature_fn = lambda tokens, context, speakers, i: generation.features(
+      model, variables, (tokens, context, speakers), jax.random.fold_in(rng, i))
   return probe.feature_matrix(data, feature_fn, cfg.eval.batch_size, cfg.data.pad_multiple,
                               keys=CVAE.input_keys)
 
@@ -489,14 +486,14 @@ def _show_examples(cfg, model, variables, vocab: Vocab, data, rng,
   text = lambda ids: [" ".join(vocab.decode(r))
                       for r in (ids if isinstance(ids, list) else np.asarray(ids))]
   if cfg.model.kind in LM_KINDS:
-    return {"samples": text(evaluation.generate(model, variables, None, rng,
+    return {"samples": text(generation.generate(model, variables, None, rng,
                                                 max_length=max_len, greedy=False,
                                                 batch_size=n))}
   if reconstructions is not None and len(reconstructions) >= n:
     recon = reconstructions[:n]
   else:
-    recon = evaluation.reconstruct(model, variables, rows, rng, max_len)
-  samples = evaluation.sample_prior(model, variables, rng, n, evaluation.code_dim(model),
+    recon = generation.reconstruct(model, variables, rows, rng, max_len)
+  samples = generation.sample_prior(model, variables, rng, n, generation.code_dim(model),
                                     max_len)
   return {"inputs": text(rows), "reconstructions": text(recon), "samples": text(samples)}
 

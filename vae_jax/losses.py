@@ -89,6 +89,11 @@ class KLTermConfig:
                        f"{self.density_gap_samples}, {self.density_gap_chunk}")
 
 
+def _gaussian_codes(model: nn.Module) -> bool:
+  """Whether the model's posterior is a Gaussian in latent coordinates (a closed form)."""
+  return bool(model.config.latent_dim) and model.posterior_family.closed_form
+
+
 def _weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.sum(x * weights.reshape(weights.shape + (1,) * (x.ndim - 1)), axis=0)
 
@@ -171,8 +176,7 @@ def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
   A flow posterior has no per-dimension KL (`terms.kl_dims` is None): only whole-code free
   bits apply to it, on its Monte Carlo KL.
   """
-  if kl_term.kind == "density_gap" and model.config.posterior not in ("gaussian",
-                                                                      "kl_preserving"):
+  if kl_term.kind == "density_gap" and not _gaussian_codes(model):
     raise ValueError("the density gap needs Gaussian posteriors (posterior='gaussian' or "
                      f"'kl_preserving'), not posterior={model.config.posterior!r}")
 
@@ -228,7 +232,7 @@ def make_vae_eval(model: nn.Module) -> Callable[..., Sums]:
     sums = vae_sums(terms, batch["weights"])
     if getattr(terms, "bow_nll", None) is not None:
       sums["bow"] = jnp.sum(terms.bow_nll * batch["weights"])
-    if model.config.posterior in ("gaussian", "kl_preserving") and model.config.latent_dim:
+    if _gaussian_codes(model):
       mi = metrics.gaussian_mutual_information(mi_rng, terms.mean, terms.logvar,
                                                mask=batch["weights"])
       sums["mi"] = mi * sums["n_sentences"]

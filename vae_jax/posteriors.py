@@ -87,11 +87,14 @@ class Prior:
   def log_prob(self, u: jax.Array) -> jax.Array:
     return objectives.standard_normal_log_prob(u)
 
+  def to_code(self, u: jax.Array) -> jax.Array:
+    """The model's code z for latent codes `u [..., d]`: f(μ_p + σ_p u) in general."""
+    z = self.unwhiten(u)
+    return z if self.decoder_flow is None else self.decoder_flow.forward(z)
+
   def to_decoder(self, u: jax.Array) -> jax.Array:
     """The decoder's input for latent codes `u [..., d]`: [c; f(μ_p + σ_p u)] in general."""
-    z = self.unwhiten(u)
-    if self.decoder_flow is not None:
-      z = self.decoder_flow.forward(z)
+    z = self.to_code(u)
     if self.condition is None:
       return z
     c = jnp.broadcast_to(self.condition, (*z.shape[:-1], self.condition.shape[-1]))
@@ -143,10 +146,28 @@ class Posterior:
     halves = jnp.mean(u.reshape(2, num_samples, *u.shape[1:]), axis=1)
     return halves[0], halves[1]
 
+  def whitened_base(self) -> tuple[jax.Array, jax.Array]:
+    """The base Gaussian N(mean, exp(logvar)) in latent coordinates, `[B, d]` each: q(u|x)
+    itself for a Gaussian family, the flow's base distribution otherwise."""
+    p = self.params
+    logvar = p.logvar if self.prior.logvar is None else p.logvar - self.prior.logvar
+    return self.prior.whiten(p.mean), logvar
+
+  def sample_kl(self, u: jax.Array, log_q: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(KL `[B]`, KL per dimension `[B, d]` or None) given samples `u [S, B, d]` of q with
+    their log q: analytic for a closed form, else the Monte Carlo mean of log q - log p over
+    the S samples (`metrics.monte_carlo_kl`; unbiased, negative for some x when S is small)."""
+    return jnp.mean(log_q - self.prior.log_prob(u), axis=0), None
+
   def kl(self, rng: jax.Array | None = None, num_samples: int = 1) -> jax.Array:
-    """KL(q(u|x) || N(0, I)) `[B]`: the Monte Carlo mean of log q - log p over `num_samples`."""
-    u, log_q = self.sample(rng, num_samples)
-    return jnp.mean(log_q - self.prior.log_prob(u), axis=0)
+    """KL(q(u|x) || N(0, I)) `[B]`: analytic, or the Monte Carlo mean over `num_samples`."""
+    return self.sample_kl(*self.sample(rng, num_samples))[0]
+
+  def code_mean(self, rng: jax.Array, num_samples: int = 32) -> jax.Array:
+    """E_q[z|x] `[B, ...]` of the code the decoder reads (without a condition): exact for a
+    Gaussian family without a decoder flow, else a `num_samples` average (probe features)."""
+    u = self.sample(rng, num_samples)[0]
+    return jnp.mean(self.prior.to_code(u), axis=0)
 
   def log_weights(self, rng: jax.Array, num_samples: int,
                   log_likelihood: Callable[[jax.Array], jax.Array]) -> jax.Array:
@@ -161,12 +182,18 @@ class GaussianPosterior(Posterior):
   closed_form = True
 
   def gaussian(self) -> tuple[jax.Array, jax.Array]:
-    p = self.params
-    logvar = p.logvar if self.prior.logvar is None else p.logvar - self.prior.logvar
-    return self.prior.whiten(p.mean), logvar
+    return self.whitened_base()
+
+  def code_mean(self, rng=None, num_samples=32):
+    if self.prior.decoder_flow is None:
+      return self.params.mean
+    return super().code_mean(rng, num_samples)
 
   def sample(self, rng, num_samples):
     mean, logvar = self.gaussian()
+    if mean.shape[-1] == 0:  # no code (seq2seq, language models): nothing to draw
+      u = jnp.zeros((num_samples, *mean.shape), mean.dtype)
+      return u, jnp.zeros(u.shape[:-1], mean.dtype)
     u = objectives.reparameterize(rng, mean, logvar, num_samples)
     return u, objectives.gaussian_log_prob(u, mean, logvar)
 
@@ -183,8 +210,9 @@ class GaussianPosterior(Posterior):
   def kl_dims(self):
     return objectives.gaussian_kl(*self.gaussian())
 
-  def kl(self, rng=None, num_samples=1):
-    return jnp.sum(self.kl_dims(), axis=-1)
+  def sample_kl(self, u=None, log_q=None):
+    kl_dims = self.kl_dims()
+    return jnp.sum(kl_dims, axis=-1), kl_dims
 
 
 class FlowPosterior(Posterior):
@@ -226,7 +254,8 @@ class Family:
   """A posterior family: how a model turns its encoder output and its flow into q and p.
 
   posterior: the `Posterior` class; `flow_in_posterior` hands it the (possibly amortised)
-    flow. needs_flow: the model must build a flow (`model.flow`). global_flow: the flow is one
+    flow. kl_label: what the per-dimension KL of the base Gaussian in latent coordinates is
+    (figures; it sums to the posterior's KL exactly when `closed_form`). needs_flow: the model must build a flow (`model.flow`). global_flow: the flow is one
     bijection shared by prior and posterior (it may not depend on x) and the decoder reads
     f(z) (`Prior.decoder_flow`).
   """
@@ -234,6 +263,7 @@ class Family:
   needs_flow: bool = False
   flow_in_posterior: bool = False
   global_flow: bool = False
+  kl_label: str = "KL(q(u_d|x) ‖ N(0,1))"
 
   @property
   def closed_form(self) -> bool:
@@ -262,10 +292,12 @@ POSTERIORS: dict[str, Family] = {
     # q(z|x) = N(μ(x), σ²(x)), analytic KL.
     "gaussian": Family(GaussianPosterior),
     # z_K = f_x(z_0): the (amortised) flow of METHODS.md §3, Monte Carlo KL.
-    "flow": Family(FlowPosterior, needs_flow=True, flow_in_posterior=True),
+    "flow": Family(FlowPosterior, needs_flow=True, flow_in_posterior=True,
+                   kl_label="base Gaussian KL(q(u0_d|x) ‖ N(0,1))\n(not the flow posterior's KL)"),
     # One global f on prior and posterior: KL(f#q || f#p) = KL(q || p) stays analytic, the
     # decoder reads f(z_0).
-    "kl_preserving": Family(GaussianPosterior, needs_flow=True, global_flow=True),
+    "kl_preserving": Family(GaussianPosterior, needs_flow=True, global_flow=True,
+                            kl_label="KL(q(u_d|x) ‖ N(0,1)) (KL-preserving flow: exact)"),
 }
 
 
@@ -274,3 +306,90 @@ def family(name: str) -> Family:
   if name not in POSTERIORS:
     raise ValueError(f"unknown posterior {name!r}; use one of {', '.join(POSTERIORS)}")
   return POSTERIORS[name]
+
+
+class LatentModel:
+  """The protocol methods of a linen model whose `config.posterior` names a family of
+  `POSTERIORS` and whose flow (when the family needs one) is the submodule `flow`:
+
+    posterior(params) -> Posterior;  prior(params=None) -> Prior;
+    decoder_input(u, params=None) -> what `log_likelihood` / `initial_state` read.
+
+  The model itself implements `encode(*inputs) -> PosteriorParams` and the decoder."""
+
+  @property
+  def posterior_family(self) -> Family:
+    return family(self.config.posterior)
+
+  def _flow(self, context):
+    return self.flow(context)
+
+  def posterior(self, params: PosteriorParams) -> Posterior:
+    """q(u|x) of the family `config.posterior`."""
+    return self.posterior_family.build(params, self._flow)
+
+  def prior(self, params: PosteriorParams | None = None) -> Prior:
+    """p(u) = N(0, I) in latent coordinates, with the map of its codes to the decoder."""
+    return self.posterior_family.prior(params, self._flow)
+
+  def decoder_input(self, u: jax.Array, params: PosteriorParams | None = None) -> jax.Array:
+    """The decoder's input for latent codes `u [..., d]` (and the condition in `params`)."""
+    return self.prior(params).to_decoder(u)
+
+  def auxiliary_nlls(self, tokens: jax.Array, cond: jax.Array) -> dict[str, jax.Array]:
+    """Extra per-example NLLs `[B]` that evaluation reports at the point code, keyed
+    '<name>_nll' (reported as '<name>'); none by default."""
+    return {}
+
+
+class NoLatent:
+  """The protocol of a model without a code (the language models): the zero-width code u,
+  with q = p, so KL = MI = AU = 0 and one importance sample gives the exact log p(x). The
+  model implements `final_hidden(tokens)` (its sentence feature) and `__call__` returning
+  `rec_nll`."""
+  posterior_family = POSTERIORS["gaussian"]
+
+  def encoder_features(self, tokens: jax.Array) -> jax.Array:
+    return self.final_hidden(tokens)
+
+  def encode(self, tokens: jax.Array, deterministic: bool = True,
+             features: jax.Array | None = None) -> PosteriorParams:
+    zeros = jnp.zeros((tokens.shape[0], 0), jnp.float32)
+    return PosteriorParams(zeros, zeros)
+
+  def posterior(self, params: PosteriorParams) -> Posterior:
+    return GaussianPosterior(params, Prior())
+
+  def prior(self, params: PosteriorParams | None = None) -> Prior:
+    return Prior()
+
+  def decoder_input(self, u: jax.Array, params: PosteriorParams | None = None) -> jax.Array:
+    return u
+
+  auxiliary_nlls = LatentModel.auxiliary_nlls
+
+  def log_likelihood(self, tokens: jax.Array, cond: jax.Array | None = None,
+                     deterministic: bool = True) -> jax.Array:
+    """log p(x) `[B]`, exact (`cond`, a zero-width code, is not read)."""
+    return -self(tokens, deterministic=deterministic).rec_nll
+
+
+def check_latent_config(config, rates: tuple[str, ...]) -> None:
+  """The checks every latent model's config shares (ValueError naming the field)."""
+  if config.vocab_size <= 4:
+    raise ValueError(f"vocab_size must exceed the 4 special tokens, got {config.vocab_size}")
+  if config.latent_dim < 0:
+    raise ValueError(f"latent_dim must be >= 0 (0: no latent code), got {config.latent_dim}")
+  for name in rates:
+    if not 0.0 <= getattr(config, name) < 1.0:
+      raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+  family(config.posterior).check(config.posterior, config.flow)
+  if config.kl_samples < 1:
+    raise ValueError(f"kl_samples must be >= 1, got {config.kl_samples}")
+
+
+def call(model, variables, params: PosteriorParams, fn: Callable, *args, **kwargs):
+  """`fn(posterior, *args)` with the posterior of `params` under `model` (inside `apply`):
+  e.g. `call(model, v, params, lambda q, r: q.sample(r, 8), rng)`."""
+  return model.apply(variables, params, *args,
+                     method=lambda m, p, *a: fn(m.posterior(p), *a), **kwargs)

@@ -9,10 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from vae_jax import losses, metrics, objectives
+from vae_jax import evaluation, losses, metrics, objectives, posteriors
 from vae_jax.data.vocab import PAD
-from vae_jax.models.cvae import CVAE, CVAEConfig, ConditionalPrior
-from vae_jax.models.vae import PosteriorParams
+from vae_jax.models.cvae import CVAE, CVAEConfig
 
 from cvae_testing import BASE, IAF, V, init, make_batch, perturb
 
@@ -27,11 +26,9 @@ def test_kl_against_the_learned_prior_and_whitened_code():
   v = perturb(init(model, tokens, context, speakers))
   terms = model.apply(v, tokens, context, speakers, deterministic=True,
                       rngs={"latent": jax.random.PRNGKey(5)})
-  c = model.apply(v, context, speakers, method=CVAE.encode_context)
-  post = model.apply(v, tokens, c, method=CVAE.encode)
-  prior = model.apply(v, c, method=CVAE.prior)
+  post = model.apply(v, tokens, context, speakers, method=CVAE.encode)
   mq, lq, mp, lp = (np.asarray(a, np.float64) for a in
-                    (post.mean, post.logvar, prior.mean, prior.logvar))
+                    (post.mean, post.logvar, post.prior_mean, post.prior_logvar))
   np.testing.assert_allclose(terms.kl_dims, np_gaussian_kl(mq, lq, mp, lp), rtol=1e-4,
                              atol=1e-6)
   # Prior coordinates: u = (z - μ_p) / σ_p has posterior N((μ_q - μ_p)/σ_p, σ_q²/σ_p²).
@@ -102,27 +99,37 @@ def test_bow_log_likelihood_against_numpy():
 
 @pytest.mark.parametrize("posterior", ["flow", "kl_preserving"])
 def test_flow_recognition_density_is_consistent(posterior):
-  """log q of `sample_codes` (forward pass, change of variables) equals
-  `posterior_log_prob` (inverse pass) at the same codes; log p is the prior network's."""
+  """log q(u|x,c) of `Posterior.sample` (forward pass, change of variables) equals
+  `Posterior.log_prob` (inverse pass) at the same codes, and both equal the density of the
+  model's code z = μ_p + σ_p u computed here by inverting the flow, plus the whitening's
+  ½ Σ log σ_p²; in the KL-preserving mode u is the whitened z_0 and the decoder reads
+  [c; f(z_0)]."""
   tokens, context, speakers = make_batch()
   flow = IAF if posterior == "flow" else dataclasses.replace(IAF, amortized=False)
   model = CVAE(dataclasses.replace(BASE, posterior=posterior, flow=flow))
   v = perturb(init(model, tokens, context, speakers), scale=0.2)
-  c = model.apply(v, context, speakers, method=CVAE.encode_context)
-  post = model.apply(v, tokens, c, method=CVAE.encode)
-  prior = model.apply(v, c, method=CVAE.prior)
-  z, log_q, log_p = model.apply(v, post, prior, jax.random.PRNGKey(7), 4,
-                                method=CVAE.sample_codes)
+  params = model.apply(v, tokens, context, speakers, method=CVAE.encode)
+  u, log_q = posteriors.call(model, v, params, lambda q, r: q.sample(r, 4),
+                             jax.random.PRNGKey(7))
+  lp = np.asarray(params.prior_logvar, np.float64)
+  z = np.asarray(params.prior_mean) + np.exp(lp / 2) * np.asarray(u)
+  whitening = 0.5 * lp.sum(-1)
   if posterior == "flow":
     np.testing.assert_allclose(
-        model.apply(v, z, post, method=CVAE.posterior_log_prob), log_q, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(log_p, objectives.gaussian_log_prob(z, prior.mean, prior.logvar),
-                               rtol=1e-5)
+        posteriors.call(model, v, params, lambda q, u: q.log_prob(u), u), log_q, rtol=1e-4,
+        atol=1e-4)
+    z0, ildj = model.apply(v, jnp.asarray(z, jnp.float32), params,
+                           method=lambda m, z, p: m.flow(p.context).inverse_and_log_det(z))
+    want = objectives.gaussian_log_prob(z0, params.mean, params.logvar) + ildj + whitening
   else:  # densities of z_0, pushed through one shared bijection
-    z0 = model.apply(v, z, post, method=lambda m, z, p: m.flow(None).inverse(z))
-    np.testing.assert_allclose(log_q - log_p,
-                               objectives.gaussian_log_prob(z0, post.mean, post.logvar)
-                               - prior.log_prob(z0), rtol=1e-4, atol=1e-4)
+    want = objectives.gaussian_log_prob(jnp.asarray(z, jnp.float32), params.mean,
+                                        params.logvar) + whitening
+    cond = posteriors.call(model, v, params, lambda q, u: q.to_decoder(u), u)
+    f_z = model.apply(v, jnp.asarray(z, jnp.float32), method=lambda m, z: m.flow(None).forward(z))
+    np.testing.assert_allclose(cond[..., -BASE.latent_dim:], f_z, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cond[..., :-BASE.latent_dim],
+                               np.broadcast_to(params.condition, (4, *params.condition.shape)))
+  np.testing.assert_allclose(log_q, want, rtol=1e-4, atol=1e-4)
   terms = model.apply(v, tokens, context, speakers, deterministic=True,
                       rngs={"latent": jax.random.PRNGKey(1)})
   assert (terms.kl_dims is None) == (posterior == "flow")
@@ -130,31 +137,33 @@ def test_flow_recognition_density_is_consistent(posterior):
 
 def test_importance_weighted_nll_against_quadrature():
   """With a 1-D code, log p(x|c) = log ∫ p(x|c,z) p(z|c) dz by quadrature on a fine grid,
-  against the importance-weighted estimate with the model's own weights."""
-  from vae_jax import dialogue_evaluation
+  against the importance-weighted estimate of the one evaluation with the model's own
+  weights."""
   tokens, context, speakers = make_batch()
   model = CVAE(dataclasses.replace(BASE, latent_dim=1))
   v = perturb(init(model, tokens, context, speakers), scale=0.2)
-  c = model.apply(v, context, speakers, method=CVAE.encode_context)
-  prior = model.apply(v, c, method=CVAE.prior)
-  sd = np.exp(np.asarray(prior.logvar[:, 0]) / 2)
+  prior = model.apply(v, context, speakers, method=CVAE.condition_params)
+  sd = np.exp(np.asarray(prior.prior_logvar[:, 0]) / 2)
   grid = np.linspace(-8, 8, 801)
-  z = np.asarray(prior.mean[:, 0])[None] + sd[None] * grid[:, None]    # [G, B]
-  ll = dialogue_evaluation._log_likelihood_fn(model, v, tokens, c)(jnp.asarray(z[..., None]))
+  z = np.asarray(prior.prior_mean[:, 0])[None] + sd[None] * grid[:, None]    # [G, B]
+  c = np.broadcast_to(np.asarray(prior.condition)[None], (len(grid), *prior.condition.shape))
+  cond = jnp.asarray(np.concatenate([c, z[..., None]], -1), jnp.float32)
+  ll = jax.vmap(lambda cd: model.apply(v, tokens, cd, method=CVAE.log_likelihood))(cond)
   log_prior = -0.5 * (np.log(2 * np.pi) + grid ** 2)[:, None] - np.log(sd)[None]
   step = (grid[1] - grid[0]) * sd
   exact = np.log(np.sum(np.exp(np.asarray(ll, np.float64) + log_prior), 0) * step)
-  batch_eval = dialogue_evaluation.make_cvae_batch_eval(model, k_samples=4000, chunk_size=500)
+  batch_eval = evaluation.make_batch_eval(model, k_samples=4000, chunk_size=500)
   out = batch_eval(v, tokens, context, speakers, jax.random.PRNGKey(0))
   np.testing.assert_allclose(out["log_px"], exact, atol=0.02)
   assert np.all(np.asarray(out["elbo"]) <= np.asarray(out["log_px"]) + 1e-4)
 
 
 def test_conditional_prior_helpers():
-  prior = ConditionalPrior(jnp.array([[1.0, -2.0]]), jnp.log(jnp.array([[4.0, 0.25]])))
-  z = prior.sample(jnp.array([[1.0, 2.0]]))
+  prior = posteriors.Prior(jnp.array([[1.0, -2.0]]), jnp.log(jnp.array([[4.0, 0.25]])))
+  z = prior.unwhiten(jnp.array([[1.0, 2.0]]))
   np.testing.assert_allclose(z, [[3.0, -1.0]])
   np.testing.assert_allclose(prior.whiten(z), [[1.0, 2.0]])
+  np.testing.assert_allclose(prior.whiten_log_det(), -0.5 * np.log(4.0 * 0.25))
   with pytest.raises(ValueError, match="latent_dim"):
     CVAEConfig(vocab_size=V, latent_dim=-1)
   with pytest.raises(ValueError, match="needs a flow"):

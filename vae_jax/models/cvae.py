@@ -38,9 +38,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vae_jax import metrics, objectives
+from vae_jax import posteriors
 from vae_jax.data.vocab import PAD
-from vae_jax.models.vae import PosteriorParams, Posterior, token_mask
+from vae_jax.models.vae import token_mask
+from vae_jax.posteriors import PosteriorParams
 from vae_jax.nn.decoders import LSTMDecoder, State
 from vae_jax.nn.encoders import GaussianHead, LSTMEncoder, Pooling
 from vae_jax.nn.flows import Flow, FlowConfig
@@ -76,45 +77,12 @@ class CVAEConfig:
   dropout_out: float = 0.0
   word_dropout: float = 0.0
   share_embedding: bool = True
-  posterior: Posterior = "gaussian"
+  posterior: str = "gaussian"
   flow: FlowConfig | None = None
   kl_samples: int = 1
 
   def __post_init__(self):
-    if self.vocab_size <= 4:
-      raise ValueError(f"vocab_size must exceed the 4 special tokens, got {self.vocab_size}")
-    if self.latent_dim < 0:
-      raise ValueError(f"latent_dim must be >= 0 (0 = seq2seq), got {self.latent_dim}")
-    for name in ("dropout_in", "dropout_out", "word_dropout"):
-      if not 0.0 <= getattr(self, name) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-    if self.posterior not in ("gaussian", "flow", "kl_preserving"):
-      raise ValueError(f"unknown posterior {self.posterior!r}; use 'gaussian', 'flow' or "
-                       "'kl_preserving'")
-    if self.posterior != "gaussian" and self.flow is None:
-      raise ValueError(f"posterior {self.posterior!r} needs a flow (model.flow.kind)")
-    if self.posterior == "kl_preserving" and self.flow.amortized:
-      raise ValueError("the KL-preserving mode applies one bijection to prior and posterior, "
-                       "so its flow cannot depend on (x, c): set flow.amortized=False")
-    if self.kl_samples < 1:
-      raise ValueError(f"kl_samples must be >= 1, got {self.kl_samples}")
-
-
-@flax.struct.dataclass
-class ConditionalPrior:
-  """p(z|c) = N(mean, exp(logvar)) per context (`[B, d]` each)."""
-  mean: jax.Array
-  logvar: jax.Array
-
-  def whiten(self, z: jax.Array) -> jax.Array:
-    """u = (z - μ_p) / σ_p: codes in the coordinates where the prior is N(0, I)."""
-    return (z - self.mean) * jnp.exp(-0.5 * self.logvar)
-
-  def log_prob(self, z: jax.Array) -> jax.Array:
-    return objectives.gaussian_log_prob(z, self.mean, self.logvar)
-
-  def sample(self, eps: jax.Array) -> jax.Array:
-    return self.mean + jnp.exp(0.5 * self.logvar) * eps
+    posteriors.check_latent_config(self, ("dropout_in", "dropout_out", "word_dropout"))
 
 
 @flax.struct.dataclass
@@ -169,7 +137,7 @@ class ContextEncoder(nn.Module):
     return c
 
 
-class CVAE(nn.Module):
+class CVAE(posteriors.LatentModel, nn.Module):
   """Context encoder -> p(z|c); response encoder + c -> q(z|x,c) (Gaussian or flow);
   decoder and bag-of-words head conditioned on [c; z]. See the module docstring."""
   config: CVAEConfig
@@ -192,7 +160,7 @@ class CVAE(nn.Module):
       self.prior_hidden = nn.Dense(c.prior_hidden_dim, name="prior_hidden")
       self.prior_head = GaussianHead(c.latent_dim, name="prior_head")
       self.posterior_head = GaussianHead(c.latent_dim, name="posterior_head")
-      if c.posterior != "gaussian":
+      if self.posterior_family.needs_flow:
         self.flow = Flow(c.flow, c.latent_dim)
         if c.flow.amortized:
           self.flow_context = nn.Dense(c.flow.context_dim, name="flow_context")
@@ -200,79 +168,56 @@ class CVAE(nn.Module):
       self.bow_hidden = nn.Dense(c.bow_hidden_dim, name="bow_hidden")
       self.bow_output = nn.Dense(c.vocab_size, name="bow_output")
 
-  # -- context and prior -------------------------------------------------------------------------
+  # -- the latent-model protocol (vae_jax.posteriors) ---------------------------------------------
 
   def encode_context(self, context: jax.Array, speakers: jax.Array) -> jax.Array:
     """`[B, context_dim]` the context vector c."""
     return self.context_encoder(context, speakers)
 
-  def prior(self, c: jax.Array) -> ConditionalPrior:
-    mean, logvar = self.prior_head(jnp.tanh(self.prior_hidden(c)))
-    return ConditionalPrior(mean, logvar)
-
-  def prior_code(self, prior: ConditionalPrior, eps: jax.Array) -> jax.Array:
-    """Decoder-space samples of p(z|c) from ε ~ N(0, I) (`[..., B, d]`): μ_p + σ_p ε, or its
-    image under the global bijection in the KL-preserving mode."""
-    z = prior.sample(eps)
-    if self.config.posterior == "kl_preserving":
-      return self.flow(None).forward(z)
-    return z
-
-  # -- the posterior -----------------------------------------------------------------------------
-
   def response_features(self, tokens: jax.Array) -> jax.Array:
     return self.response_encoder(tokens, token_mask(tokens))
 
-  def encode(self, tokens: jax.Array, c: jax.Array,
-             features: jax.Array | None = None) -> PosteriorParams:
-    """q(z|x,c): the base Gaussian (`[B, d]`) and, for an amortised flow, its context."""
+  def encoder_features(self, tokens: jax.Array, context: jax.Array,
+                       speakers: jax.Array) -> jax.Array:
+    """`[B, F]` the response encoder's feature (the context vector for seq2seq)."""
+    if not self.config.latent_dim:
+      return self.encode_context(context, speakers)
+    return self.response_features(tokens)
+
+  def condition_params(self, context: jax.Array, speakers: jax.Array,
+                       c: jax.Array | None = None) -> PosteriorParams:
+    """The conditional prior p(z|c) and the condition c of each context, as posterior
+    parameters whose q is the prior itself (for decoding from prior codes)."""
+    if c is None:
+      c = self.encode_context(context, speakers)
+    if not self.config.latent_dim:
+      zeros = jnp.zeros((c.shape[0], 0), c.dtype)
+      return PosteriorParams(zeros, zeros, condition=c)
+    mean, logvar = self.prior_head(jnp.tanh(self.prior_hidden(c)))
+    return PosteriorParams(mean, logvar, prior_mean=mean, prior_logvar=logvar, condition=c)
+
+  def encode(self, tokens: jax.Array, context: jax.Array, speakers: jax.Array,
+             deterministic: bool = True, features: jax.Array | None = None) -> PosteriorParams:
+    """q(z|x,c) (the base Gaussian `[B, d]` and, for an amortised flow, its context), with
+    the prior p(z|c) and the condition c it is measured against."""
+    del deterministic  # no batch statistics here
+    prior = self.condition_params(context, speakers)
+    if not self.config.latent_dim:
+      return prior
     if features is None:
       features = self.response_features(tokens)
-    h = jnp.concatenate([features, c], axis=-1)
+    h = jnp.concatenate([features, prior.condition], axis=-1)
     mean, logvar = self.posterior_head(h)
     context = None
-    if self.config.posterior != "gaussian" and self.config.flow.amortized:
+    if self.posterior_family.needs_flow and self.config.flow.amortized:
       context = jnp.tanh(self.flow_context(h))
-    return PosteriorParams(mean, logvar, context)
-
-  def sample_codes(self, post: PosteriorParams, prior: ConditionalPrior, rng: jax.Array,
-                   num_samples: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`num_samples` codes per example: (z `[n, B, d]` for the decoder, log q, log p `[n, B]`)
-    such that log p(x|c,z) + log p - log q is an importance weight of log p(x|c). In the
-    KL-preserving mode both densities are those of z_0 (prior and posterior share f)."""
-    z0 = objectives.reparameterize(rng, post.mean, post.logvar, num_samples)
-    log_q0 = objectives.gaussian_log_prob(z0, post.mean, post.logvar)
-    mode = self.config.posterior
-    if mode == "gaussian":
-      return z0, log_q0, prior.log_prob(z0)
-    z, log_det = self.flow(post.context).forward_and_log_det(z0)
-    if mode == "flow":
-      return z, log_q0 - log_det, prior.log_prob(z)
-    return z, log_q0, prior.log_prob(z0)
-
-  def posterior_log_prob(self, z: jax.Array, post: PosteriorParams) -> jax.Array:
-    """log q(z|x,c) of decoder-space codes (batch shape broadcast against `post`); in the
-    KL-preserving mode, of base codes z_0."""
-    if self.config.posterior != "flow":
-      return objectives.gaussian_log_prob(z, post.mean, post.logvar)
-    z = jnp.broadcast_to(z, jnp.broadcast_shapes(z.shape, post.mean.shape))
-    z0, inverse_log_det = self.flow(post.context).inverse_and_log_det(z)
-    return objectives.gaussian_log_prob(z0, post.mean, post.logvar) + inverse_log_det
-
-  def point_code(self, post: PosteriorParams) -> jax.Array:
-    if self.config.posterior == "gaussian":
-      return post.mean
-    return self.flow(post.context).forward(post.mean)
+    return prior.replace(mean=mean, logvar=logvar, context=context)
 
   # -- the decoder -------------------------------------------------------------------------------
 
-  def condition(self, c: jax.Array, z: jax.Array | None) -> jax.Array:
-    """The decoder's conditioning vector [c; z] (c alone for the seq2seq baseline)."""
-    return c if z is None or not self.config.latent_dim else jnp.concatenate([c, z], -1)
-
   def log_likelihood(self, tokens: jax.Array, cond: jax.Array,
                      deterministic: bool = True) -> jax.Array:
-    """log p(x|c,z) `[B]` for the conditioning vector `cond` = `condition(c, z)`."""
+    """log p(x|c,z) `[B]` for the conditioning vector `cond` = [c; z] (`decoder_input`)."""
     return -self.decoder.nll(tokens, token_mask(tokens), cond, deterministic=deterministic)
 
   def bow_log_likelihood(self, tokens: jax.Array, cond: jax.Array) -> jax.Array:
@@ -281,35 +226,28 @@ class CVAE(nn.Module):
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.sum(jnp.take_along_axis(log_p, tokens, axis=-1) * token_mask(tokens), axis=-1)
 
+  def auxiliary_nlls(self, tokens: jax.Array, cond: jax.Array) -> dict[str, jax.Array]:
+    """The bag-of-words NLL at the conditioning vector `cond` (evaluation's key 'bow')."""
+    if not self.config.bow_hidden_dim:
+      return {}
+    return {"bow_nll": -self.bow_log_likelihood(tokens, cond)}
+
   def __call__(self, tokens: jax.Array, context: jax.Array, speakers: jax.Array,
                deterministic: bool = False) -> CVAETerms:
     cfg = self.config
-    c = self.encode_context(context, speakers)
-    n_tokens = jnp.sum(token_mask(tokens), axis=-1)
-    batch = tokens.shape[0]
-    if not cfg.latent_dim:
-      zeros = jnp.zeros((batch, 0), jnp.float32)
-      rec_nll = -self.log_likelihood(tokens, c, deterministic)
-      bow = None if not cfg.bow_hidden_dim else -self.bow_log_likelihood(tokens, c)
-      return CVAETerms(rec_nll=rec_nll, kl=jnp.zeros_like(rec_nll), kl_dims=zeros,
-                       n_tokens=n_tokens, z=zeros, mean=zeros, logvar=zeros,
-                       smoothness=jnp.zeros_like(rec_nll), features=c, bow_nll=bow)
-    features = self.response_features(tokens)
-    post = self.encode(tokens, c, features)
-    prior = self.prior(c)
-    z, log_q, log_p = self.sample_codes(post, prior, self.make_rng("latent"), cfg.kl_samples)
-    cond = self.condition(c, z[0])
+    features = self.encoder_features(tokens, context, speakers)
+    params = self.encode(tokens, context, speakers, features=features)
+    post = self.posterior(params)
+    u, log_q = post.sample(self.make_rng("latent") if cfg.latent_dim else None, cfg.kl_samples)
+    cond = post.to_decoder(u[0])
     rec_nll = -self.log_likelihood(tokens, cond, deterministic)
-    mean, logvar = prior.whiten(post.mean), post.logvar - prior.logvar
-    if cfg.posterior == "flow":
-      kl_dims, kl = None, metrics.monte_carlo_kl(log_q, log_p)
-    else:
-      kl_dims = objectives.gaussian_kl(mean, logvar)
-      kl = jnp.sum(kl_dims, axis=-1)
+    kl, kl_dims = post.sample_kl(u, log_q)
+    mean, logvar = post.whitened_base()
     bow = None if not cfg.bow_hidden_dim else -self.bow_log_likelihood(tokens, cond)
-    return CVAETerms(rec_nll=rec_nll, kl=kl, kl_dims=kl_dims, n_tokens=n_tokens, z=z[0],
-                     mean=mean, logvar=logvar, smoothness=jnp.zeros_like(kl),
-                     features=features, bow_nll=bow)
+    return CVAETerms(rec_nll=rec_nll, kl=kl, kl_dims=kl_dims,
+                     n_tokens=jnp.sum(token_mask(tokens), axis=-1),
+                     z=post.prior.to_code(u[0]), mean=mean, logvar=logvar,
+                     smoothness=jnp.zeros_like(kl), features=features, bow_nll=bow)
 
   # Decoding interface (vae_jax.nn.decoding), over the conditioning vector [c; z].
   def initial_state(self, cond: jax.Array) -> State:

@@ -28,9 +28,9 @@ Codes in prior coordinates. The prior is a chain, not N(0, I), so the model's co
 whitened u_l = (z_l − μ_p(z_{<l})) / σ_p(z_{<l}). The map u -> z is a triangular bijection that
 does not depend on x, its prior is N(0, I), q(u|x) = q(z|x) Π_l σ_p, and importance weights,
 KL and MI are the same in u as in z. So the evaluation suite of `vae_jax.evaluation` (IW-NLL,
-KL, MI, AU, holes, prior samples) applies unchanged: `sample_codes`, `posterior_log_prob`,
-`point_code`, `prior_code` and `log_likelihood` follow `SeqVAE`'s interface, with codes
-`[..., L·d]` (layer-major). `layer_means` gives the z-space chain of posterior means on which
+KL, MI, AU, holes, prior samples) applies unchanged: `Della.posterior` returns a
+`ChainPosterior` (the latent-model protocol of `vae_jax.posteriors`) over codes `[..., L·d]`
+(layer-major), and `log_likelihood` decodes u. `layer_means` gives the z-space chain of posterior means on which
 the paper counts active units.
 
 The paper's comparisons are switches of the same model (`DellaConfig.injection`):
@@ -51,9 +51,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vae_jax import objectives
+from vae_jax import objectives, posteriors
 from vae_jax.data.vocab import PAD
-from vae_jax.models.vae import PosteriorParams, VAETerms, token_mask
+from vae_jax.models.vae import VAETerms, token_mask
+from vae_jax.posteriors import PosteriorParams, Prior
 from vae_jax.nn.decoders import shift_right
 from vae_jax.nn.transformer import Transformer, TransformerConfig
 
@@ -84,7 +85,6 @@ class DellaConfig:
   prior: Literal["chain", "standard"] = "chain"
   conditional: bool = False
   clamp: float = 5.0
-  posterior: str = dataclasses.field(default="hierarchical", init=False)
 
   def __post_init__(self):
     if self.latent_dim <= 0:
@@ -161,6 +161,29 @@ class AttentionPool(nn.Module):
     scores = nn.gelu(states @ w, approximate=True)
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     return jnp.einsum("bt,btd->bd", jax.nn.softmax(scores, axis=-1), states)
+
+
+class ChainPosterior(posteriors.Posterior):
+  """DELLA's q(u|x) in prior coordinates: the layer-wise chain of Gaussians q(z_l|z_{<l}, x),
+  whitened by the chained prior p(z_l|z_{<l}) (no closed form: Monte Carlo KL, densities by
+  running the chain). `model` is the bound `Della` whose heads define the chain."""
+
+  def __init__(self, params: PosteriorParams, prior: Prior, model: "Della"):
+    super().__init__(params, prior)
+    self.model = model
+
+  def sample(self, rng, num_samples):
+    return self.model.sample_chain(self.params, rng, num_samples)
+
+  def log_prob(self, u):
+    return self.model.chain_log_prob(u, self.params)
+
+  def point(self):
+    return self.model.chain_of_means(self.params)
+
+
+CHAIN = posteriors.Family(
+    ChainPosterior, kl_label="KL of u_d's Gaussian along the chain of means\n(not the exact KL)")
 
 
 class Della(nn.Module):
@@ -256,9 +279,9 @@ class Della(nn.Module):
   def _unflat(self, u: jax.Array) -> jax.Array:
     return u.reshape(*u.shape[:-1], self.config.num_latents, self.config.latent_dim)
 
-  def encode(self, tokens: jax.Array, deterministic: bool = True,
-             features: jax.Array | None = None,
-             condition: jax.Array | None = None) -> PosteriorParams:
+  def encode(self, tokens: jax.Array, condition: jax.Array | None = None,
+             deterministic: bool = True,
+             features: jax.Array | None = None) -> PosteriorParams:
     """The posterior of a sentence: `context` holds the pooled states that define it; `mean`,
     `logvar` are u's Gaussian along the chain of posterior means (z_{<l} = μ_q)."""
     if features is None:
@@ -267,10 +290,26 @@ class Della(nn.Module):
     mean = (chain.post_mean - chain.prior_mean) * jnp.exp(-0.5 * chain.prior_logvar)
     return PosteriorParams(_flat(mean), _flat(chain.post_logvar - chain.prior_logvar), features)
 
-  def sample_codes(self, post: PosteriorParams, rng: jax.Array,
-                   num_samples: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(u `[n, B, L·d]`, log q(u|x) `[n, B]`, log p(u) `[n, B]`): ancestral samples of the
-    posterior chain, whitened; log q(u|x) = Σ_l log q(z_l|z_{<l},x) + ½ Σ log σ_p²."""
+  # -- the latent-model protocol (vae_jax.posteriors): codes u in prior coordinates -----------
+
+  posterior_family = property(lambda self: CHAIN)
+
+  def posterior(self, params: PosteriorParams) -> "ChainPosterior":
+    return ChainPosterior(params, Prior(), self)
+
+  def prior(self, params: PosteriorParams | None = None) -> Prior:
+    """N(0, I) over u; the decoder maps u to z through the prior chain itself."""
+    return Prior()
+
+  def decoder_input(self, u: jax.Array, params: PosteriorParams | None = None) -> jax.Array:
+    return u
+
+  auxiliary_nlls = posteriors.LatentModel.auxiliary_nlls
+
+  def sample_chain(self, post: PosteriorParams, rng: jax.Array,
+                   num_samples: int) -> tuple[jax.Array, jax.Array]:
+    """(u `[n, B, L·d]`, log q(u|x) `[n, B]`): ancestral samples of the posterior chain,
+    whitened; log q(u|x) = Σ_l log q(z_l|z_{<l},x) + ½ Σ log σ_p²."""
     features = post.context
     shape = (num_samples, *features.shape[:-1])
     eps = jax.random.normal(rng, (*shape, self.config.num_latents, self.config.latent_dim))
@@ -279,13 +318,11 @@ class Della(nn.Module):
     return self._densities(chain)
 
   def _densities(self, chain: Chain):
-    u = chain.whitened()
     log_q = objectives.gaussian_log_prob(_flat(chain.z), _flat(chain.post_mean),
                                          _flat(chain.post_logvar))
-    log_q = log_q + 0.5 * jnp.sum(_flat(chain.prior_logvar), axis=-1)
-    return _flat(u), log_q, objectives.standard_normal_log_prob(_flat(u))
+    return _flat(chain.whitened()), log_q + 0.5 * jnp.sum(_flat(chain.prior_logvar), axis=-1)
 
-  def posterior_log_prob(self, u: jax.Array, post: PosteriorParams) -> jax.Array:
+  def chain_log_prob(self, u: jax.Array, post: PosteriorParams) -> jax.Array:
     """log q(u|x) of codes `u [..., L·d]` (batch shape broadcast against `post`): the chain
     is run with z_l = μ_p + σ_p u_l, teacher-forced from u."""
     shape = jnp.broadcast_shapes(u.shape[:-1], post.context.shape[:-1])
@@ -294,18 +331,10 @@ class Della(nn.Module):
                         lambda l, p, q: p[0] + jnp.exp(0.5 * p[1]) * uu[..., l, :])
     return self._densities(chain)[1]
 
-  def point_code(self, post: PosteriorParams) -> jax.Array:
+  def chain_of_means(self, post: PosteriorParams) -> jax.Array:
     """The whitened chain of posterior means (z_l = μ_q for every l)."""
     chain = self._chain(post.context.shape[:-1], post.context, lambda l, p, q: q[0])
     return _flat(chain.whitened())
-
-  def prior_code(self, eps: jax.Array) -> jax.Array:
-    """Prior samples are ε ~ N(0, I) themselves in prior coordinates."""
-    return eps
-
-  def code_mean(self, tokens: jax.Array, rng: jax.Array, num_samples: int = 32) -> jax.Array:
-    """E_q[u|x] `[B, L·d]` by `num_samples` ancestral samples."""
-    return jnp.mean(self.sample_codes(self.encode(tokens), rng, num_samples)[0], axis=0)
 
   def layer_means(self, tokens: jax.Array) -> jax.Array:
     """`[B, L, d]` the z-space posterior means along the chain of means: what the paper counts
@@ -319,7 +348,7 @@ class Della(nn.Module):
 
       z_l = μ_q(z_{<l}, x) + σ_q(z_{<l}, x) ε_l,   l = 1 … n,
 
-    ancestrally, as training and `sample_codes` draw it (the official code's `post_dist.sample()`
+    ancestrally, as training and `sample_chain` draw it (the official code's `post_dist.sample()`
     in every encoder pass). The official estimators of `vae_jax.della_metrics` read it."""
     return self._chain(eps.shape[:-2], features,
                        lambda l, prior, q: q[0] + jnp.exp(0.5 * q[1]) * eps[..., l, :])
@@ -331,7 +360,7 @@ class Della(nn.Module):
     in z space, clamped parameters as everywhere. Their sums over l are the joint log p(z) and
     log q(z|x); the official IW estimate averages them over l instead
     (`vae_jax.della_metrics.paper_log_weights_fn`). With the same `eps` the codes are those of
-    `sample_codes`, whose log q(u|x) and log p(u) differ from these sums by the same whitening
+    `sample_chain`, whose log q(u|x) and log p(u) differ from these sums by the same whitening
     Jacobian ½ Σ log σ_p², so log p − log q is the same in u and z."""
     chain = self.posterior_chain(features, eps)
     log_p = objectives.gaussian_log_prob(chain.z, chain.prior_mean, chain.prior_logvar)

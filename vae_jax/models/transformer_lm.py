@@ -11,13 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vae_jax import objectives
+from vae_jax import objectives, posteriors
 from vae_jax.models.vae import LMTerms, token_mask
 from vae_jax.nn.decoders import shift_right
 from vae_jax.nn.transformer import Transformer, TransformerConfig
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(posteriors.NoLatent, nn.Module):
   config: TransformerConfig
 
   def setup(self):

@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vae_jax import metrics, objectives
+from vae_jax import posteriors
+from vae_jax.posteriors import Posterior, PosteriorParams, Prior
 from vae_jax.data.vocab import PAD, UNK
 from vae_jax.nn.decoders import LSTMDecoder, State
 from vae_jax.nn.encoders import GaussianHead, LSTMEncoder, Pooling
@@ -25,7 +26,6 @@ from vae_jax.nn.flows import Flow, FlowConfig
 from vae_jax.nn.lstm import uniform_init
 
 
-Posterior = Literal["gaussian", "flow", "kl_preserving"]
 Init = Literal["default", "uniform"]
 
 
@@ -73,7 +73,7 @@ class VAEConfig:
   dropout_out: float = 0.0
   word_dropout: float = 0.0
   share_embedding: bool = False
-  posterior: Posterior = "gaussian"
+  posterior: str = "gaussian"
   flow: FlowConfig | None = None
   kl_samples: int = 1
   latent_to_output: bool = False
@@ -86,26 +86,12 @@ class VAEConfig:
   matmul_dtype: str = "float32"
 
   def __post_init__(self):
-    if self.vocab_size <= 4:
-      raise ValueError(f"vocab_size must exceed the 4 special tokens, got {self.vocab_size}")
-    if self.latent_dim < 0:
+    if self.latent_dim < 0:  # the message of the language model (latent_dim 0)
       raise ValueError(f"latent_dim must be >= 0 (0 = language model), got {self.latent_dim}")
-    for name in ("dropout_in", "dropout_out", "word_dropout", "smoothness_dropout"):
-      rate = getattr(self, name)
-      if not 0.0 <= rate < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {rate}")
-    if self.posterior not in ("gaussian", "flow", "kl_preserving"):
-      raise ValueError(f"unknown posterior {self.posterior!r}; use 'gaussian', 'flow' or "
-                       "'kl_preserving'")
-    if self.posterior != "gaussian" and self.flow is None:
-      raise ValueError(f"posterior {self.posterior!r} needs a flow (model.flow.kind)")
-    if self.posterior == "kl_preserving" and self.flow.amortized:
-      raise ValueError("the KL-preserving mode applies one bijection to prior and posterior, "
-                       "so its flow cannot depend on x: set flow.amortized=False")
+    posteriors.check_latent_config(self, ("dropout_in", "dropout_out", "word_dropout",
+                                          "smoothness_dropout"))
     if self.mean_batch_norm < 0:
       raise ValueError(f"mean_batch_norm (BN-VAE gamma) must be >= 0, got {self.mean_batch_norm}")
-    if self.kl_samples < 1:
-      raise ValueError(f"kl_samples must be >= 1, got {self.kl_samples}")
     if self.init not in ("default", "uniform"):
       raise ValueError(f"unknown init {self.init!r}; use 'default' or 'uniform'")
     if self.matmul_dtype not in ("float32", "bfloat16"):
@@ -130,15 +116,6 @@ class VAEConfig:
     if self.init == "uniform":
       kwargs["embedding_init"] = uniform_init(self.embed_init_scale)
     return nn.Embed(self.vocab_size, self.embed_dim, name=name, **kwargs)
-
-
-@flax.struct.dataclass
-class PosteriorParams:
-  """What the encoder outputs for each sentence: the base Gaussian N(mean, exp(logvar)) and,
-  for an amortised flow, its context h(x) (`[B, context_dim]`, else None)."""
-  mean: jax.Array
-  logvar: jax.Array
-  context: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -185,7 +162,7 @@ def corrupt_tokens(rng: jax.Array, tokens: jax.Array, rate: float) -> jax.Array:
   return jnp.where(drop, UNK, tokens)
 
 
-class SeqVAE(nn.Module):
+class SeqVAE(posteriors.LatentModel, nn.Module):
   """LSTM encoder -> q(z|x) (Gaussian, flow, or KL-preserving flow) -> LSTM decoder p(x|z),
   prior N(0, I) (or its image under the global flow in the KL-preserving mode)."""
   config: VAEConfig
@@ -201,7 +178,7 @@ class SeqVAE(nn.Module):
                                matmul_dtype=c.lstm_matmul_dtype)
     self.head = GaussianHead(c.latent_dim, batch_norm_gamma=c.mean_batch_norm,
                              batch_norm_epsilon=c.mean_batch_norm_epsilon, init_scale=scale)
-    if c.posterior != "gaussian":
+    if c.flow is not None and self.posterior_family.needs_flow:
       self.flow = Flow(c.flow, c.latent_dim)
       if c.flow.amortized:
         self.context_head = nn.Dense(c.flow.context_dim, name="context")
@@ -211,7 +188,7 @@ class SeqVAE(nn.Module):
                                latent_to_output=c.latent_to_output, init_scale=scale,
                                matmul_dtype=c.lstm_matmul_dtype)
 
-  # -- the posterior ---------------------------------------------------------------------------
+  # -- the latent-model protocol (vae_jax.posteriors) ------------------------------------------
 
   def encoder_features(self, tokens: jax.Array) -> jax.Array:
     """`[B, F]` the encoder's summary of each sentence, the input of the posterior heads."""
@@ -229,59 +206,9 @@ class SeqVAE(nn.Module):
     real_rows = jnp.any(tokens != PAD, axis=-1)
     mean, logvar = self.head(features, deterministic=deterministic, row_mask=real_rows)
     context = None
-    if self.config.posterior != "gaussian" and self.config.flow.amortized:
+    if self.posterior_family.needs_flow and self.config.flow.amortized:
       context = jnp.tanh(self.context_head(features))
     return PosteriorParams(mean, logvar, context)
-
-  def _bijector(self, post: PosteriorParams):
-    return self.flow(post.context)
-
-  def sample_codes(self, post: PosteriorParams, rng: jax.Array,
-                   num_samples: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`num_samples` codes per sentence with their log densities.
-
-    Returns (z `[n, B, d]` the decoder's input, log q `[n, B]`, log p `[n, B]`), such that
-    log p(x|z) + log p - log q is an importance weight of log p(x) (Burda et al. 2016): for a
-    flow posterior q is the density of z_K = f_x(z_0) (change of variables); in the
-    KL-preserving mode both densities are those of z_0 (the model's latent is z_0 and the
-    decoder reads f(z_0), so prior and posterior are pushed through the same f).
-    """
-    z0 = objectives.reparameterize(rng, post.mean, post.logvar, num_samples)
-    log_q0 = objectives.gaussian_log_prob(z0, post.mean, post.logvar)
-    mode = self.config.posterior
-    if mode == "gaussian":
-      return z0, log_q0, objectives.standard_normal_log_prob(z0)
-    z, log_det = self._bijector(post).forward_and_log_det(z0)
-    if mode == "flow":
-      return z, log_q0 - log_det, objectives.standard_normal_log_prob(z)
-    return z, log_q0, objectives.standard_normal_log_prob(z0)
-
-  def posterior_log_prob(self, z: jax.Array, post: PosteriorParams) -> jax.Array:
-    """log q(z|x) of decoder-space codes `z [..., d]` (batch shape broadcast against `post`)."""
-    if self.config.posterior == "gaussian":
-      return objectives.gaussian_log_prob(z, post.mean, post.logvar)
-    z = jnp.broadcast_to(z, jnp.broadcast_shapes(z.shape, post.mean.shape))
-    z0, inverse_log_det = self._bijector(post).inverse_and_log_det(z)
-    return objectives.gaussian_log_prob(z0, post.mean, post.logvar) + inverse_log_det
-
-  def point_code(self, post: PosteriorParams) -> jax.Array:
-    """A deterministic code per sentence for reconstruction: μ, or its image f(μ) under the flow."""
-    if self.config.posterior == "gaussian":
-      return post.mean
-    return self._bijector(post).forward(post.mean)
-
-  def prior_code(self, eps: jax.Array) -> jax.Array:
-    """Decoder-space prior samples from ε ~ N(0, I): ε itself, or f(ε) when KL-preserving."""
-    if self.config.posterior == "kl_preserving":
-      return self.flow(None).forward(eps)
-    return eps
-
-  def code_mean(self, tokens: jax.Array, rng: jax.Array, num_samples: int = 32) -> jax.Array:
-    """E_q[z|x] `[B, d]`: exact for a Gaussian, a `num_samples` average for flows."""
-    post = self.encode(tokens)
-    if self.config.posterior == "gaussian":
-      return post.mean
-    return jnp.mean(self.sample_codes(post, rng, num_samples)[0], axis=0)
 
   # -- the decoder -----------------------------------------------------------------------------
 
@@ -293,23 +220,21 @@ class SeqVAE(nn.Module):
   def __call__(self, tokens: jax.Array, deterministic: bool = False) -> VAETerms:
     c = self.config
     features = self.encoder_features(tokens)
-    post = self.encode(tokens, deterministic, features)
-    z, log_q, log_p = self.sample_codes(post, self.make_rng("latent"), c.kl_samples)
-    rec_nll = -self.log_likelihood(tokens, z[0], deterministic=deterministic)
-    if c.posterior == "flow":
-      kl_dims = None
-      kl = metrics.monte_carlo_kl(log_q, log_p)
-    else:
-      kl_dims = objectives.gaussian_kl(post.mean, post.logvar)
-      kl = jnp.sum(kl_dims, axis=-1)
+    params = self.encode(tokens, deterministic, features)
+    post = self.posterior(params)
+    u, log_q = post.sample(self.make_rng("latent"), c.kl_samples)
+    z = post.to_decoder(u[0])
+    rec_nll = -self.log_likelihood(tokens, z, deterministic=deterministic)
+    kl, kl_dims = post.sample_kl(u, log_q)
     smoothness = jnp.zeros_like(kl)
     if not deterministic and c.smoothness_dropout > 0:
       noisy = corrupt_tokens(self.make_rng("dropout"), tokens, c.smoothness_dropout)
-      smoothness = jnp.sum(jnp.square(post.mean - self.encode(noisy, deterministic).mean),
+      smoothness = jnp.sum(jnp.square(params.mean - self.encode(noisy, deterministic).mean),
                            axis=-1)
+    mean, logvar = post.whitened_base()
     return VAETerms(rec_nll=rec_nll, kl=kl, kl_dims=kl_dims,
-                    n_tokens=jnp.sum(token_mask(tokens), axis=-1), z=z[0], mean=post.mean,
-                    logvar=post.logvar, smoothness=smoothness, features=features)
+                    n_tokens=jnp.sum(token_mask(tokens), axis=-1), z=z, mean=mean,
+                    logvar=logvar, smoothness=smoothness, features=features)
 
   # Decoding interface (see vae_jax.nn.decoding): pure step functions over these methods.
   def initial_state(self, z: jax.Array) -> State:
@@ -332,7 +257,7 @@ def encoder_param_mask(params) -> dict:
           for k, v in params.items()}
 
 
-class LSTMLanguageModel(nn.Module):
+class LSTMLanguageModel(posteriors.NoLatent, nn.Module):
   """The VAE's decoder without z: the reference NLL every VAE must match or beat."""
   config: VAEConfig  # latent_dim and encoder fields are ignored
 
