@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from vae_jax import evaluation, losses, metrics, objectives
+from vae_jax import evaluation, generation, losses, metrics, objectives, posteriors
 from vae_jax.data.vocab import PAD
-from vae_jax.models.vae import PosteriorParams, SeqVAE, VAEConfig
+from vae_jax.models.vae import SeqVAE, VAEConfig
 from vae_jax.nn import decoders, flows
 
 D = 3
@@ -71,15 +71,14 @@ def known_density_model():
 
 def test_flow_posterior_density_and_samples_match_the_known_gaussian():
   model, variables, _, post, mean, logvar = known_density_model()
-  z, log_q, log_p = model.apply(variables, post, jax.random.PRNGKey(5), 7,
-                                method=SeqVAE.sample_codes)
+  z, log_q = posteriors.call(model, variables, post, lambda q, r: q.sample(r, 7),
+                             jax.random.PRNGKey(5))
   assert z.shape == (7, 4, D) and log_q.shape == (7, 4)
   np.testing.assert_allclose(log_q, objectives.gaussian_log_prob(z, mean, logvar), atol=1e-4)
-  np.testing.assert_allclose(log_p, objectives.standard_normal_log_prob(z), atol=1e-5)
   # Density at arbitrary points, by inverting the flow.
   points = jax.random.normal(jax.random.PRNGKey(6), (5, 4, D)) * 2
   np.testing.assert_allclose(
-      model.apply(variables, points, post, method=SeqVAE.posterior_log_prob),
+      posteriors.call(model, variables, post, lambda q, u: q.log_prob(u), points),
       objectives.gaussian_log_prob(points, mean, logvar), atol=1e-4)
 
 
@@ -87,16 +86,16 @@ def test_flow_mutual_information_matches_the_gaussian_estimator():
   """Same samples (same key), same density: the flow MI equals the Gaussian MI estimator."""
   model, variables, _, post, mean, logvar = known_density_model()
   rng = jax.random.PRNGKey(8)
-  mi = evaluation.flow_mutual_information(model, variables, post, rng)
+  mi = jnp.mean(evaluation.posterior_mi_terms(model, variables, post, rng))
   expected = metrics.gaussian_mutual_information(rng, mean, logvar, analytic_entropy=False)
   np.testing.assert_allclose(mi, expected, atol=1e-4)
   # Per batch too (He et al.'s length-sorted batches; lengths 3, 3, 5, 5 make two batches of
   # two), and the whole-set key: the flow's densities and the closed form agree term by term.
   lengths = np.array([5, 3, 5, 3])
-  got = evaluation.mutual_information_metrics(evaluation.vae_mi_terms_fn(model, variables),
+  got = evaluation.mutual_information_metrics(evaluation.mi_terms_fn(model, variables),
                                               post, lengths, rng)
-  gaussian = lambda p, r, m: metrics.gaussian_mi_terms(r, p.mean, p.logvar, mask=m)
-  want = evaluation.mutual_information_metrics(gaussian, post, lengths, rng)
+  gaussian = lambda p, r, m: metrics.gaussian_mi_terms(r, *p, mask=m)
+  want = evaluation.mutual_information_metrics(gaussian, (mean, logvar), lengths, rng)
   for key in ("mi_per_batch", "mi_set", "mi_per_batch_se", "mi_set_se"):
     np.testing.assert_allclose(got[key], want[key], atol=1e-4)
   batches = metrics.length_sorted_batches(lengths, 32)
@@ -106,8 +105,7 @@ def test_flow_mutual_information_matches_the_gaussian_estimator():
 
 def test_flow_code_mean_converges_to_the_known_mean():
   model, variables, tokens, _, mean, _ = known_density_model()
-  code_mean = model.apply(variables, tokens, jax.random.PRNGKey(9), 20000,
-                          method=SeqVAE.code_mean)
+  code_mean = generation.features(model, variables, (tokens,), jax.random.PRNGKey(9), 20000)
   np.testing.assert_allclose(code_mean, mean, atol=0.05)
 
 
@@ -179,7 +177,7 @@ def test_flow_terms_kl_is_log_q_minus_log_p_of_the_sample(kind):
                       rngs={"latent": jax.random.PRNGKey(4)})
   assert terms.kl_dims is None and terms.kl.shape == (4,)
   post = model.apply(variables, tokens, method=SeqVAE.encode)
-  log_q = model.apply(variables, terms.z, post, method=SeqVAE.posterior_log_prob)
+  log_q = posteriors.call(model, variables, post, lambda q, z: q.log_prob(z), terms.z)
   np.testing.assert_allclose(terms.kl, log_q - objectives.standard_normal_log_prob(terms.z),
                              atol=2e-3)
 
@@ -191,8 +189,9 @@ def test_flow_kl_averages_its_samples():
   terms = model.apply(variables, tokens, deterministic=True,
                       rngs={"latent": jax.random.PRNGKey(4)})
   post = model.apply(variables, tokens, method=SeqVAE.encode)
-  _, log_q, log_p = model.apply(variables, post, jax.random.PRNGKey(5), 4000,
-                                method=SeqVAE.sample_codes)
+  z, log_q = posteriors.call(model, variables, post, lambda q, r: q.sample(r, 4000),
+                             jax.random.PRNGKey(5))
+  log_p = objectives.standard_normal_log_prob(z)
   np.testing.assert_allclose(terms.kl, jnp.mean(log_q - log_p, axis=0), atol=0.1)
 
 
@@ -203,11 +202,12 @@ def test_kl_preserving_kl_equals_the_pushed_forward_kl():
     log f#q(z_K) = log N(z_0; μ, σ²) - log |det J_f(z_0)|,
     log f#p(z_K) = log N(z_0; 0, I) - log |det J_f(z_0)|.
 
-  Here z_0 = μ + σ ε is drawn directly, f is applied through `prior_code` (the same f as the
-  posterior's: the flow is not amortised, `flow(None)` for both), and log |det J_f| comes from
-  the Jacobian built by forward-mode differentiation (slogdet), not from the flow's own
-  log-det. Checked: both densities equal `posterior_log_prob` at z_K with the posterior's and the
-  prior's parameters; the codes `sample_codes` returns are f(z_0); and the Monte Carlo mean of
+  Here z_0 = μ + σ ε is drawn directly, f is applied through `decoder_input` (the same f as
+  the posterior's: the flow is not amortised, `flow(None)` for both), and log |det J_f| comes
+  from the Jacobian built by forward-mode differentiation (slogdet), not from the flow's own
+  log-det. Checked: the model's latent code is z_0, whose posterior density (`log_prob`) is
+  log f#q(z_K) + log |det J_f(z_0)| and whose prior density is log f#p(z_K) + log |det J_f|;
+  the decoder reads f of the reparameterised base samples; and the Monte Carlo mean of
   log f#q - log f#p matches the reported KL, which is the analytic KL(q || p) (the Jacobians
   cancel, KL(f#q || f#p) = KL(q || p)), within 4 standard errors."""
   cfg = dataclasses.replace(BASE, posterior="kl_preserving",
@@ -226,7 +226,7 @@ def test_kl_preserving_kl_equals_the_pushed_forward_kl():
   eps = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (num, 4, D)))
   z0 = mean + std * eps                                                      # [n, B, d]
 
-  f = lambda z: model.apply(variables, z[None], method=SeqVAE.prior_code)[0]  # noqa: E731
+  f = lambda z: model.apply(variables, z[None], method=SeqVAE.decoder_input)[0]  # noqa: E731
   flat = jnp.asarray(z0.reshape(-1, D))
   z_k = np.asarray(jax.vmap(f)(flat)).reshape(z0.shape)
   sign, log_det = jnp.linalg.slogdet(jax.jit(jax.vmap(jax.jacfwd(f)))(flat))  # [n B], [n B]
@@ -241,18 +241,18 @@ def test_kl_preserving_kl_equals_the_pushed_forward_kl():
 
   log_fq = log_normal(z0, mean, std) - log_det                                # [n, B]
   log_fp = log_normal(z0, 0.0, 1.0) - log_det
-  prior = PosteriorParams(jnp.zeros_like(post.mean), jnp.zeros_like(post.logvar))
+  u = jnp.asarray(z0, jnp.float32)
   np.testing.assert_allclose(
-      model.apply(variables, jnp.asarray(z_k), post, method=SeqVAE.posterior_log_prob),
-      log_fq, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(
-      model.apply(variables, jnp.asarray(z_k), prior, method=SeqVAE.posterior_log_prob),
-      log_fp, rtol=1e-4, atol=1e-5)
+      posteriors.call(model, variables, post, lambda q, u: q.log_prob(u), u),
+      log_fq + log_det, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(objectives.standard_normal_log_prob(u), log_fp + log_det,
+                             rtol=1e-4, atol=1e-4)
   # The decoder's codes are f of the reparameterised base samples.
   key = jax.random.PRNGKey(4)
-  z_model, _, _ = model.apply(variables, post, key, 3, method=SeqVAE.sample_codes)
+  z_model = posteriors.call(model, variables, post,
+                            lambda q, r: q.to_decoder(q.sample(r, 3)[0]), key)
   base = objectives.reparameterize(key, post.mean, post.logvar, 3)
-  np.testing.assert_allclose(z_model, model.apply(variables, base, method=SeqVAE.prior_code),
+  np.testing.assert_allclose(z_model, model.apply(variables, base, method=SeqVAE.decoder_input),
                              rtol=1e-5, atol=1e-6)
 
   # KL(f#q || f#p) by Monte Carlo against the reported KL, per sentence.
@@ -338,8 +338,8 @@ def test_evaluation_of_flow_models(posterior, kind):
   model, tokens = SeqVAE(cfg), batch()
   variables = perturb(init(model, tokens))
   batches = [{"tokens": tokens, "weights": jnp.array([1.0, 1.0, 1.0, 0.0])}]
-  out = evaluation.evaluate_vae(model, variables, batches, jax.random.PRNGKey(0), k_samples=16,
-                                chunk_size=4)
+  out = evaluation.evaluate(model, variables, batches, jax.random.PRNGKey(0), k_samples=16,
+                            chunk_size=4)
   assert out["n_sentences"] == 3
   assert np.isfinite([out[k] for k in ("nll", "elbo", "kl", "mi", "hole_kl", "hole_kl_null",
                                          "hole_kl_excess", "hole_kl_excess_stderr")]).all()
@@ -347,9 +347,9 @@ def test_evaluation_of_flow_models(posterior, kind):
                              rtol=1e-4, atol=1e-5)
   assert out["nll"] <= -out["elbo"] + 1e-4          # L_K >= the K-sample ELBO
   assert 0 <= out["au"] <= D
-  ids = evaluation.reconstruct(model, variables, tokens, jax.random.PRNGKey(1), 5)
+  ids = generation.reconstruct(model, variables, tokens, jax.random.PRNGKey(1), 5)
   assert ids.shape == (4, 5)
-  samples = evaluation.sample_prior(model, variables, jax.random.PRNGKey(2), 3, D, 5)
+  samples = generation.sample_prior(model, variables, jax.random.PRNGKey(2), 3, D, 5)
   assert samples.shape == (3, 5)
 
 
