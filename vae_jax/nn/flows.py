@@ -18,17 +18,21 @@ any leading batch shape (so one bijector object holds a different flow per examp
 conditioner layer (MADE and coupling networks) come from a context vector h(x) computed by the
 encoder, so the transformation itself depends on the sentence.
 
-`Flow` is the linen module that owns the parameters and, given a context (or none), returns the
-composed `distrax.Chain`. The conditioners are pure functions of parameter arrays, so the
-bijectors can be used under any JAX transformation. Every layer starts as the identity: the
-planar û, and the last layer of every conditioner network, are zero-initialised.
+The families are the entries of the registry `FLOWS`: name -> layer builder, a function
+`(module, k, d, config, context)` that creates layer k's parameters on the module and returns
+its bijector(s); per-family constraints (coupling needs d >= 2) are checked there. `Flow` is
+the linen module that owns the parameters and, given a context (or none), composes its layers
+into one `distrax.Chain`. Adding a family is one registry entry (and one row of the contract
+test's table, tests/nn/test_flows.py). The conditioners are pure functions of parameter
+arrays, so the bijectors can be used under any JAX transformation. Every layer starts as the
+identity: the planar û, and the last layer of every conditioner network, are zero-initialised.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Literal
+from typing import Callable
 
 import distrax
 import flax.linen as nn
@@ -36,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FlowKind = Literal["planar", "iaf", "coupling"]
 Conditioner = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 
 # m(a) = -1 + softplus(a + log(e - 1)) keeps wᵀû > -1 (invertibility) and m(0) = 0, so û = 0
@@ -136,7 +139,9 @@ class InverseAutoregressive(distrax.Bijector):
       shift, log_scale = self._conditioner(z)
       return (y - shift) * jnp.exp(-log_scale)
 
-    z = jax.lax.fori_loop(0, self._dim, fix_one_more, jnp.zeros_like(y))
+    # The first pass outside the loop gives z the batch shape of y and the conditioner's
+    # parameters together (e.g. codes [n, 1, d] against the flows of B examples).
+    z = jax.lax.fori_loop(1, self._dim, fix_one_more, fix_one_more(0, jnp.zeros_like(y)))
     _, log_scale = self._conditioner(z)
     return z, -jnp.sum(log_scale, axis=-1)
 
@@ -236,6 +241,72 @@ class _MLPConditioner(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# The registry of flow families: name -> builder of layer k.
+# ---------------------------------------------------------------------------------------------
+
+# (module, k, d, config, context) -> the bijectors of layer k, in the order they are applied.
+# Called inside `Flow.__call__`, so `module.param` and submodules created here (with explicit
+# names) belong to the `Flow`.
+LayerBuilder = Callable[[nn.Module, int, int, "FlowConfig", "jax.Array | None"],
+                        list[distrax.Bijector]]
+
+
+def planar_layer(module: nn.Module, k: int, d: int, config: FlowConfig,
+                 context: jax.Array | None) -> list[distrax.Bijector]:
+  """Planar layer k (`Planar`). Global: parameters planar_{k}_w, planar_{k}_b, planar_{k}_u
+  (u zero-initialised). Amortised: u(h), w(h), b(h) affine in the context h — Dense maps
+  planar_{k}_u (zero kernel), planar_{k}_w_ctx and planar_{k}_b_ctx (zero kernels, no bias)
+  added to the global w and b — so a fresh layer is the identity for every context."""
+  del config
+  w0 = module.param(f"planar_{k}_w", nn.initializers.normal(1.0 / math.sqrt(d)), (d,))
+  b0 = module.param(f"planar_{k}_b", nn.initializers.zeros, ())
+  if context is None:
+    u = module.param(f"planar_{k}_u", nn.initializers.zeros, (d,))
+    return [Planar(u, w0, b0)]
+  u = nn.Dense(d, kernel_init=nn.initializers.zeros, name=f"planar_{k}_u")(context)
+  w = w0 + nn.Dense(d, use_bias=False, kernel_init=nn.initializers.zeros,
+                    name=f"planar_{k}_w_ctx")(context)
+  b = b0 + nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros,
+                    name=f"planar_{k}_b_ctx")(context)[..., 0]
+  return [Planar(u, w, b)]
+
+
+def iaf_layer(module: nn.Module, k: int, d: int, config: FlowConfig,
+              context: jax.Array | None) -> list[distrax.Bijector]:
+  """IAF layer k (`InverseAutoregressive`) with the MADE conditioner made_{k} (two hidden
+  layers of `hidden_dim`), preceded for k > 0 by the reversal of the coordinates, so that
+  every coordinate eventually depends on every other."""
+  del module
+  hidden = (config.hidden_dim, config.hidden_dim)
+  cond = _MLPConditioner(d, hidden, tuple(made_masks(d, hidden)), config.max_log_scale,
+                         name=f"made_{k}")(context)
+  iaf = InverseAutoregressive(cond, d)
+  return [iaf] if k == 0 else [Permute(np.arange(d)[::-1]), iaf]
+
+
+def coupling_layer(module: nn.Module, k: int, d: int, config: FlowConfig,
+                   context: jax.Array | None) -> list[distrax.Bijector]:
+  """Affine coupling layer k (RealNVP, Dinh et al. 2017): the coordinates i with i ≡ k (mod 2)
+  pass through and set the shift and log-scale of the others (conditioner coupling_{k}, a
+  dense MLP of two hidden layers of `hidden_dim`). Needs d >= 2."""
+  del module
+  if d < 2:
+    raise ValueError("a coupling flow needs latent_dim >= 2")
+  hidden = (config.hidden_dim, config.hidden_dim)
+  cond = _MLPConditioner(d, hidden, None, config.max_log_scale, name=f"coupling_{k}")(context)
+  return [distrax.MaskedCoupling(
+      mask=np.arange(d) % 2 == k % 2, conditioner=cond,
+      bijector=lambda params: distrax.ScalarAffine(shift=params[0], log_scale=params[1]))]
+
+
+FLOWS: dict[str, LayerBuilder] = {
+    "planar": planar_layer,
+    "iaf": iaf_layer,
+    "coupling": coupling_layer,
+}
+
+
+# ---------------------------------------------------------------------------------------------
 # The flow module.
 # ---------------------------------------------------------------------------------------------
 
@@ -244,8 +315,8 @@ class _MLPConditioner(nn.Module):
 class FlowConfig:
   """A flow of `num_layers` layers of one family.
 
-  kind: 'planar', 'iaf' (MADE conditioner, the coordinates reversed between layers) or
-    'coupling' (RealNVP, alternating even/odd masks).
+  kind: a key of `FLOWS`: 'planar', 'iaf' (MADE conditioner, the coordinates reversed between
+    layers) or 'coupling' (RealNVP, alternating even/odd masks).
   num_layers: K.
   hidden_dim: width of the conditioner networks (iaf, coupling); two hidden layers.
   amortized: parameters (planar) or conditioner inputs (iaf, coupling) depend on the encoder's
@@ -253,7 +324,7 @@ class FlowConfig:
   context_dim: size of the context vector the encoder projects h(x) to (amortised flows).
   max_log_scale: log-scales are soft-clamped to ±this, for stability.
   """
-  kind: FlowKind = "iaf"
+  kind: str = "iaf"
   num_layers: int = 4
   hidden_dim: int = 64
   amortized: bool = True
@@ -261,8 +332,8 @@ class FlowConfig:
   max_log_scale: float = 3.0
 
   def __post_init__(self):
-    if self.kind not in ("planar", "iaf", "coupling"):
-      raise ValueError(f"unknown flow kind {self.kind!r}; use 'planar', 'iaf' or 'coupling'")
+    if self.kind not in FLOWS:
+      raise ValueError(f"unknown flow kind {self.kind!r}; use one of {', '.join(FLOWS)}")
     if self.num_layers < 1:
       raise ValueError(f"a flow needs num_layers >= 1, got {self.num_layers}")
     if self.amortized and self.context_dim < 1:
@@ -272,10 +343,11 @@ class FlowConfig:
 class Flow(nn.Module):
   """Builds the flow's `distrax` bijector for a context.
 
-  `Flow(config, latent_dim)(context)` returns a bijector on `[..., d]` events; `context` is
-  `[..., context_dim]` for an amortised flow (its leading shape broadcasts against the events'
-  batch shape) and must be None otherwise. The same parameters give the same bijection for the
-  same context, so a density can be evaluated at any point (`inverse_and_log_det`).
+  `Flow(config, latent_dim)(context)` returns a bijector on `[..., d]` events: the layers
+  `FLOWS[config.kind](self, k, d, config, context)`, k = 0..K-1, composed with `chain`. `context`
+  is `[..., context_dim]` for an amortised flow (its leading shape broadcasts against the
+  events' batch shape) and must be None otherwise. The same parameters give the same bijection
+  for the same context, so a density can be evaluated at any point (`inverse_and_log_det`).
   """
   config: FlowConfig
   latent_dim: int
@@ -286,40 +358,5 @@ class Flow(nn.Module):
     if c.amortized != (context is not None):
       raise ValueError("an amortised flow needs a context and a global flow takes none "
                        f"(amortized={c.amortized}, context given: {context is not None})")
-    if c.kind == "coupling" and d < 2:
-      raise ValueError("a coupling flow needs latent_dim >= 2")
-    hidden = (c.hidden_dim, c.hidden_dim)
-    layers: list[distrax.Bijector] = []
-    for k in range(c.num_layers):
-      if c.kind == "planar":
-        layers.append(self._planar(k, context))
-      elif c.kind == "iaf":
-        if k > 0:
-          layers.append(Permute(np.arange(d)[::-1]))
-        cond = _MLPConditioner(d, hidden, tuple(made_masks(d, hidden)), c.max_log_scale,
-                               name=f"made_{k}")(context)
-        layers.append(InverseAutoregressive(cond, d))
-      else:
-        mask = (np.arange(d) % 2 == k % 2)
-        cond = _MLPConditioner(d, hidden, None, c.max_log_scale, name=f"coupling_{k}")(context)
-        layers.append(distrax.MaskedCoupling(
-            mask=mask, conditioner=cond,
-            bijector=lambda params: distrax.ScalarAffine(shift=params[0],
-                                                         log_scale=params[1])))
-    return chain(layers)
-
-  def _planar(self, k: int, context: jax.Array | None) -> Planar:
-    d = self.latent_dim
-    w0 = self.param(f"planar_{k}_w", nn.initializers.normal(1.0 / math.sqrt(d)), (d,))
-    b0 = self.param(f"planar_{k}_b", nn.initializers.zeros, ())
-    if context is None:
-      u = self.param(f"planar_{k}_u", nn.initializers.zeros, (d,))
-      return Planar(u, w0, b0)
-    # Amortised: u(h), w(h), b(h) are affine in the context; u's map is zero-initialised
-    # (identity at init), w and b start from their global values.
-    u = nn.Dense(d, kernel_init=nn.initializers.zeros, name=f"planar_{k}_u")(context)
-    w = w0 + nn.Dense(d, use_bias=False, kernel_init=nn.initializers.zeros,
-                      name=f"planar_{k}_w_ctx")(context)
-    b = b0 + nn.Dense(1, use_bias=False, kernel_init=nn.initializers.zeros,
-                      name=f"planar_{k}_b_ctx")(context)[..., 0]
-    return Planar(u, w, b)
+    build = FLOWS[c.kind]
+    return chain([bij for k in range(c.num_layers) for bij in build(self, k, d, c, context)])
