@@ -1,4 +1,5 @@
-"""Response generation and the dialogue metrics of `vae_jax.dialogue_evaluation`."""
+"""Response generation and the dialogue metrics of `vae_jax.dialogue_evaluation`, and the one
+evaluation (`vae_jax.evaluation`) on the dialogue CVAE."""
 
 import dataclasses
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vae_jax import dialogue_evaluation as de
-from vae_jax import metrics, objectives
+from vae_jax import evaluation, metrics, objectives
 from vae_jax.models.cvae import CVAE
 from vae_jax.nn import flows
 
@@ -65,10 +66,10 @@ def test_seq2seq_likelihood_metrics_are_exact():
   model = CVAE(dataclasses.replace(BASE, latent_dim=0))
   v = perturb(init(model, tokens, context, speakers))
   terms = model.apply(v, tokens, context, speakers, deterministic=True)
-  out = de.likelihood_metrics(model, v, [batch_dict(tokens, context, speakers)],
-                              jax.random.PRNGKey(0))
+  out = evaluation.evaluate(model, v, [batch_dict(tokens, context, speakers)],
+                            jax.random.PRNGKey(0))
   np.testing.assert_allclose(out["nll"], float(np.mean(terms.rec_nll)), rtol=1e-6)
-  assert out["kl"] == 0.0 and out["mi"] == 0.0 and out["au"] == 0
+  assert out["kl"] == 0.0 and out["mi"] == 0.0 and out["au"] == 0 and out["k_samples"] == 0
   np.testing.assert_allclose(out["ppl"], np.exp(np.sum(terms.rec_nll) / np.sum(terms.n_tokens)),
                              rtol=1e-6)
 
@@ -84,13 +85,12 @@ def test_flow_mutual_information_in_prior_coordinates():
   v0 = init(model, tokens, context, speakers)
   v = perturb(v0, scale=0.4)
   v = {**v, "params": {**v["params"], "flow": v0["params"]["flow"]}}
-  c = model.apply(v, context, speakers, method=CVAE.encode_context)
-  post = model.apply(v, tokens, c, method=CVAE.encode)
-  prior = model.apply(v, c, method=CVAE.prior)
+  post = model.apply(v, tokens, context, speakers, method=CVAE.encode)
   rng = jax.random.PRNGKey(3)
-  got = de.flow_mutual_information(model, v, post, prior, rng, chunk_size=2)
-  mean, logvar = prior.whiten(post.mean), post.logvar - prior.logvar
-  u = prior.whiten(objectives.reparameterize(rng, post.mean, post.logvar, 1)[0])
+  got = jnp.mean(evaluation.posterior_mi_terms(model, v, post, rng, chunk_size=2))
+  whiten = lambda z: (z - post.prior_mean) * jnp.exp(-0.5 * post.prior_logvar)
+  mean, logvar = whiten(post.mean), post.logvar - post.prior_logvar
+  u = whiten(objectives.reparameterize(rng, post.mean, post.logvar, 1)[0])
   log_q = objectives.gaussian_log_prob(u, mean, logvar)
   log_agg = metrics.aggregate_posterior_log_prob(
       u, metrics.gaussian_pairwise_log_prob(mean, logvar), chunk_size=2)

@@ -1,4 +1,4 @@
-"""`evaluation.reconstruction_metrics`: greedy reconstructions scored by BLEU against their
+"""`generation.reconstruction_metrics`: greedy reconstructions scored by BLEU against their
 inputs, on stub models whose reconstructions are known exactly (real models: the end-to-end
 runs of tests/test_experiments.py)."""
 
@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vae_jax import evaluation
+from vae_jax import generation, posteriors
 from vae_jax.data.vocab import EOS, PAD, UNK
-from vae_jax.models.vae import PosteriorParams
+from vae_jax.posteriors import PosteriorParams
 
 V = 20
 
@@ -25,8 +25,11 @@ class CopyModel(nn.Module):
     z = tokens.astype(jnp.float32)
     return PosteriorParams(z, jnp.zeros_like(z), None)
 
-  def point_code(self, post):
-    return post.mean
+  def posterior(self, params):
+    return posteriors.GaussianPosterior(params, posteriors.Prior())
+
+  def decoder_input(self, u, params=None):
+    return u
 
   def initial_state(self, z):
     return jnp.zeros((z.shape[0],), jnp.int32)
@@ -50,7 +53,7 @@ SENTS = [[4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19], [5, 7, 9,
 
 def test_perfect_copy_scores_one():
   batches = [rows(*SENTS[:2], width=10), rows(SENTS[2], width=10)]
-  scores, hyps = evaluation.reconstruction_metrics(CopyModel(), {"params": {}}, batches,
+  scores, hyps = generation.reconstruction_metrics(CopyModel(), {"params": {}}, batches,
                                                    jax.random.PRNGKey(0))
   assert hyps == SENTS
   assert scores["recon_bleu"] == 1.0 and scores["recon_exact"] == 1.0
@@ -61,7 +64,7 @@ def test_one_substitution_per_sentence_matches_hand_computed_bleu():
   # Two 8-word sentences, each with its second word replaced: of the n-grams of order n
   # (9 - n per sentence), those covering position 1 miss (2 of them for n >= 2, 1 for n = 1).
   batches = [rows(*SENTS[:2], width=12)]
-  scores, hyps = evaluation.reconstruction_metrics(CopyModel(corrupt=1), {"params": {}},
+  scores, hyps = generation.reconstruction_metrics(CopyModel(corrupt=1), {"params": {}},
                                                    batches, jax.random.PRNGKey(0))
   assert hyps == [[s[0], UNK] + s[2:] for s in SENTS[:2]]
   precisions = [(8 - n - (0 if n == 1 else 1)) / (9 - n) for n in range(1, 5)]
@@ -72,7 +75,7 @@ def test_one_substitution_per_sentence_matches_hand_computed_bleu():
 
 def test_decoding_is_cut_at_max_length():
   batches = [rows(SENTS[0], width=10)]
-  scores, hyps = evaluation.reconstruction_metrics(CopyModel(), {"params": {}}, batches,
+  scores, hyps = generation.reconstruction_metrics(CopyModel(), {"params": {}}, batches,
                                                    jax.random.PRNGKey(0), max_length=4)
   assert hyps == [SENTS[0][:4]]
   # Perfect precisions, brevity penalty exp(1 - 8/4).
@@ -80,11 +83,11 @@ def test_decoding_is_cut_at_max_length():
 
 
 def test_until_eos():
-  assert evaluation.until_eos(np.array([4, 5, EOS, 6, PAD])) == [4, 5]
-  assert evaluation.until_eos(np.array([4, 5, 6])) == [4, 5, 6]
-  assert evaluation.until_eos(np.array([EOS, PAD])) == []
+  assert generation.until_eos(np.array([4, 5, EOS, 6, PAD])) == [4, 5]
+  assert generation.until_eos(np.array([4, 5, 6])) == [4, 5, 6]
+  assert generation.until_eos(np.array([EOS, PAD])) == []
 
 
 def test_no_batches():
-  assert evaluation.reconstruction_metrics(CopyModel(), {"params": {}}, [],
+  assert generation.reconstruction_metrics(CopyModel(), {"params": {}}, [],
                                            jax.random.PRNGKey(0)) == ({}, [])

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import numpy_gpt2
-from vae_jax import della_metrics, evaluation, losses, metrics
+from vae_jax import della_metrics, evaluation, losses, metrics, objectives, posteriors
 from vae_jax.data.vocab import BOS, PAD
 from vae_jax.models.della import Della, DellaConfig
 from vae_jax.nn.transformer import TransformerConfig
@@ -240,6 +240,28 @@ def np_log_weights(config, params, tokens, eps):
           log_q.sum(-1) - log_p.sum(-1))
 
 
+def sample_codes(model, v, post, rng, n):
+  """(u, log q(u|x), log p(u)) of n samples of the model's posterior object."""
+  u, log_q = posteriors.call(model, v, post, lambda q, r: q.sample(r, n), rng)
+  return u, log_q, objectives.standard_normal_log_prob(u)
+
+
+def log_prob(model, v, post, u):
+  """log q(u|x) of codes u (batch shape broadcast against the posteriors)."""
+  return posteriors.call(model, v, post, lambda q, u: q.log_prob(u), u)
+
+
+def decoded_log_likelihood(model, v, tokens):
+  """`u [n, B, d] -> [n, B]` log p(x|u), the n·B codes decoded at once."""
+
+  def log_likelihood(u):
+    n, b, d = u.shape
+    tiled = jnp.broadcast_to(tokens[None], (n, *tokens.shape)).reshape(n * b, -1)
+    return model.apply(v, tiled, u.reshape(n * b, d), method="log_likelihood").reshape(n, b)
+
+  return log_likelihood
+
+
 def np_logmeanexp(a):
   m = a.max(0)
   return m + np.log(np.mean(np.exp(a - m), axis=0))
@@ -248,7 +270,7 @@ def np_logmeanexp(a):
 def batch_keys(rng, index):
   """The two keys of batch `index` of an evaluation: `evaluation.collect` and
   `della_metrics.paper_metrics` fold the batch index into their key, and the batch functions
-  (`evaluation.make_vae_batch_eval`, `della_metrics.make_paper_batch_eval`) split it into
+  (`evaluation.make_batch_eval`, `della_metrics.make_paper_batch_eval`) split it into
   (importance-weighting key, other key)."""
   return jax.random.split(jax.random.fold_in(rng, index))
 
@@ -256,7 +278,7 @@ def batch_keys(rng, index):
 def iw_noise(key, k, chunk_size, shape):
   """The noise `[K, *shape]` of K importance samples drawn with `key`: `metrics.iw_log_likelihood`
   draws chunk i (the last one shorter when chunk_size does not divide K) with
-  `fold_in(key, i)`, and `Della.sample_codes` (like `della_metrics.paper_log_weights_fn`)
+  `fold_in(key, i)`, and `Della.sample_chain` (like `della_metrics.paper_log_weights_fn`)
   draws `jax.random.normal(chunk key, (chunk, *shape))`."""
   chunk_size = min(chunk_size, k)
   sizes = [chunk_size] * (k // chunk_size) + ([k % chunk_size] if k % chunk_size else [])
@@ -319,16 +341,15 @@ def test_posterior_log_prob_against_numpy_sample_codes_and_pairwise_form():
   @jax.jit
   def run(v, tokens, rng, queries):
     post = model.apply(v, tokens, method="encode")
-    u, log_q, log_p = model.apply(v, post, rng, 5, method="sample_codes")
-    again = model.apply(v, u, post, method="posterior_log_prob")
-    pairwise = model.apply(v, queries[:, None, :], post, method="posterior_log_prob")
+    u, log_q, log_p = sample_codes(model, v, post, rng, 5)
+    again = log_prob(model, v, post, u)
+    pairwise = log_prob(model, v, post, queries[:, None, :])
     # The same pairs one by one: row i·N + j holds query i and posterior j.
     n = tokens.shape[0]
     tiled = jax.tree.map(lambda x: jnp.tile(x, (queries.shape[0],) + (1,) * (x.ndim - 1)),
                          post)
-    per_pair = model.apply(v, jnp.repeat(queries, n, axis=0), tiled,
-                           method="posterior_log_prob").reshape(-1, n)
-    point = model.apply(v, post, method="point_code")
+    per_pair = log_prob(model, v, tiled, jnp.repeat(queries, n, axis=0)).reshape(-1, n)
+    point = posteriors.call(model, v, post, lambda q: q.point())
     return post, u, log_q, log_p, again, pairwise, per_pair, point
 
   out = run(v, TOKENS, jax.random.PRNGKey(4), queries)
@@ -380,12 +401,12 @@ def test_iw_nll_against_quadrature_over_the_code():
   def run(v, tokens, u, rng):
     iw_rng, kl_rng = jax.random.split(rng)
     post = model.apply(v, tokens, method="encode")
-    log_likelihood = evaluation.vae_log_likelihood_fn(model, v, tokens)
+    log_likelihood = decoded_log_likelihood(model, v, tokens)
     # On the grid: log p(x|u) and log q(u|x), [G, B].
-    log_q = model.apply(v, u[:, None, :], post, method="posterior_log_prob")
+    log_q = log_prob(model, v, post, u[:, None, :])
     ll = log_likelihood(jnp.broadcast_to(u[:, None, :], (u.shape[0], *log_q.shape[1:], 2)))
     # Importance weighting and Monte Carlo KL with the model's samples.
-    sample = lambda r, n: model.apply(v, post, r, n, method="sample_codes")
+    sample = lambda r, n: sample_codes(model, v, post, r, n)
     log_weights = metrics.posterior_log_weights_fn(sample, log_likelihood)
     log_px, mean_log_w = metrics.iw_log_likelihood(log_weights, iw_rng, k, 2_000,
                                                    return_elbo=True)
@@ -435,7 +456,7 @@ def test_single_latent_kl_is_the_analytic_kl_of_the_heads():
     terms_rng, mc_rng = jax.random.split(rng)
     terms = model.apply(v, tokens, deterministic=True, rngs={"latent": terms_rng})
     post = model.apply(v, tokens, method="encode")
-    u, log_q, log_p = model.apply(v, post, mc_rng, 20_000, method="sample_codes")
+    u, log_q, log_p = sample_codes(model, v, post, mc_rng, 20_000)
     return terms, u, log_q - log_p
 
   terms, u, diff = run(v, TOKENS, jax.random.PRNGKey(6))
@@ -488,7 +509,7 @@ def test_layer_wise_kl_layers_against_numpy_and_monte_carlo():
     kls = jax.vmap(lambda k: model.apply(v, tokens, deterministic=True,
                                          rngs={"latent": k}).kl)(
                                              jax.random.split(draw_rng, 4_000))
-    _, log_q, log_p = model.apply(v, post, mc_rng, 20_000, method="sample_codes")
+    _, log_q, log_p = sample_codes(model, v, post, mc_rng, 20_000)
     return kls, log_q - log_p
 
   kls, diff = (f64(a) for a in estimates(v, TOKENS, jax.random.PRNGKey(8)))
@@ -653,17 +674,17 @@ def np_monte_carlo_kl(config, params, r, eps):
 
 def np_code_means(config, params, r, eps):
   """Two estimates `[2, B, n·d]` of E_q[u|x], each the mean of half of the whitened chains
-  drawn with eps `[2S, B, n, d]` (the halves of `evaluation.make_vae_batch_eval`)."""
+  drawn with eps `[2S, B, n, d]` (the halves of `evaluation.make_batch_eval`)."""
   chain = np_posterior_chain(config, params, r, eps)
   u = (chain["z"] - chain["mp"]) * np.exp(-chain["lp"] / 2)
   return u.reshape(2, -1, *u.shape[1:-2], config.code_dim).mean(1)
 
 
 def test_generic_evaluation_on_della_against_numpy():
-  """`evaluation.evaluate_vae` on DELLA, its values against the numpy chain on the numpy GPT-2
+  """`evaluation.evaluate` on DELLA, its values against the numpy chain on the numpy GPT-2
   with the same draws: IW-NLL, ELBO, PPL, the Monte Carlo KL, and AU (from the covariance of
   two independent sample means of E_q[u|x]; per layer from the variance of the chain of
-  posterior means). evaluate_vae gives the first of the four keys split from its own to
+  posterior means). evaluate gives the first of the four keys split from its own to
   `collect`; a batch's function draws the importance samples with its first key
   (`batch_keys`, `iw_noise`), the two halves of 32 chains with the second, and the KL's chains
   with the second folded with 1."""
@@ -676,8 +697,12 @@ def test_generic_evaluation_on_della_against_numpy():
       {"tokens": TOKENS[jnp.array([0, 2, 1])], "weights": jnp.array([1.0, 1.0, 0.0])},
   ]
   rng, k = jax.random.PRNGKey(0), 8
-  out = evaluation.evaluate_vae(model, v, batches, rng, k_samples=k, chunk_size=8,
-                                hole_samples=64, num_prior_samples=4, max_decode_length=6)
+  out = evaluation.evaluate(model, v, batches, rng, k_samples=k, chunk_size=8,
+                            hole_samples=64, num_prior_samples=4, max_decode_length=6)
+  # The per-layer counts come with DELLA's own keys (della_metrics.layer_active_units).
+  out.update({key: value for key, value in della_metrics.paper_metrics(
+      model, v, batches, jax.random.split(rng, 4)[0], k_samples=k, chunk_size=8).items()
+              if key.startswith("au_layer") or key.startswith("au_z")})
   assert out["n_sentences"] == 5
   lengths = np.sum(np.asarray(TOKENS) != PAD, -1)
   n_tokens = lengths.sum() + lengths[0] + lengths[2]
@@ -778,7 +803,7 @@ def test_paper_iw_nll_is_the_iw_nll_for_one_latent():
   v = random_variables(config)
   rng, k = jax.random.PRNGKey(4), 5
   out = della_metrics.paper_metrics(model, v, paper_batches(), rng, k_samples=k, chunk_size=2)
-  ours = evaluation.collect(evaluation.make_vae_batch_eval(model, k, 2), paper_batches(), rng, v)
+  ours = evaluation.collect(evaluation.make_batch_eval(model, k, 2), paper_batches(), rng, v)
   np.testing.assert_allclose(out["nll_paper"], -ours["log_px"].mean(), rtol=1e-6)
   joint, paper = np_paper_weights(config, v["params"], rng, k, 2)
   np.testing.assert_allclose(paper, joint)
