@@ -7,7 +7,6 @@ same code:
 - **NLL** by importance weighting (Burda et al. 2016), `iw_log_likelihood`, computed in chunks
   of samples so that memory is bounded by the chunk rather than by K (K = 500 for reported
   numbers);
-- **PPL** = exp(sum_x NLL(x) / sum_x (|x| + 1)) from sums, `perplexity`;
 - **KL** per sentence, analytic for a Gaussian posterior (`gaussian_kl_per_example`) or Monte
   Carlo for any other (`monte_carlo_kl`);
 - **MI** I_q(x; z) (He et al. 2019) as per-example terms with standard errors: over the whole
@@ -15,19 +14,18 @@ same code:
   length-sorted batches (`length_sorted_batches`, `gaussian_mi_terms_per_batch`); the generic
   pieces `aggregate_posterior_log_prob`, `mutual_information_terms`, `per_batch_terms` serve
   every posterior family;
-- **AU**, the number of active units (Burda et al. 2016), `active_units`;
-- the sums pattern of the evaluator: `sentence_sums` (inside jit, per batch),
-  `accumulate_sums` and `finalize_sums` (on the host).
+- **AU**, the number of active units (Burda et al. 2016), `active_units`.
 
-Everything except the host-side `accumulate_sums` / `finalize_sums` is jit-able; sizes such as
-the number of samples or the chunk size are Python ints (static under `jax.jit`).
+Everything except the host-side helpers (`mean_and_stderr`, `length_sorted_batches`,
+`per_batch_terms` and the per-batch estimators) is jit-able; sizes such as the number of samples
+or the chunk size are Python ints (static under `jax.jit`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +36,6 @@ from vae_jax.objectives import (LOG_2PI, gaussian_kl, gaussian_log_prob, reparam
 
 LogWeightsFn = Callable[[jax.Array, int], jax.Array]
 PairwiseLogProbFn = Callable[[Any], jax.Array]
-
-# Keys of a sums dict that are denominators rather than per-sentence quantities.
-N_SENTENCES = "n_sentences"
-N_TOKENS = "n_tokens"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,90 +487,3 @@ def active_units(means: jax.Array, *, threshold: float = 0.01, mask: jax.Array |
   products = (means - centre(means)) * (other - centre(other))
   variances = jnp.sum(products * weights[:, None], axis=0) / jnp.maximum(count - ddof, 1.0)
   return jnp.sum(variances > threshold).astype(jnp.int32), variances
-
-
-# ---------------------------------------------------------------------------------------------
-# Perplexity and the sums pattern of the evaluator.
-# ---------------------------------------------------------------------------------------------
-
-
-def perplexity(nll_sum: jax.typing.ArrayLike, n_tokens: jax.typing.ArrayLike) -> jax.Array:
-  """PPL = exp(sum_x NLL(x) / sum_x (|x| + 1)) (METHODS.md §6).
-
-  Args:
-    nll_sum: total NLL (nats) over the sentences.
-    n_tokens: total number of predicted tokens, words plus one EOS per sentence.
-  """
-  return jnp.exp(jnp.asarray(nll_sum, jnp.float32) / jnp.asarray(n_tokens, jnp.float32))
-
-
-def sentence_sums(weights: jax.Array, n_tokens: jax.Array,
-                  **per_example: jax.Array) -> dict[str, jax.Array]:
-  """Sums over the real rows of a batch, the unit the evaluator reduces (docs/design.md).
-
-    sums[k] = sum_b w_b v_b[k],  n_sentences = sum_b w_b,  n_tokens = sum_b w_b |x_b|+1.
-
-  Sums, not means, so that totals are exact however the data are batched, padded or sharded
-  (a padded row has w_b = 0). Inside jit on a sharded batch the sums are already global.
-
-  Args:
-    weights: `[B]` 1 for real rows, 0 for padding rows.
-    n_tokens: `[B]` tokens per sentence, EOS included.
-    **per_example: `[B]` per-sentence quantities, e.g. `rec=` summed token NLL, `kl=`,
-      `nll=` the IW NLL (-L_K).
-
-  Returns:
-    A dict of float32 scalars with the keys of `per_example` plus `n_sentences`, `n_tokens`.
-  """
-  weights = weights.astype(jnp.float32)
-  sums = {name: jnp.sum(jnp.where(weights > 0, value.astype(jnp.float32) * weights, 0.0))
-          for name, value in per_example.items()}
-  sums[N_SENTENCES] = jnp.sum(weights)
-  sums[N_TOKENS] = jnp.sum(n_tokens.astype(jnp.float32) * weights)
-  return sums
-
-
-def accumulate_sums(total: Mapping[str, float] | None,
-                    sums: Mapping[str, Any]) -> dict[str, float]:
-  """Adds one batch's sums into a running total on the host, in float64 (not jit-able)."""
-  total = dict(total or {})
-  for name, value in sums.items():
-    total[name] = total.get(name, 0.0) + float(np.asarray(value, np.float64))
-  return total
-
-
-def finalize_sums(sums: Mapping[str, Any]) -> dict[str, float]:
-  """Turns accumulated sums into the reported metrics (host side, float64).
-
-  Every key k other than the denominators becomes the per-sentence mean sums[k] / n_sentences
-  (so `rec`, `kl`, `nll` are nats per sentence). Derived metrics, where their inputs exist:
-
-  - `ppl` = exp(nll / n_tokens) from the IW NLL (METHODS.md §6);
-  - `neg_elbo` = (rec + kl) / n_sentences, the ELBO's upper bound on the NLL (positive, like
-    `nll`), and `elbo_ppl` = exp((rec + kl) / n_tokens), the perplexity bound it implies;
-  - `rec_ppl` = exp(rec / n_tokens) when there is no `kl` (a language model's `rec` is its NLL).
-
-  The denominators are returned as well. Only per-sentence sums belong in `sums`; set-level
-  metrics (MI, AU) are computed on the whole set and added to the result by the caller.
-  """
-  sums = {name: float(np.asarray(value, np.float64)) for name, value in sums.items()}
-  n_sentences = sums.get(N_SENTENCES, 0.0)
-  n_tokens = sums.get(N_TOKENS, 0.0)
-  if n_sentences <= 0:
-    raise ValueError(f"no sentences in the sums: {sums}")
-  out = {name: value / n_sentences for name, value in sums.items()
-         if name not in (N_SENTENCES, N_TOKENS)}
-
-  def ppl(nll_total):
-    return math.exp(nll_total / n_tokens) if n_tokens > 0 else float("nan")
-
-  if "nll" in sums:
-    out["ppl"] = ppl(sums["nll"])
-  if "rec" in sums and "kl" in sums:
-    out["neg_elbo"] = (sums["rec"] + sums["kl"]) / n_sentences
-    out["elbo_ppl"] = ppl(sums["rec"] + sums["kl"])
-  elif "rec" in sums:
-    out["rec_ppl"] = ppl(sums["rec"])
-  out[N_SENTENCES] = n_sentences
-  out[N_TOKENS] = n_tokens
-  return out
