@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from vae_jax import holes
-from vae_jax.metrics import gaussian_pairwise_log_prob
+from vae_jax.mutual_information import gaussian_pairwise_log_prob
 
 
 def analytic_kl_prior_to_gaussian(m, s):

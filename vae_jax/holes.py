@@ -14,8 +14,9 @@ measurements:
       KL(p || q_agg) = E_{z~p}[log p(z) - log q_agg(z)]
                     ~= (1/S) sum_s [log p(z_s) - log q_agg(z_s)],  z_s ~ N(0, I),
 
-    Monte Carlo over S prior samples, with log q_agg by `metrics.aggregate_posterior_log_prob`
-    (a chunked logsumexp over the N posteriors), returned with its Monte Carlo standard error.
+    Monte Carlo over S prior samples, with log q_agg by
+    `mutual_information.aggregate_posterior_log_prob` (a chunked logsumexp over the N
+    posteriors), returned with its Monte Carlo standard error.
     Generic over posterior families: a flow posterior passes its own pairwise log-density.
     KL(p || q) (not KL(q || p)) is the direction that is large when q misses mass of p.
 
@@ -62,8 +63,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vae_jax.metrics import (PairwiseLogProbFn, aggregate_posterior_log_prob,
-                             gaussian_pairwise_log_prob)
+from vae_jax.mutual_information import (PairwiseLogProbFn, aggregate_posterior_log_prob,
+                                        gaussian_pairwise_log_prob)
 from vae_jax.objectives import LOG_2PI, standard_normal_log_prob
 
 # delta of DG-VAE: a dimension whose marginal KL(p_k || q_agg,k) is below it matches the prior.
@@ -81,8 +82,8 @@ def hole_log_ratios(z: jax.Array, pairwise_log_q_fn: PairwiseLogProbFn, *,
                     mask: jax.Array | None = None, chunk_size: int = 128) -> jax.Array:
   """log p(z_s) - log q_agg(z_s) at given points `z [S, d]`, `[S]` (the terms of the estimate).
 
-  log q_agg by `metrics.aggregate_posterior_log_prob` (chunked logsumexp over the N posteriors,
-  `mask [N]` excluding padding rows); p = N(0, I).
+  log q_agg by `mutual_information.aggregate_posterior_log_prob` (chunked logsumexp over the N
+  posteriors, `mask [N]` excluding padding rows); p = N(0, I).
   """
   log_q = aggregate_posterior_log_prob(z, pairwise_log_q_fn, mask=mask, chunk_size=chunk_size)
   return standard_normal_log_prob(z) - log_q
@@ -103,8 +104,8 @@ def prior_hole_kl(rng: jax.Array, pairwise_log_q_fn: PairwiseLogProbFn, latent_d
   Args:
     rng: PRNG key for the prior samples (`jax.random.normal(rng, (S, d))`).
     pairwise_log_q_fn: `z [c, d] -> [c, N]` log q(z_i|x_n) of each sample under each of the N
-      posteriors (`metrics.gaussian_pairwise_log_prob(mean, logvar)` for Gaussians; a flow
-      posterior passes its own).
+      posteriors (`mutual_information.gaussian_pairwise_log_prob(mean, logvar)` for Gaussians;
+      a flow posterior passes its own).
     latent_dim: d (static).
     num_samples: S prior samples (static).
     mask: `[N]` 1 for real examples, 0 for padding rows (excluded from the mixture).
@@ -177,7 +178,7 @@ def jackknife_hole_terms(z: jax.Array, pairwise_log_q_fn: PairwiseLogProbFn, num
   Args:
     z: `[S, d]` evaluation points (prior samples).
     pairwise_log_q_fn: `z [c, d] -> [c, N]` log q(z | x_n) of the N posteriors (any family;
-      `metrics.gaussian_pairwise_log_prob` for diagonal Gaussians).
+      `mutual_information.gaussian_pairwise_log_prob` for diagonal Gaussians).
     num_rows: N, the rows of the pairwise matrix (static).
     mask: `[N]` 1 for real examples, 0 for padding rows (excluded; N counts real rows).
     chunk_size: points per chunk (static).
@@ -224,9 +225,9 @@ def null_calibrated_hole_kl(rng: jax.Array, pairwise_log_q_fn: PairwiseLogProbFn
   null sets of the same widths, and their difference.
 
   The given set is any posterior family, through its pairwise log-density (for diagonal
-  Gaussians `metrics.gaussian_pairwise_log_prob(mean, logvar)` with these `logvar`: the null
-  then has exactly the given widths; for a flow posterior, `logvar` are per-dimension log
-  variances of its samples, and the null is the Gaussian set of those widths).
+  Gaussians `mutual_information.gaussian_pairwise_log_prob(mean, logvar)` with these `logvar`:
+  the null then has exactly the given widths; for a flow posterior, `logvar` are per-dimension
+  log variances of its samples, and the null is the Gaussian set of those widths).
 
   Why. q_agg = (1/N) sum_n N(mu_n, diag sigma_n^2) is a finite mixture. Even when the population
   aggregate E_x q(z|x) is exactly the prior, KL(p || q_agg) > 0 (Jensen: E[log q_agg(z)] <=
