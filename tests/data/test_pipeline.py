@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from vae_jax.data import pipeline
+from vae_jax.data import encoding, pipeline
 from vae_jax.data.readers import Example
 from vae_jax.data.vocab import PAD, Vocab
 
@@ -15,7 +15,7 @@ WORDS = [f'w{i}' for i in range(50)]
 EXAMPLES = [Example(tuple(rng.choice(WORDS, size=int(n))), i)
             for i, n in enumerate(rng.integers(1, 40, size=203))]
 VOCAB = Vocab.build(e.tokens for e in EXAMPLES)
-DATA = pipeline.encode(EXAMPLES, VOCAB)
+DATA = encoding.encode(EXAMPLES, VOCAB)
 
 
 def real_labels(batch):
@@ -90,7 +90,7 @@ def test_restore_rejects_incompatible_state():
   state = pipeline.TrainIterator(DATA, 16).state()
   with pytest.raises(ValueError, match='batch_size=16, this iterator has 8'):
     pipeline.TrainIterator(DATA, 8).restore(state)
-  other = pipeline.encode(EXAMPLES[:-1], VOCAB)
+  other = encoding.encode(EXAMPLES[:-1], VOCAB)
   with pytest.raises(ValueError, match='Cannot resume'):
     pipeline.TrainIterator(other, 16).restore(state)
   with pytest.raises(ValueError, match='Not a TrainIterator state'):
@@ -118,7 +118,7 @@ def test_bad_process_options():
   with pytest.raises(ValueError, match='process_index'):
     pipeline.TrainIterator(DATA, 16, process_index=2, process_count=2)
   with pytest.raises(ValueError, match='no sentences'):
-    pipeline.TrainIterator(pipeline.encode([], VOCAB), 16)
+    pipeline.TrainIterator(encoding.encode([], VOCAB), 16)
   with pytest.raises(ValueError, match='bucket_window'):
     pipeline.TrainIterator(DATA, 16, bucket_window=0)
 
