@@ -14,8 +14,9 @@ measurements:
       KL(p || q_agg) = E_{z~p}[log p(z) - log q_agg(z)]
                     ~= (1/S) sum_s [log p(z_s) - log q_agg(z_s)],  z_s ~ N(0, I),
 
-    Monte Carlo over S prior samples, with log q_agg by `metrics.aggregate_posterior_log_prob`
-    (a chunked logsumexp over the N posteriors), returned with its Monte Carlo standard error.
+    Monte Carlo over S prior samples, with log q_agg by
+    `mutual_information.aggregate_posterior_log_prob` (a chunked logsumexp over the N
+    posteriors), returned with its Monte Carlo standard error.
     Generic over posterior families: a flow posterior passes its own pairwise log-density.
     KL(p || q) (not KL(q || p)) is the direction that is large when q misses mass of p.
 
@@ -26,29 +27,12 @@ measurements:
     `hole_kl_null`; `hole_kl_excess` = hole_kl - hole_kl_null is the hole beyond it, with a
     standard error that counts the Monte Carlo error and the draw of the N posteriors.
 
-(b) per-dimension marginals `gaussian_marginal_prior_kl`, for diagonal Gaussian posteriors,
+(b) per-dimension marginals `gaussian_marginal_prior_kl`, for diagonal Gaussian posteriors, and
+    `count_prior_matched_dimensions`, the number of dimensions whose marginal KL is below
+    delta = 0.03 nats (`PRIOR_MATCH_THRESHOLD`), by quadrature (`vae_jax.marginal_holes`,
+    whose names stay importable from here).
 
-      KL(p_k || q_agg,k) = int p(t) [log p(t) - log q_agg,k(t)] dt,
-      p_k = N(0, 1),  q_agg,k(t) = (1/N) sum_n N(t; mu_nk, sigma_nk^2),
-
-    (q_agg,k is the exact 1-D marginal of the mixture of diagonal Gaussians), by deterministic
-    trapezoidal quadrature on a uniform grid over [-L, L], and `count_prior_matched_dimensions`,
-    the number of dimensions whose marginal KL is below delta = 0.03 nats
-    (`PRIOR_MATCH_THRESHOLD`): dimensions whose aggregated posterior has become the prior.
-
-Quadrature accuracy (defaults L = 10, G = 2001 points, spacing h = 0.01). The tail mass of p
-beyond +-10 is 1.5e-23, so truncation is negligible. The integrand p(t) [log p(t) - log q(t)]
-is evaluated pointwise, log q by a logsumexp in log space (float32 safe for any sigma); only the
-integral is discretised. For smooth integrands that vanish at the ends the trapezoid rule
-converges exponentially in 1/h: against float64 quadrature on a grid 150x finer, the error is
-below 3e-7 nats when every sigma_nk >= 0.1, and below 3e-6 relative (1.5e-5 nats on a KL of
-7) at sigma = 0.05, i.e. well under 1e-4 for any dimension near the threshold delta.
-Caveat: for posteriors narrower than h, log q_agg,k is close to an upper envelope of parabolas
-of curvature 1/sigma^2, with kinks between components that the grid does not resolve; the KL is
-then huge (of order E_p[(t - mu)^2] / (2 sigma^2), thousands of nats) and only its relative
-error is small (measured <= 4e-4 down to sigma = h / 30); the matched-dimension count is unaffected.
-Increase `grid_size` for tighter values of such dimensions. Posteriors with logvar below about
--80 make (t - mu)^2 / sigma^2 overflow float32, and the KL is then +inf (a hole, correctly).
+`gaussian_hole_metrics` computes both, (a') and (b), for diagonal Gaussian posteriors.
 
 Everything except the host-side `gaussian_hole_metrics` is jit-able; sizes (sample counts,
 grid sizes, chunk sizes) are Python ints (static under `jax.jit`).
@@ -62,12 +46,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vae_jax.metrics import (PairwiseLogProbFn, aggregate_posterior_log_prob,
-                             gaussian_pairwise_log_prob)
-from vae_jax.objectives import LOG_2PI, standard_normal_log_prob
+# moved to vae_jax.marginal_holes
+from vae_jax.marginal_holes import (  # noqa: F401
+    PRIOR_MATCH_THRESHOLD, count_prior_matched_dimensions, gaussian_marginal_log_prob,
+    gaussian_marginal_prior_kl, quadrature_grid)
+from vae_jax.mutual_information import (PairwiseLogProbFn, aggregate_posterior_log_prob,
+                                        gaussian_pairwise_log_prob)
+from vae_jax.objectives import standard_normal_log_prob
 
-# delta of DG-VAE: a dimension whose marginal KL(p_k || q_agg,k) is below it matches the prior.
-PRIOR_MATCH_THRESHOLD = 0.03
 # R, the null sets of `null_calibrated_hole_kl` (the default of evaluation's hole metrics).
 DEFAULT_NULL_SETS = 8
 
@@ -81,8 +67,8 @@ def hole_log_ratios(z: jax.Array, pairwise_log_q_fn: PairwiseLogProbFn, *,
                     mask: jax.Array | None = None, chunk_size: int = 128) -> jax.Array:
   """log p(z_s) - log q_agg(z_s) at given points `z [S, d]`, `[S]` (the terms of the estimate).
 
-  log q_agg by `metrics.aggregate_posterior_log_prob` (chunked logsumexp over the N posteriors,
-  `mask [N]` excluding padding rows); p = N(0, I).
+  log q_agg by `mutual_information.aggregate_posterior_log_prob` (chunked logsumexp over the N
+  posteriors, `mask [N]` excluding padding rows); p = N(0, I).
   """
   log_q = aggregate_posterior_log_prob(z, pairwise_log_q_fn, mask=mask, chunk_size=chunk_size)
   return standard_normal_log_prob(z) - log_q
@@ -103,8 +89,8 @@ def prior_hole_kl(rng: jax.Array, pairwise_log_q_fn: PairwiseLogProbFn, latent_d
   Args:
     rng: PRNG key for the prior samples (`jax.random.normal(rng, (S, d))`).
     pairwise_log_q_fn: `z [c, d] -> [c, N]` log q(z_i|x_n) of each sample under each of the N
-      posteriors (`metrics.gaussian_pairwise_log_prob(mean, logvar)` for Gaussians; a flow
-      posterior passes its own).
+      posteriors (`mutual_information.gaussian_pairwise_log_prob(mean, logvar)` for Gaussians;
+      a flow posterior passes its own).
     latent_dim: d (static).
     num_samples: S prior samples (static).
     mask: `[N]` 1 for real examples, 0 for padding rows (excluded from the mixture).
@@ -177,7 +163,7 @@ def jackknife_hole_terms(z: jax.Array, pairwise_log_q_fn: PairwiseLogProbFn, num
   Args:
     z: `[S, d]` evaluation points (prior samples).
     pairwise_log_q_fn: `z [c, d] -> [c, N]` log q(z | x_n) of the N posteriors (any family;
-      `metrics.gaussian_pairwise_log_prob` for diagonal Gaussians).
+      `mutual_information.gaussian_pairwise_log_prob` for diagonal Gaussians).
     num_rows: N, the rows of the pairwise matrix (static).
     mask: `[N]` 1 for real examples, 0 for padding rows (excluded; N counts real rows).
     chunk_size: points per chunk (static).
@@ -224,9 +210,9 @@ def null_calibrated_hole_kl(rng: jax.Array, pairwise_log_q_fn: PairwiseLogProbFn
   null sets of the same widths, and their difference.
 
   The given set is any posterior family, through its pairwise log-density (for diagonal
-  Gaussians `metrics.gaussian_pairwise_log_prob(mean, logvar)` with these `logvar`: the null
-  then has exactly the given widths; for a flow posterior, `logvar` are per-dimension log
-  variances of its samples, and the null is the Gaussian set of those widths).
+  Gaussians `mutual_information.gaussian_pairwise_log_prob(mean, logvar)` with these `logvar`:
+  the null then has exactly the given widths; for a flow posterior, `logvar` are per-dimension
+  log variances of its samples, and the null is the Gaussian set of those widths).
 
   Why. q_agg = (1/N) sum_n N(mu_n, diag sigma_n^2) is a finite mixture. Even when the population
   aggregate E_x q(z|x) is exactly the prior, KL(p || q_agg) > 0 (Jensen: E[log q_agg(z)] <=
@@ -332,100 +318,8 @@ def null_calibrated_hole_kl(rng: jax.Array, pairwise_log_q_fn: PairwiseLogProbFn
 
 
 # ---------------------------------------------------------------------------------------------
-# (b) Per-dimension marginal KL(p_k || q_agg,k) by quadrature, and the matched-dimension count.
+# Both metrics of Gaussian posteriors, as host values ((b) is in `marginal_holes`).
 # ---------------------------------------------------------------------------------------------
-
-
-def quadrature_grid(grid_size: int = 2001,
-                    grid_limit: float = 10.0) -> tuple[jax.Array, jax.Array]:
-  """Nodes `[G]` and trapezoid weights `[G]` of a uniform grid over [-L, L]."""
-  if grid_size < 3:
-    raise ValueError(f"grid_size must be at least 3, got {grid_size}")
-  spacing = 2.0 * grid_limit / (grid_size - 1)
-  nodes = jnp.linspace(-grid_limit, grid_limit, grid_size, dtype=jnp.float32)
-  weights = jnp.full((grid_size,), spacing, jnp.float32).at[jnp.array([0, -1])].set(
-      0.5 * spacing)
-  return nodes, weights
-
-
-def gaussian_marginal_log_prob(t: jax.Array, mean: jax.Array, logvar: jax.Array, *,
-                               mask: jax.Array | None = None,
-                               chunk_size: int = 64) -> jax.Array:
-  """log q_agg,k(t_g) of every dimension's 1-D marginal mixture at points t, `[G, d]`.
-
-    log q_agg,k(t) = logsumexp_n log N(t; mu_nk, exp(logvar_nk)) - log N.
-
-  The N posteriors are processed `chunk_size` at a time in a `lax.scan` carrying a running
-  logsumexp, so memory is O(chunk_size * G * d), never O(N * G * d).
-
-  Args:
-    t: `[G]` evaluation points.
-    mean: `[N, d]` posterior means.
-    logvar: `[N, d]` posterior log-variances.
-    mask: `[N]` 1 for real examples, 0 for padding rows (excluded from the mixture).
-    chunk_size: posteriors per chunk (static).
-  """
-  num_examples, dim = mean.shape
-  t = t.astype(jnp.float32)
-  real = (jnp.ones((num_examples,), bool) if mask is None else mask.astype(bool))
-  count = jnp.sum(real.astype(jnp.float32))
-  chunk_size = max(1, min(chunk_size, num_examples))
-  num_chunks = -(-num_examples // chunk_size)
-  pad = num_chunks * chunk_size - num_examples
-
-  def to_chunks(a):
-    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-    return a.reshape(num_chunks, chunk_size, *a.shape[1:])
-
-  xs = (to_chunks(mean.astype(jnp.float32)), to_chunks(logvar.astype(jnp.float32)),
-        to_chunks(real))
-
-  def body(carry, chunk):
-    m, lv, r = chunk  # [c, d], [c, d], [c]
-    sq = jnp.square(t[None, :, None] - m[:, None, :]) * jnp.exp(-lv)[:, None, :]
-    log_n = -0.5 * (LOG_2PI + lv[:, None, :] + sq)  # [c, G, d]
-    log_n = jnp.where(r[:, None, None], log_n, -jnp.inf)
-    return jnp.logaddexp(carry, jax.nn.logsumexp(log_n, axis=0)), None
-
-  init = jnp.full((t.shape[0], dim), -jnp.inf, jnp.float32)
-  log_sum, _ = jax.lax.scan(body, init, xs)
-  return log_sum - jnp.log(count)
-
-
-def gaussian_marginal_prior_kl(mean: jax.Array, logvar: jax.Array, *,
-                               mask: jax.Array | None = None, grid_size: int = 2001,
-                               grid_limit: float = 10.0, chunk_size: int = 64) -> jax.Array:
-  """KL(N(0, 1) || q_agg,k) of each latent dimension k, by quadrature, `[d]`.
-
-    KL_k = int_{-L}^{L} p(t) [log p(t) - log q_agg,k(t)] dt
-        ~= sum_g w_g p(t_g) [log p(t_g) - log q_agg,k(t_g)]
-
-  on the trapezoid grid of `quadrature_grid` (defaults: L = 10, G = 2001, h = 0.01; see the
-  module docstring for the accuracy, below 1e-5 relative when every sigma_nk >= 0.05, and the
-  caveat for posteriors narrower than h). log q_agg,k is evaluated pointwise by
-  `gaussian_marginal_log_prob`; memory O(chunk_size * G * d).
-
-  Args:
-    mean: `[N, d]` posterior means of the whole set.
-    logvar: `[N, d]` posterior log-variances.
-    mask: `[N]` 1 for real examples, 0 for padding rows (excluded from the mixture).
-    grid_size: G quadrature nodes (static).
-    grid_limit: L, half-width of the grid.
-    chunk_size: posteriors per chunk (static).
-
-  Returns:
-    `[d]` marginal KLs in nats (>= 0 up to quadrature and float32 rounding, ~1e-7).
-  """
-  t, w = quadrature_grid(grid_size, grid_limit)
-  log_p = -0.5 * (LOG_2PI + jnp.square(t))  # [G]
-  log_q = gaussian_marginal_log_prob(t, mean, logvar, mask=mask, chunk_size=chunk_size)
-  return jnp.sum((w * jnp.exp(log_p))[:, None] * (log_p[:, None] - log_q), axis=0)
-
-
-def count_prior_matched_dimensions(marginal_kls: jax.Array,
-                                   threshold: float = PRIOR_MATCH_THRESHOLD) -> jax.Array:
-  """Number of dimensions with KL(p_k || q_agg,k) < threshold (delta = 0.03), int32 scalar."""
-  return jnp.sum(jnp.asarray(marginal_kls) < threshold).astype(jnp.int32)
 
 
 def host_values(values: dict[str, jax.Array]) -> dict[str, Any]:

@@ -7,41 +7,37 @@ same code:
 - **NLL** by importance weighting (Burda et al. 2016), `iw_log_likelihood`, computed in chunks
   of samples so that memory is bounded by the chunk rather than by K (K = 500 for reported
   numbers);
-- **PPL** = exp(sum_x NLL(x) / sum_x (|x| + 1)) from sums, `perplexity`;
 - **KL** per sentence, analytic for a Gaussian posterior (`gaussian_kl_per_example`) or Monte
   Carlo for any other (`monte_carlo_kl`);
-- **MI** I_q(x; z) (He et al. 2019) as per-example terms with standard errors: over the whole
-  evaluation set (`gaussian_mi_terms`), and per batch as in He et al.'s code, with their
-  length-sorted batches (`length_sorted_batches`, `gaussian_mi_terms_per_batch`); the generic
-  pieces `aggregate_posterior_log_prob`, `mutual_information_terms`, `per_batch_terms` serve
-  every posterior family;
-- **AU**, the number of active units (Burda et al. 2016), `active_units`;
-- the sums pattern of the evaluator: `sentence_sums` (inside jit, per batch),
-  `accumulate_sums` and `finalize_sums` (on the host).
+- **MI** I_q(x; z) (He et al. 2019): its estimators live in `vae_jax.mutual_information` (their
+  names stay importable from here); `mean_and_stderr` gives the estimate and standard error of
+  per-example terms;
+- **AU**, the number of active units (Burda et al. 2016), `active_units`.
 
-Everything except the host-side `accumulate_sums` / `finalize_sums` is jit-able; sizes such as
-the number of samples or the chunk size are Python ints (static under `jax.jit`).
+Everything except the host-side `mean_and_stderr` is jit-able; sizes such as the number of
+samples or the chunk size are Python ints (static under `jax.jit`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vae_jax.objectives import (LOG_2PI, gaussian_kl, gaussian_log_prob, reparameterize,
+from vae_jax.objectives import (gaussian_kl, gaussian_log_prob, reparameterize,
                                 standard_normal_log_prob)
+# moved to vae_jax.mutual_information
+from vae_jax.mutual_information import (  # noqa: F401
+    PairwiseLogProbFn, aggregate_posterior_log_prob, gaussian_mi_terms,
+    gaussian_mi_terms_per_batch, gaussian_mutual_information,
+    gaussian_mutual_information_per_batch, gaussian_pairwise_log_prob, length_sorted_batches,
+    mutual_information, mutual_information_terms, per_batch_terms)
 
 LogWeightsFn = Callable[[jax.Array, int], jax.Array]
-PairwiseLogProbFn = Callable[[Any], jax.Array]
-
-# Keys of a sums dict that are denominators rather than per-sentence quantities.
-N_SENTENCES = "n_sentences"
-N_TOKENS = "n_tokens"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,107 +186,8 @@ def monte_carlo_kl(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Mutual information I_q(x; z).
+# Standard errors.
 # ---------------------------------------------------------------------------------------------
-
-
-def gaussian_pairwise_log_prob(mean: jax.Array, logvar: jax.Array) -> PairwiseLogProbFn:
-  """`z [c, d] -> [c, N]` log q(z_i | x_j) for a set of N diagonal Gaussian posteriors.
-
-  Memory of one call: O(c * N * d) (the difference z_i - mean_j is formed explicitly rather than
-  expanded into matrix products, which would cancel catastrophically for small variances).
-  """
-
-  def pairwise(z: jax.Array) -> jax.Array:
-    return gaussian_log_prob(z[:, None, :], mean[None], logvar[None])
-
-  return pairwise
-
-
-def _chunked_rows(fn: Callable[[Any], jax.Array], xs: Any, chunk_size: int) -> jax.Array:
-  """Applies `fn` (`[c, ...] -> [c, ...]`) to the leading axis of the pytree `xs` in chunks."""
-  num_rows = jax.tree.leaves(xs)[0].shape[0]
-  if chunk_size >= num_rows:
-    return fn(xs)
-  num_chunks = -(-num_rows // chunk_size)
-  pad = num_chunks * chunk_size - num_rows
-
-  def to_chunks(a):
-    a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-    return a.reshape(num_chunks, chunk_size, *a.shape[1:])
-
-  out = jax.lax.map(fn, jax.tree.map(to_chunks, xs))
-  return out.reshape(num_chunks * chunk_size, *out.shape[2:])[:num_rows]
-
-
-def aggregate_posterior_log_prob(z: Any, pairwise_log_q_fn: PairwiseLogProbFn, *,
-                                 mask: jax.Array | None = None,
-                                 chunk_size: int = 128) -> jax.Array:
-  """log q(z_m) under the aggregate posterior of a set of N examples, for M query points.
-
-    q(z) = (1/N) sum_j q(z|x_j),   log q(z_m) = logsumexp_j log q(z_m|x_j) - log N.
-
-  The queries are processed `chunk_size` at a time (`lax.map`), so memory is that of one call
-  of `pairwise_log_q_fn` on a chunk, O(chunk_size * N * d) for Gaussians, never O(M * N).
-
-  Args:
-    z: a pytree whose leaves have the M query points on the leading axis (an array `[M, d]` for
-      Gaussian posteriors; any representation the posterior family uses otherwise).
-    pairwise_log_q_fn: `z chunk [c, ...] -> [c, N]` log q(z_i|x_j) of each query under each of
-      the N posteriors (e.g. `gaussian_pairwise_log_prob(mean, logvar)`).
-    mask: `[N]` 1 for the posteriors of real examples, 0 for padding rows (excluded from the
-      mixture); all real when `None`.
-    chunk_size: queries per chunk (static).
-
-  Returns:
-    `[M]` log q(z_m).
-  """
-
-  def chunk_log_q(z_chunk):
-    log_q = pairwise_log_q_fn(z_chunk).astype(jnp.float32)
-    if mask is None:
-      return jax.nn.logsumexp(log_q, axis=-1) - math.log(log_q.shape[-1])
-    real = mask.astype(bool)
-    log_q = jnp.where(real, log_q, -jnp.inf)
-    return jax.nn.logsumexp(log_q, axis=-1) - jnp.log(jnp.sum(real.astype(jnp.float32)))
-
-  return _chunked_rows(chunk_log_q, z, chunk_size)
-
-
-def mutual_information_terms(log_q_self: jax.Array, log_q_aggregate: jax.Array) -> jax.Array:
-  """Per-example terms of the Monte Carlo mutual information (He et al. 2019, Eq. 6).
-
-    I_q(x; z) = E_x E_{q(z|x)}[log q(z|x)] - E_{q(z)}[log q(z)]
-             ~= mean_i t_i,   t_i = mean_s [log q(z_si|x_i) - log q(z_si)],  z_si ~ q(z|x_i),
-
-  with q(z) the aggregate posterior of a set (`aggregate_posterior_log_prob`). The first term
-  may be the analytic negative entropy E_{q(z|x_i)} log q(z|x_i) instead of its sampled value
-  (as in He et al.'s code, for Gaussians); both give unbiased estimates of the same quantity.
-  The sampled ("paired") form has far lower variance where it matters: near collapse,
-  log q(z_si|x_i) and log q(z_si) are nearly equal sample by sample, so t_i ~ 0 with a tiny
-  spread, whereas the analytic form subtracts two independent quantities (measured on a
-  collapsed model, N = 500: standard deviation ~0.2 nats for the analytic form); and each
-  sampled term is at most log N, the bound of I_q over a set of N.
-
-  Args:
-    log_q_self: `[S, N]` log q(z_si|x_i), or `[N]` the analytic negative entropy.
-    log_q_aggregate: `[S, N]` log q(z_si) of the same samples.
-
-  Returns:
-    `[N]` the terms t_i (their mean is the estimate; see `mean_and_stderr`).
-  """
-  diff = jnp.broadcast_to(log_q_self, log_q_aggregate.shape) - log_q_aggregate
-  return jnp.mean(diff.reshape(-1, diff.shape[-1]), axis=0)
-
-
-def mutual_information(log_q_self: jax.Array, log_q_aggregate: jax.Array,
-                       mask: jax.Array | None = None) -> jax.Array:
-  """The mean of `mutual_information_terms` over the real examples (`mask`), in nats."""
-  terms = mutual_information_terms(log_q_self, log_q_aggregate)
-  if mask is None:
-    return jnp.mean(terms)
-  real = mask.astype(jnp.float32)
-  return jnp.sum(jnp.where(real > 0, terms, 0.0)) / jnp.maximum(jnp.sum(real), 1.0)
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
@@ -303,147 +200,6 @@ def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()) if values.size else float("nan"), 0.0
   return float(values.mean()), float(values.std(ddof=1) / math.sqrt(values.size))
 
-
-def length_sorted_batches(lengths: np.ndarray, batch_size: int = 32) -> np.ndarray:
-  """He et al. 2019's evaluation batches (`create_data_batch` in their `text_data.py`).
-
-  The examples are sorted by length and cut into batches of at most `batch_size` examples of
-  *equal* length: every length's run is cut separately, so a batch ends at each change of length
-  (e.g. lengths 5, 5, 5, 6 with batch_size 2 give [5, 5], [5], [6]). Their per-batch MI uses
-  each batch's posteriors as the mixture q(z); the small batches at the ends of runs pull it
-  down (a batch of one example estimates 0).
-
-  Args:
-    lengths: `[N]` sequence lengths (any monotone function of the true length, e.g. tokens with
-      EOS: only equality and order matter).
-    batch_size: the largest batch (32 in their PTB and Yahoo runs).
-
-  Returns:
-    int64 `[B, batch_size]` example indices, -1 padding the shorter batches.
-  """
-  lengths = np.asarray(lengths)
-  order = np.argsort(lengths, kind="stable")
-  rows = []
-  start = 0
-  while start < len(order):
-    end = start
-    while end < len(order) and lengths[order[end]] == lengths[order[start]]:
-      end += 1
-    for chunk in range(start, end, batch_size):
-      row = order[chunk:min(chunk + batch_size, end)]
-      rows.append(np.pad(row, (0, batch_size - len(row)), constant_values=-1))
-    start = end
-  return np.stack(rows).astype(np.int64) if rows else np.zeros((0, batch_size), np.int64)
-
-
-def per_batch_terms(batch_terms_fn: Callable[[np.ndarray, np.ndarray, int], Any],
-                    batches: np.ndarray, num_examples: int) -> np.ndarray:
-  """Per-example terms computed batch by batch: `batch_terms_fn(indices, mask, b)` returns the
-  `[batch_size]` terms of batch b (indices padded with 0 where `mask` is False, whose terms are
-  ignored); row i of the result is example i's term. Every batch has the same padded shape, so
-  a jitted `batch_terms_fn` compiles once."""
-  out = np.full(num_examples, np.nan)
-  for b, row in enumerate(np.asarray(batches)):
-    mask = row >= 0
-    terms = np.asarray(batch_terms_fn(np.where(mask, row, 0), mask, b), np.float64)
-    out[row[mask]] = terms[mask]
-  return out
-
-
-def gaussian_mi_terms(rng: jax.Array, mean: jax.Array, logvar: jax.Array, *,
-                      mask: jax.Array | None = None, num_samples: int = 1,
-                      chunk_size: int = 128, analytic_entropy: bool = False) -> jax.Array:
-  """`mutual_information_terms` of diagonal Gaussian posteriors, with the mixture q(z) of all N.
-
-    t_i = (1/S) sum_s [log q(z_si|x_i) - log q(z_si)],  z_si ~ q(z|x_i),
-    log q(z) = logsumexp_{j=1..N} log q(z|x_j) - log N
-
-  (`analytic_entropy=True`: the first term is -d/2 log(2 pi) - 1/2 sum_k (1 + logvar_ik), as in
-  He et al.'s `calc_mi`). Memory O(chunk_size * N * d), time O(S N^2 d).
-
-  Args:
-    rng: PRNG key for the samples z_si.
-    mean, logvar: `[N, d]` posterior parameters.
-    mask: `[N]` 1 for real examples, 0 for padding rows (excluded from the mixture; their terms
-      are meaningless).
-    num_samples: S samples per example (static).
-    chunk_size: query samples per chunk (static).
-    analytic_entropy: which first term (see `mutual_information_terms`).
-  """
-  num_examples, dim = mean.shape
-  z = reparameterize(rng, mean, logvar, num_samples)  # [S, N, d]
-  log_q_agg = aggregate_posterior_log_prob(
-      z.reshape(num_samples * num_examples, dim), gaussian_pairwise_log_prob(mean, logvar),
-      mask=mask, chunk_size=chunk_size).reshape(num_samples, num_examples)
-  if analytic_entropy:
-    log_q_self = -0.5 * jnp.sum(LOG_2PI + 1.0 + logvar, axis=-1)  # [N]
-  else:
-    log_q_self = gaussian_log_prob(z, mean, logvar)  # [S, N]
-  return mutual_information_terms(log_q_self, log_q_agg)
-
-
-def gaussian_mutual_information(rng: jax.Array, mean: jax.Array, logvar: jax.Array, *,
-                                mask: jax.Array | None = None, num_samples: int = 1,
-                                chunk_size: int = 128,
-                                analytic_entropy: bool = False) -> jax.Array:
-  """I_q(x; z) of diagonal Gaussian posteriors over the whole evaluation set (the mean of
-  `gaussian_mi_terms` over real examples).
-
-  All N posteriors form the mixture q(z), as in the whole-set `calc_mi` of the code of Li et
-  al. 2019 and of Optimus (Li et al. 2020), rather than the posteriors of one batch as in He et
-  al.'s code (`gaussian_mi_terms_per_batch`). With the whole set, q(z) is the exact aggregate
-  posterior of the empirical data distribution, so the estimate is unbiased for I_q over that
-  distribution, and 0 <= I_q <= log N; the per-batch average is biased down by
-  I(batch; z) >= 0 and its target is at most log B (= 3.47 nats for B = 32). The estimate
-  grows with N towards the population MI. Every sampled term (the default) is at most log N.
-  """
-  terms = gaussian_mi_terms(rng, mean, logvar, mask=mask, num_samples=num_samples,
-                            chunk_size=chunk_size, analytic_entropy=analytic_entropy)
-  if mask is None:
-    return jnp.mean(terms)
-  real = mask.astype(jnp.float32)
-  return jnp.sum(jnp.where(real > 0, terms, 0.0)) / jnp.maximum(jnp.sum(real), 1.0)
-
-
-def gaussian_mi_terms_per_batch(rng: jax.Array, mean: jax.Array, logvar: jax.Array,
-                                batches: np.ndarray, *, num_samples: int = 1,
-                                analytic_entropy: bool = False) -> np.ndarray:
-  """He et al. 2019's per-batch MI terms: example i's term uses only the posteriors of its own
-  batch (a row of `batches`, e.g. `length_sorted_batches`) as the mixture q(z). The size-
-  weighted average of their batch estimates (`calc_mi` in their `text.py`) is the mean of these
-  terms over all examples. Batch b uses the key `jax.random.fold_in(rng, b)`.
-
-  Returns:
-    float64 `[N]` numpy terms (host-side: the batches are looped over, one compiled program).
-  """
-  mean, logvar = jnp.asarray(mean), jnp.asarray(logvar)
-
-  @jax.jit
-  def batch_terms(indices, mask, b):
-    return gaussian_mi_terms(jax.random.fold_in(rng, b), mean[indices], logvar[indices],
-                             mask=mask, num_samples=num_samples,
-                             chunk_size=num_samples * indices.shape[0],
-                             analytic_entropy=analytic_entropy)
-
-  return per_batch_terms(batch_terms, batches, mean.shape[0])
-
-
-def gaussian_mutual_information_per_batch(rng: jax.Array, mean: jax.Array, logvar: jax.Array,
-                                          batch_size: int, *, num_samples: int = 1,
-                                          analytic_entropy: bool = False,
-                                          batches: np.ndarray | None = None) -> float:
-  """He et al.'s per-batch MI: the size-weighted average over batches of each batch's MI with
-  its own posteriors as the mixture. `batches` defaults to consecutive batches of
-  `batch_size`; He et al. batch by length (`length_sorted_batches`). For comparison with
-  published numbers: each batch estimate targets an MI of at most log B, and the average is
-  biased down by I(batch; z) >= 0 relative to `gaussian_mutual_information`."""
-  if batches is None:
-    n = mean.shape[0]
-    batches = np.pad(np.arange(n), (0, -n % batch_size), constant_values=-1).reshape(
-        -1, batch_size)
-  terms = gaussian_mi_terms_per_batch(rng, mean, logvar, batches, num_samples=num_samples,
-                                      analytic_entropy=analytic_entropy)
-  return float(np.mean(terms))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,90 +249,3 @@ def active_units(means: jax.Array, *, threshold: float = 0.01, mask: jax.Array |
   products = (means - centre(means)) * (other - centre(other))
   variances = jnp.sum(products * weights[:, None], axis=0) / jnp.maximum(count - ddof, 1.0)
   return jnp.sum(variances > threshold).astype(jnp.int32), variances
-
-
-# ---------------------------------------------------------------------------------------------
-# Perplexity and the sums pattern of the evaluator.
-# ---------------------------------------------------------------------------------------------
-
-
-def perplexity(nll_sum: jax.typing.ArrayLike, n_tokens: jax.typing.ArrayLike) -> jax.Array:
-  """PPL = exp(sum_x NLL(x) / sum_x (|x| + 1)) (METHODS.md §6).
-
-  Args:
-    nll_sum: total NLL (nats) over the sentences.
-    n_tokens: total number of predicted tokens, words plus one EOS per sentence.
-  """
-  return jnp.exp(jnp.asarray(nll_sum, jnp.float32) / jnp.asarray(n_tokens, jnp.float32))
-
-
-def sentence_sums(weights: jax.Array, n_tokens: jax.Array,
-                  **per_example: jax.Array) -> dict[str, jax.Array]:
-  """Sums over the real rows of a batch, the unit the evaluator reduces (docs/design.md).
-
-    sums[k] = sum_b w_b v_b[k],  n_sentences = sum_b w_b,  n_tokens = sum_b w_b |x_b|+1.
-
-  Sums, not means, so that totals are exact however the data are batched, padded or sharded
-  (a padded row has w_b = 0). Inside jit on a sharded batch the sums are already global.
-
-  Args:
-    weights: `[B]` 1 for real rows, 0 for padding rows.
-    n_tokens: `[B]` tokens per sentence, EOS included.
-    **per_example: `[B]` per-sentence quantities, e.g. `rec=` summed token NLL, `kl=`,
-      `nll=` the IW NLL (-L_K).
-
-  Returns:
-    A dict of float32 scalars with the keys of `per_example` plus `n_sentences`, `n_tokens`.
-  """
-  weights = weights.astype(jnp.float32)
-  sums = {name: jnp.sum(jnp.where(weights > 0, value.astype(jnp.float32) * weights, 0.0))
-          for name, value in per_example.items()}
-  sums[N_SENTENCES] = jnp.sum(weights)
-  sums[N_TOKENS] = jnp.sum(n_tokens.astype(jnp.float32) * weights)
-  return sums
-
-
-def accumulate_sums(total: Mapping[str, float] | None,
-                    sums: Mapping[str, Any]) -> dict[str, float]:
-  """Adds one batch's sums into a running total on the host, in float64 (not jit-able)."""
-  total = dict(total or {})
-  for name, value in sums.items():
-    total[name] = total.get(name, 0.0) + float(np.asarray(value, np.float64))
-  return total
-
-
-def finalize_sums(sums: Mapping[str, Any]) -> dict[str, float]:
-  """Turns accumulated sums into the reported metrics (host side, float64).
-
-  Every key k other than the denominators becomes the per-sentence mean sums[k] / n_sentences
-  (so `rec`, `kl`, `nll` are nats per sentence). Derived metrics, where their inputs exist:
-
-  - `ppl` = exp(nll / n_tokens) from the IW NLL (METHODS.md §6);
-  - `neg_elbo` = (rec + kl) / n_sentences, the ELBO's upper bound on the NLL (positive, like
-    `nll`), and `elbo_ppl` = exp((rec + kl) / n_tokens), the perplexity bound it implies;
-  - `rec_ppl` = exp(rec / n_tokens) when there is no `kl` (a language model's `rec` is its NLL).
-
-  The denominators are returned as well. Only per-sentence sums belong in `sums`; set-level
-  metrics (MI, AU) are computed on the whole set and added to the result by the caller.
-  """
-  sums = {name: float(np.asarray(value, np.float64)) for name, value in sums.items()}
-  n_sentences = sums.get(N_SENTENCES, 0.0)
-  n_tokens = sums.get(N_TOKENS, 0.0)
-  if n_sentences <= 0:
-    raise ValueError(f"no sentences in the sums: {sums}")
-  out = {name: value / n_sentences for name, value in sums.items()
-         if name not in (N_SENTENCES, N_TOKENS)}
-
-  def ppl(nll_total):
-    return math.exp(nll_total / n_tokens) if n_tokens > 0 else float("nan")
-
-  if "nll" in sums:
-    out["ppl"] = ppl(sums["nll"])
-  if "rec" in sums and "kl" in sums:
-    out["neg_elbo"] = (sums["rec"] + sums["kl"]) / n_sentences
-    out["elbo_ppl"] = ppl(sums["rec"] + sums["kl"])
-  elif "rec" in sums:
-    out["rec_ppl"] = ppl(sums["rec"])
-  out[N_SENTENCES] = n_sentences
-  out[N_TOKENS] = n_tokens
-  return out

@@ -1,13 +1,13 @@
-"""Tests for vae_jax.data.pipeline: encoding, bucketing, resuming, sharding, evaluation."""
+"""Tests for vae_jax.data.pipeline: bucketing, resuming, sharding, evaluation."""
 
 import json
 
 import numpy as np
 import pytest
 
-from vae_jax.data import pipeline
+from vae_jax.data import encoding, pipeline
 from vae_jax.data.readers import Example
-from vae_jax.data.vocab import EOS, PAD, UNK, Vocab
+from vae_jax.data.vocab import PAD, Vocab
 
 rng = np.random.default_rng(0)
 WORDS = [f'w{i}' for i in range(50)]
@@ -15,44 +15,11 @@ WORDS = [f'w{i}' for i in range(50)]
 EXAMPLES = [Example(tuple(rng.choice(WORDS, size=int(n))), i)
             for i, n in enumerate(rng.integers(1, 40, size=203))]
 VOCAB = Vocab.build(e.tokens for e in EXAMPLES)
-DATA = pipeline.encode(EXAMPLES, VOCAB)
+DATA = encoding.encode(EXAMPLES, VOCAB)
 
 
 def real_labels(batch):
   return batch['labels'][batch['weights'] > 0].tolist()
-
-
-def test_encode_appends_eos_without_bos():
-  data = pipeline.encode([Example(('w1', 'zzz')), Example(())], VOCAB)
-  assert data[0].tolist() == [VOCAB.token_to_id('w1'), UNK, EOS]
-  assert data[1].tolist() == [EOS]
-  assert data[0].dtype == np.int32 and data.labels is None
-  assert data.num_tokens == 4 and data.num_unk == 1
-  assert DATA.labels.tolist() == list(range(len(EXAMPLES)))
-
-
-def test_encode_rejects_mixed_labels_and_bad_options():
-  with pytest.raises(ValueError, match='have a label and the others do not'):
-    pipeline.encode([Example(('a',), 1), Example(('b',))], VOCAB)
-  with pytest.raises(ValueError, match='max_length'):
-    pipeline.encode(EXAMPLES, VOCAB, max_length=1)
-  with pytest.raises(ValueError, match='overlong'):
-    pipeline.encode(EXAMPLES, VOCAB, max_length=5, overlong='wrap')
-
-
-def test_overlong_policy():
-  n_long = sum(len(e.tokens) + 1 > 10 for e in EXAMPLES)
-  assert 0 < n_long < len(EXAMPLES)
-  cut = pipeline.encode(EXAMPLES, VOCAB, max_length=10)
-  assert cut.num_truncated == n_long and cut.num_dropped == 0 and len(cut) == len(EXAMPLES)
-  assert cut.lengths.max() == 10
-  long_i = next(i for i, e in enumerate(EXAMPLES) if len(e.tokens) > 9)
-  assert cut[long_i].tolist() == VOCAB.encode(EXAMPLES[long_i].tokens[:9]) + [EOS]
-  drop = pipeline.encode(EXAMPLES, VOCAB, max_length=10, overlong='drop')
-  assert drop.num_dropped == n_long and len(drop) == len(EXAMPLES) - n_long
-  assert drop.lengths.max() <= 10
-  assert drop.labels.tolist() == drop.source_indices.tolist()
-  assert 'truncated' in cut.summary()
 
 
 def test_batches_have_the_contract_format():
@@ -123,7 +90,7 @@ def test_restore_rejects_incompatible_state():
   state = pipeline.TrainIterator(DATA, 16).state()
   with pytest.raises(ValueError, match='batch_size=16, this iterator has 8'):
     pipeline.TrainIterator(DATA, 8).restore(state)
-  other = pipeline.encode(EXAMPLES[:-1], VOCAB)
+  other = encoding.encode(EXAMPLES[:-1], VOCAB)
   with pytest.raises(ValueError, match='Cannot resume'):
     pipeline.TrainIterator(other, 16).restore(state)
   with pytest.raises(ValueError, match='Not a TrainIterator state'):
@@ -151,7 +118,7 @@ def test_bad_process_options():
   with pytest.raises(ValueError, match='process_index'):
     pipeline.TrainIterator(DATA, 16, process_index=2, process_count=2)
   with pytest.raises(ValueError, match='no sentences'):
-    pipeline.TrainIterator(pipeline.encode([], VOCAB), 16)
+    pipeline.TrainIterator(encoding.encode([], VOCAB), 16)
   with pytest.raises(ValueError, match='bucket_window'):
     pipeline.TrainIterator(DATA, 16, bucket_window=0)
 
@@ -184,17 +151,3 @@ def test_eval_shards_and_fixed_length():
   for i, g in enumerate(full):
     for key in g:
       assert np.array_equal(np.concatenate([s[i][key] for s in shards]), g[key])
-
-
-@pytest.mark.parametrize('overlong', ['truncate', 'drop'])
-def test_training_tokens_are_the_words_encode_keeps(overlong):
-  # The vocabulary of a run is built from these: a word only in the cut-off tail of a long
-  # sentence (or in a dropped one) must not enter it.
-  kept = list(pipeline.training_tokens(EXAMPLES, max_length=10, overlong=overlong))
-  data = pipeline.encode(EXAMPLES, VOCAB, max_length=10, overlong=overlong)
-  assert len(kept) == len(data)
-  for words, ids in zip(kept, (data[i] for i in range(len(data)))):
-    assert VOCAB.encode(words) + [EOS] == ids.tolist()
-  tail_only = ({w for e in EXAMPLES for w in e.tokens} - {w for ws in kept for w in ws})
-  vocab = Vocab.build(kept)
-  assert all(vocab.token_to_id(w) == UNK for w in tail_only)

@@ -100,45 +100,53 @@ def _synthetic(split: str, paths: Sequence[epath.Path]) -> list[Example]:
   return synthetic.generate(split)
 
 
+def _text_corpus(name: str, splits: Sequence[str], description: str, *, reader: Reader = _plain,
+                 more_files: Mapping[str, tuple[str, ...]] | None = None, **fields) -> Corpus:
+  """A corpus whose split s is the file `<name>.<s>.txt` in the folder `<name>` (the layout of
+  the data of He et al. 2019 and Li et al. 2019), plus `more_files` (split -> file names)."""
+  return Corpus(
+      name=name,
+      description=description,
+      subdir=name,
+      files={**{split: (f'{name}.{split}.txt',) for split in splits}, **(more_files or {})},
+      reader=reader,
+      **fields)
+
+
+def _sst_corpus(name: str, description: str, *, binary: bool,
+                label_names: tuple[str, ...]) -> Corpus:
+  """A corpus read from the SST trees (one folder, one file per split), fine-grained or binary."""
+  return Corpus(
+      name=name,
+      description=description,
+      subdir='sst',
+      files={'train': ('train.txt',), 'valid': ('dev.txt',), 'test': ('test.txt',)},
+      reader=_sst(binary=binary),
+      label_names=label_names)
+
+
 _NEG_POS = ('negative', 'positive')
 _NOT_OFFLINE = 'not available offline (see the data README)'
 
 CORPORA: Mapping[str, Corpus] = {
     c.name: c for c in (
-        Corpus(
-            name='ptb',
-            description='Penn Treebank, Mikolov et al. preprocessing (10k vocabulary); the '
-                        'test split is held out for final evaluation',
-            subdir='ptb',
-            files={'train': ('ptb.train.txt',), 'valid': ('ptb.valid.txt',),
-                   'test': ('ptb.test.txt',)},
-            reader=_plain),
-        Corpus(
-            name='yahoo',
-            description='Yahoo Answers documents (Yang et al. 2017), `_UNK` for unknown words',
-            subdir='yahoo',
-            files={'valid': ('yahoo.valid.txt',)},
-            reader=_plain,
-            missing={'train': _NOT_OFFLINE, 'test': 'held out'}),
-        Corpus(
-            name='snli',
-            description='SNLI sentences, 100k/10k/10k split of Li et al. 2019',
-            subdir='snli',
-            files={'valid': ('snli.valid.txt',), 'test': ('snli.test.txt',)},
-            reader=_plain,
-            missing={'train': _NOT_OFFLINE}),
-        Corpus(
-            name='short_yelp',
-            description='short Yelp reviews with binary sentiment (Li et al. 2019); labelled '
-                        'training subsets train_100 ... train_10000',
-            subdir='short_yelp',
-            files={'valid': ('short_yelp.valid.txt',), 'test': ('short_yelp.test.txt',),
-                   **{f'train_{n}': (f'short_yelp.train.{n}.txt',)
-                      for n in (100, 500, 1000, 2000, 10000)}},
-            reader=_labeled,
-            label_names=_NEG_POS,
-            missing={'train': _NOT_OFFLINE + '; use the labelled subsets train_100 ... '
-                              'train_10000'}),
+        _text_corpus('ptb', ('train', 'valid', 'test'),
+                     'Penn Treebank, Mikolov et al. preprocessing (10k vocabulary); the test '
+                     'split is held out for final evaluation'),
+        _text_corpus('yahoo', ('valid',),
+                     'Yahoo Answers documents (Yang et al. 2017), `_UNK` for unknown words',
+                     missing={'train': _NOT_OFFLINE, 'test': 'held out'}),
+        _text_corpus('snli', ('valid', 'test'),
+                     'SNLI sentences, 100k/10k/10k split of Li et al. 2019',
+                     missing={'train': _NOT_OFFLINE}),
+        _text_corpus('short_yelp', ('valid', 'test'),
+                     'short Yelp reviews with binary sentiment (Li et al. 2019); labelled '
+                     'training subsets train_100 ... train_10000',
+                     reader=_labeled, label_names=_NEG_POS,
+                     more_files={f'train_{n}': (f'short_yelp.train.{n}.txt',)
+                                 for n in (100, 500, 1000, 2000, 10000)},
+                     missing={'train': _NOT_OFFLINE + '; use the labelled subsets train_100 ... '
+                                                      'train_10000'}),
         Corpus(
             name='yelp_style_transfer',
             description='Yelp sentiment sentences of Shen et al. 2017 (label from the file name)',
@@ -148,21 +156,13 @@ CORPORA: Mapping[str, Corpus] = {
             reader=_label_per_file,
             label_names=_NEG_POS,
             missing={'train': _NOT_OFFLINE}),
-        Corpus(
-            name='sst',
-            description='Stanford Sentiment Treebank sentences, fine-grained root label '
-                        '(SST-5, Socher et al. 2013); original casing',
-            subdir='sst',
-            files={'train': ('train.txt',), 'valid': ('dev.txt',), 'test': ('test.txt',)},
-            reader=_sst(binary=False),
-            label_names=('very negative', 'negative', 'neutral', 'positive', 'very positive')),
-        Corpus(
-            name='sst2',
-            description='SST-2: SST sentences without neutral ones, binary root label',
-            subdir='sst',
-            files={'train': ('train.txt',), 'valid': ('dev.txt',), 'test': ('test.txt',)},
-            reader=_sst(binary=True),
-            label_names=_NEG_POS),
+        _sst_corpus('sst', 'Stanford Sentiment Treebank sentences, fine-grained root label '
+                           '(SST-5, Socher et al. 2013); original casing',
+                    binary=False,
+                    label_names=('very negative', 'negative', 'neutral', 'positive',
+                                 'very positive')),
+        _sst_corpus('sst2', 'SST-2: SST sentences without neutral ones, binary root label',
+                    binary=True, label_names=_NEG_POS),
         Corpus(
             name='dailydialog',
             description='DailyDialog utterances as sentences (Li et al. 2017); label = '

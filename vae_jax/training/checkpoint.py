@@ -14,8 +14,9 @@ save/restore, and only process 0 writes `best.json`.
 A checkpoint can still be damaged afterwards (a file truncated, zero-filled or
 deleted, a disk that filled up while something else was written). Restoring
 tries the checkpoints of a kind newest first: one that cannot be read is
-skipped with one warning line naming its folder and the cause, and the next
-older one is used. Only when none can be read is it an error
+skipped with one warning line naming its folder and the cause (orbax's own
+reports of the failure kept quiet: `checkpoint_damage`), and the next older
+one is used. Only when none can be read is it an error
 (`errors.CheckpointError`, one line). A vocabulary mismatch is not damage: it
 is raised at once. Every process must see the same files, so that all of them
 fall back to the same checkpoint.
@@ -23,14 +24,8 @@ fall back to the same checkpoint.
 
 from collections.abc import Iterator, Sequence
 import contextlib
-import gc
-import logging as pylogging
 import math
 import os
-import re
-import sys
-import types
-import warnings
 
 from absl import logging
 import jax
@@ -39,11 +34,12 @@ import orbax.checkpoint as ocp
 from vae_jax import errors
 from vae_jax import fileio
 from vae_jax.training import mesh as mesh_lib
+from vae_jax.training.checkpoint_damage import Damaged, describe_error, quiet_restore
+# moved to vae_jax.training.checkpoint_damage
+from vae_jax.training.checkpoint_damage import MAX_CAUSE  # noqa: F401
 
 ITEMS = ('state', 'data', 'meta')
 KINDS = ('latest', 'best')
-# Longest cause quoted in a warning or error line (longer ones lose their middle).
-MAX_CAUSE = 400
 
 
 # A checkpoint was trained with a different vocabulary than the current run.
@@ -69,117 +65,6 @@ def _check_fingerprint(meta: dict, expected: str | None, where: str) -> None:
 
 def _processes(name: str) -> ocp.options.MultiprocessingOptions:
   return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
-
-
-# Damaged checkpoints.
-
-
-class _Damaged(Exception):
-  """One checkpoint could not be read; `cause` is one short line (the part and the error)."""
-
-  def __init__(self, cause: str):
-    super().__init__(cause)
-    self.cause = cause
-
-
-def _describe_error(exc: BaseException, folder: str | None = None,
-                   limit: int = MAX_CAUSE) -> str:
-  """`exc` as one short line: `Type: message`.
-
-  Line breaks are folded, tensorstore's long spec dumps and driver chains are
-  dropped, paths inside `folder` are written relative to it, and a line longer
-  than `limit` loses its middle (the end usually says what went wrong).
-  """
-  text = errors.one_line(str(exc))
-  text = re.split(r' ?\[tensorstore_spec', text, maxsplit=1)[0]
-  text = re.sub(r'Error opening "\w+" driver: ', '', text)
-  if folder:
-    text = text.replace(folder.rstrip(os.sep) + os.sep, '')
-  text = f'{type(exc).__name__}: {text}' if text else type(exc).__name__
-  if len(text) > limit:
-    head = limit * 2 // 5
-    text = f'{text[:head]} ... {text[-(limit - head - 5):]}'
-  return text
-
-
-class _DropLibraryReports(pylogging.Filter):
-  """Drops orbax's warnings and errors, and asyncio's reports of tensorstore reads whose
-  failure nobody awaited (their own accounts of a failed restore)."""
-
-  _ORBAX = os.path.dirname(os.path.dirname(os.path.abspath(ocp.__file__))) + os.sep
-  _UNAWAITED = ('Future exception was never retrieved', 'Task exception was never retrieved')
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    if record.name == 'asyncio':
-      return not str(record.msg).startswith(self._UNAWAITED)
-    return record.levelno < pylogging.WARNING or not record.pathname.startswith(self._ORBAX)
-
-
-def _is_closed_loop_error(exc) -> bool:
-  """A read that finished after orbax closed its event loop (tensorstore's callback fails)."""
-  return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
-
-
-def _drop_closed_loop_reports() -> None:
-  """Installs, once per process, hooks that drop the 'Event loop is closed' reports of the
-  reads of a checkpoint that failed; everything else reaches the previous hooks. They stay
-  installed: reads still in flight when a restore gave up report from tensorstore's threads
-  later, through `sys.unraisablehook` or `sys.excepthook`."""
-  if getattr(sys.unraisablehook, '_drops_closed_loop_reports', False):
-    return
-  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
-
-  def unraisable_hook(unraisable):
-    if not _is_closed_loop_error(unraisable.exc_value):
-      previous_unraisable(unraisable)
-
-  def except_hook(kind, value, traceback):
-    if not _is_closed_loop_error(value):
-      previous_except(kind, value, traceback)
-
-  unraisable_hook._drops_closed_loop_reports = True
-  sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
-
-
-@contextlib.contextmanager
-def _quiet_restore(collect: bool = True) -> Iterator[None]:
-  """Keeps orbax's own reports of a failed restore off the console.
-
-  When one array of a checkpoint cannot be read, orbax logs errors and closes its
-  event loop while the other arrays are still being read; each of those reads
-  then reports a 'RuntimeError: Event loop is closed' traceback
-  (`_drop_closed_loop_reports` drops those), asyncio logs the failures nobody awaited when their
-  futures are collected, and Python warns about the coroutines of reads that
-  never started. Inside this context orbax's warnings and errors and
-  those reports are dropped (everything else passes); with `collect` it collects
-  garbage before it ends if a read failed (an exception left the context, or the
-  caller set `.failed` on the yielded object after catching one), so that the
-  futures of failed reads are gone by then. The caller's one line per damaged
-  checkpoint is then all a person sees. (A successful read leaves nothing to collect;
-  a full collection in a large process costs ~0.2 s.)
-  """
-  log_filter = _DropLibraryReports()
-  loggers = (pylogging.getLogger('absl'), pylogging.getLogger(),
-             pylogging.getLogger('asyncio'))
-  for logger in loggers:
-    logger.addFilter(log_filter)
-  _drop_closed_loop_reports()
-  try:
-    with warnings.catch_warnings():
-      # Coroutines of the reads that never started, collected unawaited.
-      warnings.filterwarnings('ignore', "coroutine '.*' was never awaited", RuntimeWarning)
-      outcome = types.SimpleNamespace(failed=False)
-      try:
-        yield outcome
-      except BaseException:
-        outcome.failed = True
-        raise
-      finally:
-        if collect and outcome.failed:
-          gc.collect()
-  finally:
-    for logger in loggers:
-      logger.removeFilter(log_filter)
 
 
 class Checkpointer:
@@ -211,7 +96,7 @@ class Checkpointer:
                   enable_async_checkpointing=async_save,
                   cleanup_tmp_directories=not read_only, lightweight_initialize=True)
     # Read-only managers warn that they change options nobody set; not worth a line.
-    with _quiet_restore(collect=False) if read_only else contextlib.nullcontext():
+    with quiet_restore(collect=False) if read_only else contextlib.nullcontext():
       # Distinct barrier prefixes: both managers may save the same step at once.
       self._latest = ocp.CheckpointManager(
           os.path.join(self.directory, 'latest'),
@@ -255,11 +140,11 @@ class Checkpointer:
       return None
     if self._best_value_step != step:
       try:
-        with _quiet_restore():
+        with quiet_restore():
           meta = self._read('meta', lambda: self._restore_items(
               self._best, step, None, ('meta',)).meta)
           metrics = meta.get('metrics', {})
-      except _Damaged as e:
+      except Damaged as e:
         logging.warning('Cannot read the best checkpoint %s (%s); the next evaluation '
                         'replaces it.', self.folder('best', step), e.cause)
         metrics = None
@@ -331,7 +216,7 @@ class Checkpointer:
         if s > step:
           logging.info('Discarding %s checkpoint %d newer than the resumed step %d.',
                        kind, s, step)
-          with _quiet_restore():
+          with quiet_restore():
             self._managers[kind].delete(s)
     self._best_value_step = None
 
@@ -350,17 +235,17 @@ class Checkpointer:
     return manager.restore(step, args=ocp.args.Composite(**args))
 
   def _read(self, part: str, read):
-    """`read()`, or _Damaged naming `part` and the error if it raises."""
+    """`read()`, or `Damaged` naming `part` and the error if it raises."""
     try:
       value = read()
     except Exception as e:  # pylint: disable=broad-except
-      raise _Damaged(f'{part}: {_describe_error(e, self.directory)}') from e
+      raise Damaged(f'{part}: {describe_error(e, self.directory)}') from e
     if part in ('meta', 'data') and not isinstance(value, dict):
-      raise _Damaged(f'{part}: holds {type(value).__name__}, not a JSON object')
+      raise Damaged(f'{part}: holds {type(value).__name__}, not a JSON object')
     return value
 
   def _restore_one(self, kind: str, step: int, target):
-    """(state, data, meta) of one checkpoint; _Damaged if a part cannot be read,
+    """(state, data, meta) of one checkpoint; `Damaged` if a part cannot be read,
     VocabMismatchError if it was trained with another vocabulary."""
     manager = self._managers[kind]
     meta = self._read('meta', lambda: self._restore_items(
@@ -383,11 +268,11 @@ class Checkpointer:
     VocabMismatchError at once for a checkpoint of another vocabulary.
     """
     failures = []
-    with _quiet_restore() as quiet:
+    with quiet_restore() as quiet:
       for kind, step in candidates:
         try:
           state, data, meta = self._restore_one(kind, step, target)
-        except _Damaged as e:
+        except Damaged as e:
           failures.append((kind, step, e.cause))
           quiet.failed = True
           continue
@@ -465,14 +350,21 @@ def _saved_tree_replicated(manager: ocp.CheckpointManager, step: int):
       is_leaf=lambda x: isinstance(x, ocp.metadata.ArrayMetadata))
 
 
+@contextlib.contextmanager
+def _read_only(workdir: str, **options) -> Iterator[Checkpointer]:
+  """A read-only `Checkpointer(workdir, **options)`, closed when the block ends."""
+  ckpt = Checkpointer(workdir, read_only=True, **options)
+  try:
+    yield ckpt
+  finally:
+    ckpt.close()
+
+
 def restore_latest(workdir: str, target=None, vocab_fingerprint: str | None = None):
   """Restores the newest latest checkpoint of a run that can be read: returns (state,
   meta), `meta['step']` its step. Damaged ones are skipped with a warning line."""
-  ckpt = Checkpointer(workdir, vocab_fingerprint=vocab_fingerprint, read_only=True)
-  try:
+  with _read_only(workdir, vocab_fingerprint=vocab_fingerprint) as ckpt:
     state, _, meta = ckpt.restore_latest(target)
-  finally:
-    ckpt.close()
   return state, meta
 
 
@@ -480,12 +372,8 @@ def restore_best(workdir: str, target=None, vocab_fingerprint: str | None = None
                  best_metric: str = 'nll'):
   """Restores the newest best checkpoint of a run that can be read: returns (state,
   meta), `meta['step']` its step. Damaged ones are skipped with a warning line."""
-  ckpt = Checkpointer(workdir, vocab_fingerprint=vocab_fingerprint,
-                      best_metric=best_metric, read_only=True)
-  try:
+  with _read_only(workdir, vocab_fingerprint=vocab_fingerprint, best_metric=best_metric) as ckpt:
     state, _, meta = ckpt.restore_best(target)
-  finally:
-    ckpt.close()
   return state, meta
 
 
@@ -505,16 +393,13 @@ def restore_for_evaluation(workdir: str, target=None, vocab_fingerprint: str | N
   if which not in KINDS:
     raise ValueError(f'which={which!r}: restore the {" or the ".join(KINDS)} checkpoint.')
   kinds = ('best', 'latest') if which == 'best' else ('latest',)
-  ckpt = Checkpointer(workdir, vocab_fingerprint=vocab_fingerprint, read_only=True)
-  try:
+  with _read_only(workdir, vocab_fingerprint=vocab_fingerprint) as ckpt:
     candidates = [(kind, step) for kind in kinds for step in ckpt.steps(kind)]
     if not candidates:
       raise CheckpointNotFoundError(
           f'No {" or ".join(kinds)} checkpoint under {ckpt.directory}. Check --workdir, or '
           'train the run first.')
     state, _, meta, used = ckpt.restore_first(candidates, target)
-  finally:
-    ckpt.close()
   if candidates[0][0] != which:
     logging.warning('The run has no best checkpoint under %s (it is saved at evaluations); '
                     'restored %s instead.', os.path.join(ckpt.directory, 'best'), used)
