@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import ptb_batches  # noqa: E402
-from vae_jax import evaluation, losses, metrics, schedules  # noqa: E402
+from vae_jax import evaluation, losses, metrics, mutual_information, schedules  # noqa: E402
 from vae_jax.data import corpora, pipeline  # noqa: E402
 from vae_jax.data.readers import Example  # noqa: E402
 from vae_jax.data.vocab import Vocab  # noqa: E402
@@ -243,11 +243,11 @@ def bench_eval(ceiling: float) -> dict:
     return (jnp.concatenate([p.mean for p in posts]), jnp.concatenate([p.logvar for p in posts]))
 
   lengths = np.concatenate([np.sum(np.asarray(t) != 0, axis=1) for t in test_batches])
-  mi_batches = metrics.length_sorted_batches(lengths, 32)
+  mi_batches = mutual_information.length_sorted_batches(lengths, 32)
 
   def mutual_information():
     mean, logvar = posteriors()
-    return metrics.gaussian_mutual_information_per_batch(rng, mean, logvar, 32,
+    return mutual_information.gaussian_mutual_information_per_batch(rng, mean, logvar, 32,
                                                          batches=mi_batches)
 
   def active_units():

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vae_jax import generation, holes, metrics, objectives, posteriors, probe
+from vae_jax import (generation, holes, metrics, mutual_information, objectives, posteriors,
+                     probe)
 from vae_jax.generation import code_dim, to_host
 from vae_jax.models.vae import token_mask
 
@@ -95,14 +96,14 @@ def collect(batch_eval: Callable, batches: Iterable[dict], rng: jax.Array, *args
 
 
 # He et al. 2019 evaluate in length-sorted batches of 32 (their PTB and Yahoo runs); their MI is
-# the size-weighted average of per-batch estimates (`metrics.length_sorted_batches`).
+# the size-weighted average of per-batch estimates (`mutual_information.length_sorted_batches`).
 MI_BATCH_SIZE = 32
 
 
 def posterior_mi_terms(model: nn.Module, variables, params: posteriors.PosteriorParams,
                        rng: jax.Array, *, mask: jax.Array | None = None,
                        chunk_size: int = 16) -> jax.Array:
-  """`metrics.mutual_information_terms` for any posterior family (METHODS.md §6):
+  """`mutual_information.mutual_information_terms` for any posterior family (METHODS.md §6):
 
     t_i = log q(u_i|x_i) - log (1/N) sum_j q(u_i|x_j),  u_i ~ q(u|x_i),
 
@@ -114,30 +115,30 @@ def posterior_mi_terms(model: nn.Module, variables, params: posteriors.Posterior
   def terms(m, params, rng):
     post = m.posterior(params)
     u, log_q = post.sample(rng, 1)
-    log_q_agg = metrics.aggregate_posterior_log_prob(
+    log_q_agg = mutual_information.aggregate_posterior_log_prob(
         u[0], lambda uc: post.log_prob(uc[:, None, :]), mask=mask, chunk_size=chunk_size)
-    return metrics.mutual_information_terms(log_q[0], log_q_agg)
+    return mutual_information.mutual_information_terms(log_q[0], log_q_agg)
 
   return model.apply(variables, params, rng, method=terms)
 
 
 def mi_terms_fn(model: nn.Module, variables) -> Callable:
   """The `terms_fn` of `mutual_information_metrics` over a set's `PosteriorParams`: the
-  closed form for a Gaussian in latent coordinates (`metrics.gaussian_mi_terms`), the
+  closed form for a Gaussian in latent coordinates (`mutual_information.gaussian_mi_terms`), the
   densities otherwise (`posterior_mi_terms`)."""
   if model.posterior_family.closed_form:
     def gaussian_terms(params, rng, mask):
       mean, logvar = posteriors.call(model, variables, params, lambda q: q.gaussian())
-      return metrics.gaussian_mi_terms(rng, mean, logvar, mask=mask)
+      return mutual_information.gaussian_mi_terms(rng, mean, logvar, mask=mask)
     return gaussian_terms
   return lambda params, rng, mask: posterior_mi_terms(model, variables, params, rng, mask=mask)
 
 
 def mutual_information_report(set_terms: np.ndarray, batch_terms: np.ndarray) -> dict[str, Any]:
-  """The MI keys of an evaluation from per-example terms (`metrics.mutual_information_terms`).
+  """The MI keys of an evaluation from per-example terms (`mutual_information.mutual_information_terms`).
 
   mi_per_batch: He et al. 2019's estimator (each example's mixture q(z) is its length-sorted
-    batch of at most 32, `metrics.length_sorted_batches`), the one METHODS.md §6 names and He
+    batch of at most 32, `mutual_information.length_sorted_batches`), the one METHODS.md §6 names and He
     et al.'s Yahoo anchors of METHODS.md §7 report; `mi` is an alias of it.
   mi_set: the mixture of the whole set (or of `mi_set_examples` of it, for flows), larger by
     about I(batch; z) and growing with N towards the population MI; Li et al. 2019's estimator,
@@ -159,7 +160,7 @@ def mutual_information_metrics(terms_fn: Callable[[Any, jax.Array, Any], jax.Arr
 
   `terms_fn(posteriors, rng, mask)` gives the MI terms of a set of posteriors (a pytree with
   the examples on the leading axis; `mask` None or `[n]` marking the real rows), e.g.
-  `metrics.gaussian_mi_terms` (closed form; the Gaussian base of the KL-preserving mode, whose
+  `mutual_information.gaussian_mi_terms` (closed form; the Gaussian base of the KL-preserving mode, whose
   MI equals that of z_K = f(z_0) as f is a bijection) or `flow_mi_terms` (densities). The whole-
   set estimate uses `set_rows` (all by default; a subset when the cost, quadratic, matters); the
   per-batch one He et al.'s length-sorted batches of `lengths` (e.g. tokens with EOS), one
@@ -175,9 +176,9 @@ def mutual_information_metrics(terms_fn: Callable[[Any, jax.Array, Any], jax.Arr
     return terms_fn(jax.tree.map(lambda a: a[indices], posteriors),
                     jax.random.fold_in(batch_rng, b), mask)
 
-  batches = metrics.length_sorted_batches(lengths, MI_BATCH_SIZE)
+  batches = mutual_information.length_sorted_batches(lengths, MI_BATCH_SIZE)
   return mutual_information_report(np.asarray(set_terms),
-                                   metrics.per_batch_terms(batch_terms, batches, len(lengths)))
+                                   mutual_information.per_batch_terms(batch_terms, batches, len(lengths)))
 
 
 def flow_hole_metrics(model: nn.Module, variables, params: posteriors.PosteriorParams,

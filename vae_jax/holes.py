@@ -46,10 +46,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# moved to vae_jax.marginal_holes
-from vae_jax.marginal_holes import (  # noqa: F401
-    PRIOR_MATCH_THRESHOLD, count_prior_matched_dimensions, gaussian_marginal_log_prob,
-    gaussian_marginal_prior_kl, quadrature_grid)
+from vae_jax.marginal_holes import (PRIOR_MATCH_THRESHOLD, count_prior_matched_dimensions,
+                                    gaussian_marginal_prior_kl)
 from vae_jax.mutual_information import (PairwiseLogProbFn, aggregate_posterior_log_prob,
                                         gaussian_pairwise_log_prob)
 from vae_jax.objectives import standard_normal_log_prob

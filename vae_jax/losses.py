@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vae_jax import metrics, objectives
+from vae_jax import mutual_information, objectives
 
 Sums = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, tuple[Sums, Any]]]
@@ -233,7 +233,7 @@ def make_vae_eval(model: nn.Module) -> Callable[..., Sums]:
     if getattr(terms, "bow_nll", None) is not None:
       sums["bow"] = jnp.sum(terms.bow_nll * batch["weights"])
     if _gaussian_codes(model):
-      mi = metrics.gaussian_mutual_information(mi_rng, terms.mean, terms.logvar,
+      mi = mutual_information.gaussian_mutual_information(mi_rng, terms.mean, terms.logvar,
                                                mask=batch["weights"])
       sums["mi"] = mi * sums["n_sentences"]
     return sums

@@ -35,8 +35,6 @@ from vae_jax import errors
 from vae_jax import fileio
 from vae_jax.training import mesh as mesh_lib
 from vae_jax.training.checkpoint_damage import Damaged, describe_error, quiet_restore
-# moved to vae_jax.training.checkpoint_damage
-from vae_jax.training.checkpoint_damage import MAX_CAUSE  # noqa: F401
 
 ITEMS = ('state', 'data', 'meta')
 KINDS = ('latest', 'best')
