@@ -189,7 +189,8 @@ def made_masks(dim: int, hidden_dims: tuple[int, ...]) -> list[np.ndarray]:
   return masks
 
 
-def _soft_clamp(x: jax.Array, bound: float) -> jax.Array:
+def soft_clamp(x: jax.Array, bound: float) -> jax.Array:
+  """bound · tanh(x / bound): x near 0, smoothly limited to (-bound, bound) (log-scales)."""
   return bound * jnp.tanh(x / bound)
 
 
@@ -235,7 +236,7 @@ class _MLPConditioner(nn.Module):
         h = jax.nn.relu(h)
       out = h @ out_kernel + out_bias
       shift, log_scale = jnp.split(out, 2, axis=-1)
-      return shift, _soft_clamp(log_scale, bound)
+      return shift, soft_clamp(log_scale, bound)
 
     return conditioner
 
