@@ -30,8 +30,8 @@ from vae_jax.models.vae import token_mask
 
 
 def input_keys(model: nn.Module) -> tuple[str, ...]:
-  """The batch entries a model reads (`model.input_keys`; the tokens alone by default)."""
-  return getattr(model, "input_keys", ("tokens",))
+  """The batch entries a model reads, in the order of its `__call__` and `encode`."""
+  return model.input_keys
 
 
 def make_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,

@@ -32,7 +32,7 @@ def to_host(x) -> np.ndarray:
 
 def code_dim(model: nn.Module) -> int:
   """The size of a model's code: d, or L·d for DELLA's layer-wise latents (0: no code)."""
-  return getattr(model.config, "code_dim", model.config.latent_dim)
+  return model.code_dim
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_length", "greedy", "batch_size"))

@@ -316,6 +316,12 @@ class LatentModel:
     decoder_input(u, params=None) -> what `log_likelihood` / `initial_state` read.
 
   The model itself implements `encode(*inputs) -> PosteriorParams` and the decoder."""
+  input_keys = ("tokens",)  # the batch entries `__call__` and `encode` read, in order
+
+  @property
+  def code_dim(self) -> int:
+    """The size of the latent code u."""
+    return self.config.latent_dim
 
   @property
   def posterior_family(self) -> Family:
@@ -348,6 +354,8 @@ class NoLatent:
   model implements `final_hidden(tokens)` (its sentence feature) and `__call__` returning
   `rec_nll`."""
   posterior_family = POSTERIORS["gaussian"]
+  input_keys = ("tokens",)
+  code_dim = 0
 
   def encoder_features(self, tokens: jax.Array) -> jax.Array:
     return self.final_hidden(tokens)

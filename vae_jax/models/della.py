@@ -293,6 +293,7 @@ class Della(nn.Module):
   # -- the latent-model protocol (vae_jax.posteriors): codes u in prior coordinates -----------
 
   posterior_family = property(lambda self: CHAIN)
+  code_dim = property(lambda self: self.config.code_dim)
 
   def posterior(self, params: PosteriorParams) -> "ChainPosterior":
     return ChainPosterior(params, Prior(), self)
