@@ -51,11 +51,11 @@ VARIANTS = {
 
 def build_task(base: VAEConfig, overrides: dict) -> loop.Task:
   model = SeqVAE(dataclasses.replace(base, **overrides))
-  kl_term = losses.KLTermConfig(smoothness_weight=1.0 if overrides.get("smoothness_dropout")
-                                else 0.0)
+  smoothness_weight = 1.0 if overrides.get("smoothness_dropout") else 0.0
   return loop.Task(
       init_fn=lambda rng, b: model.init({"params": rng, "latent": rng}, b["tokens"]),
-      loss_fn=losses.make_vae_loss(model, schedules.constant(1.0), kl_term),
+      loss_fn=losses.make_vae_loss(model, schedules.constant(1.0),
+                                   smoothness_weight=smoothness_weight),
       eval_fn=losses.make_vae_eval(model), summarize=losses.summarize)
 
 

@@ -2,12 +2,13 @@
 section, in order, in one namespace per section. Registries the examples extend are restored
 afterwards."""
 
+import importlib
 import os
 import re
-import sys
 
 import pytest
 
+from vae_jax import kl_terms
 from vae_jax.nn import flows
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "extending.md")
@@ -35,21 +36,18 @@ def test_every_example_has_code():
 
 @pytest.mark.parametrize("title", sorted(SECTIONS))
 def test_example_runs(title, monkeypatch):
-  registries = [flows.FLOWS]
-  try:
-    from vae_jax import kl_terms
-    registries.append(kl_terms.KL_TERMS)
-  except ImportError:
-    pass
-  saved = [dict(r) for r in registries]  # entries an example adds are removed afterwards
   monkeypatch.syspath_prepend(os.path.join(TESTS, "nn"))
   monkeypatch.syspath_prepend(TESTS)
+  contract_tables = (importlib.import_module("test_kl_terms").ROWS,
+                     importlib.import_module("test_flows").TABLE)
+  # What an example adds to a registry or a contract table is removed afterwards.
+  tables = (flows.FLOWS, kl_terms.KL_TERMS, *contract_tables)
+  saved = [dict(t) for t in tables]
   namespace = {"__name__": f"extending_{title.replace(' ', '_')}"}
   try:
     for block in SECTIONS[title]:
       exec(compile(block, f"{DOC}:{title}", "exec"), namespace)
   finally:
-    for registry, before in zip(registries, saved):
-      registry.clear()
-      registry.update(before)
-    sys.modules.pop("test_flows", None)
+    for table, before in zip(tables, saved):
+      table.clear()
+      table.update(before)

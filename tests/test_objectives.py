@@ -1,11 +1,11 @@
 """Tests of vae_jax.objectives and vae_jax.schedules against independent computations
 (distrax distributions, Monte Carlo, direct numpy loops, the reference construction of the
-cyclical schedule of Fu et al. 2019)."""
+cyclical schedule of Fu et al. 2019). The batch-level KL terms built on these functions (free
+bits, the density gap) are tested in test_kl_terms.py and test_density_gap.py."""
 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import distrax
 import jax
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vae_jax import losses, objectives, schedules
+from vae_jax import objectives, schedules
 
 
 def _posterior(seed: int, shape=(5, 4)):
@@ -112,131 +112,8 @@ def test_token_nll_matches_numpy_loop():
 
 
 # ---------------------------------------------------------------------------------------------
-# Free bits.
+# Per-sentence free-bits penalties (the batch-level forms: test_kl_terms.py).
 # ---------------------------------------------------------------------------------------------
-
-
-def _numpy_batch_mean_free_bits(kl_dims, target, weights, per_dimension):
-  real = weights > 0
-  mean_dims = kl_dims[real].mean(0)
-  if per_dimension:
-    return np.sum(np.maximum(mean_dims, target))
-  return max(np.sum(mean_dims), target)
-
-
-@pytest.mark.parametrize("per_dimension", [False, True])
-def test_batch_mean_free_bits_value_and_padding(per_dimension):
-  r = np.random.default_rng(8)
-  kl_dims = r.uniform(0, 0.5, size=(6, 4)).astype(np.float32)
-  weights = np.array([1, 1, 1, 1, 0, 0], np.float32)
-  kl_dims[4:] = 1e3  # padding rows: must not count
-  for target in [0.05, 0.2, 0.3, 5.0]:
-    got = objectives.batch_mean_free_bits_kl(kl_dims, target, weights, per_dimension)
-    want = _numpy_batch_mean_free_bits(kl_dims, target, weights, per_dimension)
-    np.testing.assert_allclose(got, want, rtol=1e-6)
-
-
-@pytest.mark.parametrize("per_dimension", [False, True])
-def test_batch_mean_free_bits_gradient_is_zero_below_target(per_dimension):
-  mean, logvar = _posterior(9, (4, 3))
-  mean, logvar = mean * 0.1, logvar * 0.1  # small KL: ~0.01 nats per dimension
-  weights = np.array([1, 1, 1, 0], np.float32)
-
-  def penalty(m, lv, target):
-    return objectives.batch_mean_free_bits_kl(objectives.gaussian_kl(m, lv), target, weights,
-                                              per_dimension)
-
-  grad = jax.grad(penalty, argnums=(0, 1))
-  g_mean, g_logvar = grad(mean, logvar, 10.0)  # every term below the target
-  np.testing.assert_array_equal(g_mean, 0.0)
-  np.testing.assert_array_equal(g_logvar, 0.0)
-  # With a zero target the penalty is the plain batch-mean KL, gradient included.
-  def plain(m, lv):
-    return jnp.sum(objectives.gaussian_kl(m, lv) * weights[:, None]) / weights.sum()
-  for got, want in zip(grad(mean, logvar, 0.0), jax.grad(plain, argnums=(0, 1))(mean, logvar)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
-  # Padding rows never get a gradient.
-  assert np.all(np.asarray(grad(mean, logvar, 0.0)[0])[3] == 0.0)
-
-
-def test_batch_mean_free_bits_per_dimension_clamps_each_dimension():
-  kl_dims = np.array([[0.1, 2.0, 0.5], [0.3, 4.0, 0.7]], np.float32)  # means 0.2, 3.0, 0.6
-  weights = np.ones(2, np.float32)
-  g = jax.grad(objectives.batch_mean_free_bits_kl)(kl_dims, 0.5, weights, True)
-  np.testing.assert_allclose(g, [[0.0, 0.5, 0.5], [0.0, 0.5, 0.5]])
-  g_batch = jax.grad(objectives.batch_mean_free_bits_kl)(kl_dims, 4.0, weights, False)
-  np.testing.assert_array_equal(g_batch, 0.0)  # mean of the sums 3.8 < 4
-
-
-def _li_text_anneal_fb_loss(loss_rc, mu, logvar, kl_weight, fb, target_kl):
-  """The training loss of one batch in Li et al. 2019's `text_anneal_fb.py`
-  (bohanli/vae-pretraining-encoder), transcribed in numpy from its `--fb` branches, together
-  with its gradient with respect to (mu, logvar) derived by hand. Their batches have no
-  padding rows, so this takes only the real rows.
-
-    fb 1: loss_kl = Σ_k KL_k; kl_mask = (loss_kl > target_kl).float()
-          loss = loss_rc + kl_mask * kl_weight * loss_kl
-    fb 2: dim_target_kl = target_kl / nz; loss_kl = KL_k per dimension
-          kl_mask = (loss_kl > dim_target_kl).float(); fake_loss_kl = (kl_mask * loss_kl).sum(1)
-          loss = loss_rc + kl_weight * fake_loss_kl
-    then loss = loss.mean(dim=-1), the mean over the batch.
-
-  The mask comes from a comparison, which has no gradient, so
-  d(mask KL_k)/dmu_k = mask mu_k and d(mask KL_k)/dlogvar_k = mask (exp(logvar_k) - 1) / 2.
-  """
-  batch, nz = mu.shape
-  loss_kl = 0.5 * (mu ** 2 + np.exp(logvar) - logvar - 1)  # [batch, nz]
-  if fb == 1:
-    kl_mask = (loss_kl.sum(axis=1) > target_kl).astype(np.float64)[:, None]
-    kl_mask = np.repeat(kl_mask, nz, axis=1)
-  elif fb == 2:
-    kl_mask = (loss_kl > target_kl / nz).astype(np.float64)
-  else:
-    raise ValueError(fb)
-  loss = loss_rc + kl_weight * (kl_mask * loss_kl).sum(axis=1)
-  d_mu = kl_weight * kl_mask * mu / batch
-  d_logvar = kl_weight * kl_mask * 0.5 * (np.exp(logvar) - 1) / batch
-  return loss.mean(), d_mu, d_logvar
-
-
-def _terms(mean, logvar):
-  kl_dims = objectives.gaussian_kl(mean, logvar)
-  return SimpleNamespace(kl=jnp.sum(kl_dims, axis=-1), kl_dims=kl_dims)
-
-
-@pytest.mark.parametrize("fb", [1, 2])
-def test_per_sentence_free_bits_match_li_et_al(fb):
-  # 12 real rows whose KLs fall below, near and above the target, then 4 padding rows.
-  r = np.random.default_rng(31)
-  d, real, target_kl = 4, 12, 2.0
-  scale = np.repeat([0.15, 0.5, 0.8, 1.2], 3)[:, None]
-  mean = (r.normal(size=(real + 4, d)) * np.concatenate([scale, np.ones((4, 1))])).astype(
-      np.float32)
-  logvar = (r.normal(size=(real + 4, d)) * 0.3).astype(np.float32)
-  mean[real:] *= 30.0  # padding rows with huge KLs: no value, no gradient
-  weights = np.r_[np.ones(real), np.zeros(4)].astype(np.float32)
-  rec = r.uniform(20, 40, size=real + 4).astype(np.float32)
-  beta = 0.7
-  kl_term = losses.KLTermConfig(free_bits=target_kl / d if fb == 2 else target_kl,
-                                free_bits_per_dimension=fb == 2, free_bits_per_sentence=True)
-
-  def loss(m, lv):  # the loss as make_vae_loss assembles it from the free-bits term
-    return (jnp.sum(rec * weights) / weights.sum()
-            + beta * losses.free_bits_term(_terms(m, lv), kl_term, weights))
-
-  m64, lv64 = mean[:real].astype(np.float64), logvar[:real].astype(np.float64)
-  want, want_d_mean, want_d_logvar = _li_text_anneal_fb_loss(rec[:real], m64, lv64, beta, fb,
-                                                             target_kl)
-  kl = 0.5 * (m64 ** 2 + np.exp(lv64) - lv64 - 1)
-  compared = kl.sum(1) if fb == 1 else kl.ravel()
-  threshold = target_kl if fb == 1 else target_kl / d
-  assert np.any(compared > threshold) and np.any(compared < threshold)  # both sides covered
-  np.testing.assert_allclose(loss(mean, logvar), want, rtol=1e-5)
-  d_mean, d_logvar = jax.grad(loss, argnums=(0, 1))(mean, logvar)
-  np.testing.assert_allclose(d_mean[:real], want_d_mean, rtol=1e-5, atol=1e-9)
-  np.testing.assert_allclose(d_logvar[:real], want_d_logvar, rtol=1e-5, atol=1e-9)
-  np.testing.assert_array_equal(d_mean[real:], 0.0)
-  np.testing.assert_array_equal(d_logvar[real:], 0.0)
 
 
 def test_per_sentence_free_bits_at_the_target_are_free():
@@ -244,55 +121,17 @@ def test_per_sentence_free_bits_at_the_target_are_free():
   # gradient; just above it pays all of its KL (not the excess).
   kl_dims = np.array([[0.5, 0.5, 0.5, 0.5],      # sum 2.0: at the sentence target
                       [0.5, 0.5, 0.5, 0.5625],   # sum 2.0625: above
-                      [0.25, 0.25, 0.125, 0.0],  # sum 0.625: below
-                      [9.0, 9.0, 9.0, 9.0]],     # a padding row
+                      [0.25, 0.25, 0.125, 0.0]],  # sum 0.625: below
                      np.float32)
-  weights = np.array([1, 1, 1, 0], np.float32)
   sentence = objectives.sentence_free_bits_kl(kl_dims.sum(1), 2.0)
-  np.testing.assert_array_equal(sentence, [0.0, 2.0625, 0.0, 36.0])
+  np.testing.assert_array_equal(sentence, [0.0, 2.0625, 0.0])
   dims = objectives.sentence_dimension_free_bits_kl(kl_dims, 0.25)  # 0.25 = 8 / 32
-  np.testing.assert_array_equal(dims, [2.0, 2.0625, 0.0, 36.0])
-
-  def mean_penalty(k, per_dimension):
-    kl_term = losses.KLTermConfig(free_bits=0.25 if per_dimension else 2.0,
-                                  free_bits_per_dimension=per_dimension,
-                                  free_bits_per_sentence=True)
-    return losses.free_bits_term(SimpleNamespace(kl=jnp.sum(k, -1), kl_dims=k), kl_term,
-                                 weights)
-
-  np.testing.assert_allclose(mean_penalty(kl_dims, False), 2.0625 / 3)
-  np.testing.assert_allclose(mean_penalty(kl_dims, True), 4.0625 / 3)
-  # Which entries receive gradient: those strictly above the threshold, in real rows only.
-  g = jax.grad(mean_penalty)(kl_dims, False)
-  np.testing.assert_allclose(g, np.array([[0] * 4, [1] * 4, [0] * 4, [0] * 4]) / 3)
-  g = jax.grad(mean_penalty)(kl_dims, True)
-  np.testing.assert_allclose(g, np.array([[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0],
-                                          [0, 0, 0, 0]]) / 3)
-
-
-def test_free_bits_term_forms_and_flow_posteriors():
-  # The four forms through the loss's free-bits term, against numpy; a flow posterior's
-  # terms have no per-dimension KL, so only the whole-code forms apply to them.
-  r = np.random.default_rng(5)
-  kl_dims = r.uniform(0, 1.0, size=(6, 3)).astype(np.float32)
-  weights = np.array([1, 1, 1, 1, 1, 0], np.float32)
-  real = kl_dims[:5].astype(np.float64)
-  terms = SimpleNamespace(kl=jnp.sum(kl_dims, -1), kl_dims=kl_dims)
-  flow_terms = SimpleNamespace(kl=jnp.sum(kl_dims, -1), kl_dims=None)
-  for per_dimension, per_sentence, target, want in [
-      (False, False, 1.6, max(real.sum(1).mean(), 1.6)),
-      (True, False, 0.5, np.maximum(real.mean(0), 0.5).sum()),
-      (False, True, 1.6, np.mean(np.where(real.sum(1) > 1.6, real.sum(1), 0.0))),
-      (True, True, 0.5, np.mean(np.where(real > 0.5, real, 0.0).sum(1)))]:
-    kl_term = losses.KLTermConfig(free_bits=target, free_bits_per_dimension=per_dimension,
-                                  free_bits_per_sentence=per_sentence)
-    np.testing.assert_allclose(losses.free_bits_term(terms, kl_term, weights), want, rtol=1e-6)
-    if per_dimension:
-      with pytest.raises(ValueError, match="per-dimension free bits"):
-        losses.free_bits_term(flow_terms, kl_term, weights)
-    else:
-      np.testing.assert_allclose(losses.free_bits_term(flow_terms, kl_term, weights), want,
-                                 rtol=1e-6)
+  np.testing.assert_array_equal(dims, [2.0, 2.0625, 0.0])
+  # The mask is a constant of the gradient: d penalty / d KL is the mask itself.
+  g = jax.grad(lambda k: objectives.sentence_free_bits_kl(k, 2.0).sum())(kl_dims.sum(1))
+  np.testing.assert_array_equal(g, [0.0, 1.0, 0.0])
+  g = jax.grad(lambda k: objectives.sentence_dimension_free_bits_kl(k, 0.25).sum())(kl_dims)
+  np.testing.assert_array_equal(g, [[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
 
 
 # ---------------------------------------------------------------------------------------------

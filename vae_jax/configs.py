@@ -13,7 +13,7 @@ import re
 
 import ml_collections
 
-from vae_jax import errors, losses, schedules, workdir as workdir_lib
+from vae_jax import errors, kl_terms, schedules, workdir as workdir_lib
 from vae_jax.data import corpora
 from vae_jax.models.cvae import CVAE, CVAEConfig
 from vae_jax.models.della import Della, DellaConfig
@@ -86,20 +86,41 @@ def della_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> DellaConfig
 LM_KINDS = ("lm", "transformer_lm")
 
 
-def kl_term_config(cfg: ml_collections.ConfigDict) -> losses.KLTermConfig:
+def kl_term_config(cfg: ml_collections.ConfigDict):
+  """The options of the KL term `cfg.kl.kind` (an entry of `kl_terms.KL_TERMS`), built from
+  its own fields of `cfg.kl.options`. `kl.options` holds every entry's fields
+  (`kl_terms.option_defaults`), so that any of them can be set on the command line; a field of
+  another entry must stay at its default, or it would be silently ignored.
+
+  Raises:
+    ConfigError: an unknown `kl.kind`, or another entry's option changed.
+    ValueError: a bad option value (its message starts with the field's name), or
+      `kl.smoothness_weight` > 0 without `model.smoothness_dropout`.
+  """
   k = cfg.kl
   if k.smoothness_weight > 0 and cfg.model.smoothness_dropout <= 0:
     raise ValueError("kl.smoothness_weight > 0 needs model.smoothness_dropout > 0 (the token "
                      "dropout rate of the corrupted copy x~), e.g. 0.1")
-  return losses.KLTermConfig(free_bits=k.free_bits,
-                             free_bits_per_dimension=k.free_bits_per_dimension,
-                             free_bits_per_sentence=k.get("free_bits_per_sentence", False),
-                             smoothness_weight=k.smoothness_weight,
-                             kind=k.get("kind", "kl"),
-                             density_gap_samples=k.get("density_gap_samples", 32),
-                             density_gap_chunk=k.get("density_gap_chunk", 0),
-                             layer_reduction=k.get("layer_reduction", "sum"),
-                             layer_threshold=k.get("layer_threshold", 0.0))
+  if "options" not in k:
+    raise errors.ConfigError("config.kl has no options (a config written before KL terms were "
+                             "chosen by kl.kind and kl.options): set both as "
+                             "experiments/configs/base.py does.")
+  if k.kind not in kl_terms.KL_TERMS:
+    raise errors.ConfigError(f"--config.kl.kind={k.kind}: not a KL term; choose one of "
+                             f"{', '.join(kl_terms.KL_TERMS)}.")
+  own, defaults = kl_terms.option_fields(k.kind), kl_terms.option_defaults()
+  for field, value in k.options.items():
+    if field not in defaults:
+      raise errors.ConfigError(f"--config.kl.options.{field}={value}: no KL term has this "
+                               f"option; the options are {', '.join(defaults)}.")
+    if field not in own and value != defaults[field]:
+      owners = kl_terms.owners(field)
+      which = "it" if len(owners) == 1 else "one of them"
+      raise errors.ConfigError(
+          f"--config.kl.options.{field}={value}: an option of {' and '.join(owners)}, not read "
+          f"by kl.kind={k.kind}; set --config.kl.kind to {which}, or leave the option at "
+          f"{defaults[field]}.")
+  return kl_terms.entry(k.kind).options(**{field: k.options[field] for field in own})
 
 
 def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):

@@ -76,7 +76,9 @@ def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int)
 
   if is_vae:
     loss_fn = losses.make_vae_loss(model, kl_schedule(cfg, total_steps, steps_per_epoch),
-                                   kl_term_config(cfg), bow_weight=cfg.kl.get("bow_weight", 0.0))
+                                   cfg.kl.kind, kl_term_config(cfg),
+                                   smoothness_weight=cfg.kl.smoothness_weight,
+                                   bow_weight=cfg.kl.get("bow_weight", 0.0))
     eval_fn = losses.make_vae_eval(model)
   else:
     loss_fn, eval_fn = losses.make_lm_loss(model), losses.make_lm_eval(model)
@@ -233,9 +235,7 @@ def _pretrain_autoencoder(cfg, workdir: str, vocab: Vocab, mesh, train_iter, ste
   pre = copy.deepcopy(cfg)
   with pre.unlocked():
     pre.pretrain.steps = 0
-    pre.kl.kind = "kl"
     pre.kl.schedule, pre.kl.value, pre.kl.start = "constant", 0.0, 0.0
-    pre.kl.free_bits = 0.0
     pre.train.num_steps, pre.train.num_epochs = steps, 0.0
     pre.train.aggressive = False
     pre.train.best_metric = "rec"

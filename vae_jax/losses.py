@@ -9,16 +9,14 @@ real rows plus the denominators `n_sentences` and `n_tokens`, reduced across dev
 divided on the host by `summarize`, so reported numbers are exact however data are batched.
 
 The negative ELBO of a sentence is  rec + KL  with rec = -log p(x|z), z ~ q(z|x); training
-minimises  mean_x [rec(x)] + beta(step) * KL_term,  where KL_term is the batch-mean KL, its
-free-bits form (clamped on the batch mean, vae_jax.objectives.batch_mean_free_bits_kl, or
-masked per sentence as Li et al. 2019, sentence_free_bits_kl and
-sentence_dimension_free_bits_kl), or DG-VAE's density-gap estimate of KL(q_agg || p)
-(vae_jax.objectives.density_gap_kl).
+minimises  mean_x [rec(x)] + beta(step) * KL_term  (+ loss weights times the amortised
+regulariser and the bag-of-words NLL), where KL_term is an entry of `vae_jax.kl_terms.KL_TERMS`
+chosen by name: the batch-mean KL, free bits on the batch mean or per sentence, DG-VAE's
+density gap, DELLA's layer-wise hinge. The per-example pieces are `vae_jax.objectives`'.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -27,71 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vae_jax import mutual_information, objectives
+from vae_jax import kl_terms, mutual_information
 
 Sums = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, tuple[Sums, Any]]]
 
 
-KL_KINDS = ("kl", "density_gap")
-
-
-@dataclasses.dataclass(frozen=True)
-class KLTermConfig:
-  """How the KL (and the encoder's regulariser) enter the loss.
-
-  kind: 'kl', the per-sentence KL(q(z|x) || p(z)) averaged over the batch (optionally in a
-    free-bits form, below); 'density_gap', DG-VAE's
-    dimension-wise estimate of KL(q_agg(z) || p(z)) from `density_gap_samples` samples per
-    posterior over mixtures of `density_gap_chunk` rows (0: the whole batch) (Zhang et al. 2022,
-    METHODS.md §2; Gaussian posteriors, or the Gaussian base of a KL-preserving flow).
-  free_bits: 0 turns free bits off; > 0 is the free KL, in nats of the quantity compared with
-    it: per sentence for the whole code, per dimension with `free_bits_per_dimension`.
-  free_bits_per_dimension: compare each dimension's KL with `free_bits` (else the whole
-    code's KL, Σ_k KL_k).
-  free_bits_per_sentence: where the comparison happens.
-    False: on the batch mean, max(λ, mean_x KL(x)) or Σ_k max(λ, mean_x KL_k(x))
-      (`objectives.batch_mean_free_bits_kl`; Kingma et al. 2016);
-    True: in each sentence (and dimension), mean_x 1[KL(x) > λ] KL(x) or
-      mean_x Σ_k 1[KL_k(x) > λ] KL_k(x), the mask a constant of the gradient
-      (`objectives.sentence_free_bits_kl`, `sentence_dimension_free_bits_kl`; Li et al. 2019,
-      `--fb 1` and `--fb 2` of their code, whose `--fb 2` with λ = target_kl / d gave their
-      published numbers).
-  smoothness_weight: λ of the amortised regularisation λ · mean_x ‖μ(x) - μ(x̃)‖²
-    (METHODS.md §3; the model computes the term when its `smoothness_dropout` > 0).
-  layer_reduction, layer_threshold: for models with layer-wise latents (terms with
-    `kl_layers [B, L]`, DELLA), the KL term is mean_x reduce_l max(KL_l(x), layer_threshold)
-    with reduce 'sum' (the KL of the joint when the threshold is 0) or 'mean' (the official
-    DELLA code: the average over layers, each hinged per sentence at its threshold).
-  """
-  free_bits: float = 0.0
-  free_bits_per_dimension: bool = False
-  smoothness_weight: float = 0.0
-  kind: str = "kl"
-  density_gap_samples: int = 32
-  density_gap_chunk: int = 0
-  layer_reduction: str = "sum"
-  layer_threshold: float = 0.0
-  free_bits_per_sentence: bool = False
-
-  def __post_init__(self):
-    if self.layer_reduction not in ("sum", "mean"):
-      raise ValueError(f"layer_reduction must be 'sum' or 'mean', got {self.layer_reduction!r}")
-    if self.layer_threshold < 0:
-      raise ValueError(f"layer_threshold must be >= 0, got {self.layer_threshold}")
-    if self.kind not in KL_KINDS:
-      raise ValueError(f"unknown KL term {self.kind!r}; use one of {KL_KINDS}")
-    if self.kind == "density_gap" and self.free_bits > 0:
-      raise ValueError("free bits apply to the per-sentence KL, not to the density gap; set "
-                       "free_bits=0 or kind='kl'")
-    if self.density_gap_samples < 1 or self.density_gap_chunk < 0:
-      raise ValueError("density_gap_samples must be >= 1 and density_gap_chunk >= 0, got "
-                       f"{self.density_gap_samples}, {self.density_gap_chunk}")
-
-
 def _gaussian_codes(model: nn.Module) -> bool:
-  """Whether the model's posterior is a Gaussian in latent coordinates (a closed form)."""
-  return bool(model.config.latent_dim) and model.posterior_family.closed_form
+  """Whether `model`'s posteriors are Gaussian in latent coordinates whose prior is N(0, I)
+  (`mean`, `logvar`, `kl_dims` of its terms): a closed-form family of the latent-model
+  protocol ('gaussian', 'kl_preserving'), not a flow, not DELLA's chain, not a model without
+  a code."""
+  return bool(model.code_dim) and model.posterior_family.closed_form
 
 
 def _weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
@@ -134,7 +79,7 @@ def _variables(params, model_state):
 def model_inputs(model: nn.Module, batch) -> tuple:
   """The batch entries a model's `__call__` reads: `model.input_keys` (e.g. the dialogue
   CVAE's tokens, context and speakers), `batch["tokens"]` alone by default."""
-  return tuple(batch[k] for k in getattr(model, "input_keys", ("tokens",)))
+  return tuple(batch[k] for k in model.input_keys)
 
 
 def _apply_train(model, params, model_state, batch, rngs):
@@ -147,71 +92,55 @@ def _apply_train(model, params, model_state, batch, rngs):
   return model.apply(variables, *inputs, deterministic=False, rngs=rngs), model_state
 
 
-def free_bits_term(terms, kl_term: KLTermConfig, weights: jax.Array) -> jax.Array:
-  """The free-bits KL term of a batch (a scalar that replaces mean_x KL(x) in the loss), in
-  the form `kl_term` names (see `KLTermConfig`). A flow posterior has no per-dimension KL
-  (`terms.kl_dims` is None): only the whole-code forms apply to its Monte Carlo KL."""
-  if kl_term.free_bits_per_dimension and terms.kl_dims is None:
-    raise ValueError("per-dimension free bits need a per-dimension KL, which a flow "
-                     "posterior does not have; use free bits on the whole code")
-  target = kl_term.free_bits
-  if not kl_term.free_bits_per_sentence:
-    kl_dims = terms.kl[:, None] if terms.kl_dims is None else terms.kl_dims
-    return objectives.batch_mean_free_bits_kl(kl_dims, target, weights,
-                                              kl_term.free_bits_per_dimension)
-  if kl_term.free_bits_per_dimension:
-    penalty = objectives.sentence_dimension_free_bits_kl(terms.kl_dims, target)
-  else:
-    penalty = objectives.sentence_free_bits_kl(terms.kl, target)
-  return jnp.sum(penalty * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+def _kl_term(model: nn.Module, name: str, options) -> tuple[kl_terms.KLTerm, Any]:
+  """The registry entry `name` and its options (None: the defaults), checked against `model`."""
+  term = kl_terms.entry(name)
+  options = term.options() if options is None else options
+  if not isinstance(options, term.options):
+    raise TypeError(f"the options of KL term {name!r} are a {term.options.__name__}, not "
+                    f"{type(options).__name__}")
+  if term.needs_gaussian(options) and not _gaussian_codes(model):
+    raise ValueError(f"KL term {name!r} with {options} needs Gaussian posteriors in latent "
+                     "coordinates (a per-dimension KL, mean and logvar: posterior 'gaussian' or "
+                     "'kl_preserving'), which this model does not have")
+  return term, options
 
 
-def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule,
-                  kl_term: KLTermConfig = KLTermConfig(), bow_weight: float = 0.0) -> LossFn:
-  """The (beta-weighted, optionally free-bits) negative ELBO of a VAE returning `VAETerms`, or
-  reconstruction + beta * density gap (DG-VAE), plus the amortised regulariser when
-  `kl_term.smoothness_weight` > 0, plus `bow_weight` times the bag-of-words NLL of a model
-  whose terms carry one (the dialogue CVAE's auxiliary loss, Zhao et al. 2017).
+def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule, kl_term: str = "kl",
+                  kl_options: Any = None, *, smoothness_weight: float = 0.0,
+                  bow_weight: float = 0.0) -> LossFn:
+  """mean_x rec(x) + kl_weight(step) · KL_term for a model returning `VAETerms` (or kin).
 
-  A flow posterior has no per-dimension KL (`terms.kl_dims` is None): only whole-code free
-  bits apply to it, on its Monte Carlo KL.
+  KL_term is `kl_terms.KL_TERMS[kl_term]` with `kl_options` (that entry's options dataclass;
+  None: its defaults), e.g. the batch-mean KL ('kl', the β-weighted negative ELBO), free bits,
+  or DG-VAE's density gap (logged as `density_gap`). The loss adds `smoothness_weight` times
+  the amortised regulariser mean_x ‖μ(x) - μ(x̃)‖² (METHODS.md §3; the model computes it when
+  its `smoothness_dropout` > 0) and `bow_weight` times the bag-of-words NLL of a model whose
+  terms carry one (the dialogue CVAE's auxiliary loss, Zhao et al. 2017).
+
+  Raises:
+    ValueError: an unknown term, or one that needs Gaussian posteriors the model lacks.
+    TypeError: `kl_options` of another entry's options class.
   """
-  if kl_term.kind == "density_gap" and not _gaussian_codes(model):
-    raise ValueError("the density gap needs Gaussian posteriors (posterior='gaussian' or "
-                     f"'kl_preserving'), not posterior={model.config.posterior!r}")
+  term, options = _kl_term(model, kl_term, kl_options)
 
   def loss_fn(params, model_state, batch, rng, step):
-    latent_rng, dropout_rng, gap_rng = jax.random.split(rng, 3)
+    latent_rng, dropout_rng, term_rng = jax.random.split(rng, 3)
     terms, model_state = _apply_train(model, params, model_state, batch,
                                       {"latent": latent_rng, "dropout": dropout_rng})
     w = batch["weights"]
     n = jnp.maximum(jnp.sum(w), 1.0)
     beta = kl_weight(step)
-    rec = jnp.sum(terms.rec_nll * w) / n
-    gap = None
-    if kl_term.kind == "density_gap":
-      gap = objectives.density_gap_kl(gap_rng, terms.mean, terms.logvar, w,
-                                      num_samples=kl_term.density_gap_samples,
-                                      chunk_size=kl_term.density_gap_chunk)
-      kl = gap
-    elif kl_term.free_bits > 0:
-      kl = free_bits_term(terms, kl_term, w)
-    elif getattr(terms, "kl_layers", None) is not None:
-      hinged = jnp.maximum(terms.kl_layers, kl_term.layer_threshold)
-      per_example = (jnp.sum(hinged, axis=-1) if kl_term.layer_reduction == "sum"
-                     else jnp.mean(hinged, axis=-1))
-      kl = jnp.sum(per_example * w) / n
-    else:
-      kl = jnp.sum(terms.kl * w) / n
-    loss = rec + beta * kl
+    kl = term.fn(terms, w, term_rng, options)
+    loss = jnp.sum(terms.rec_nll * w) / n + beta * kl
     sums = vae_sums(terms, w)
     sums["beta"] = beta * sums["n_sentences"]
-    if gap is not None:
-      sums["density_gap"] = gap * sums["n_sentences"]
-    if kl_term.smoothness_weight > 0:
+    if term.log_as:
+      sums[term.log_as] = kl * sums["n_sentences"]
+    if smoothness_weight > 0:
       sums["smoothness"] = jnp.sum(terms.smoothness * w)
-      loss = loss + kl_term.smoothness_weight * sums["smoothness"] / n
-    if getattr(terms, "bow_nll", None) is not None:
+      loss = loss + smoothness_weight * sums["smoothness"] / n
+    if terms.bow_nll is not None:
       sums["bow"] = jnp.sum(terms.bow_nll * w)
       loss = loss + bow_weight * sums["bow"] / n
     return loss, (sums, model_state)
@@ -230,7 +159,7 @@ def make_vae_eval(model: nn.Module) -> Callable[..., Sums]:
     terms = model.apply(_variables(params, model_state), *model_inputs(model, batch),
                         deterministic=True, rngs={"latent": latent_rng})
     sums = vae_sums(terms, batch["weights"])
-    if getattr(terms, "bow_nll", None) is not None:
+    if terms.bow_nll is not None:
       sums["bow"] = jnp.sum(terms.bow_nll * batch["weights"])
     if _gaussian_codes(model):
       mi = mutual_information.gaussian_mutual_information(mi_rng, terms.mean, terms.logvar,
@@ -286,7 +215,7 @@ def summarize(sums: dict[str, Any], au_threshold: float = 0.01) -> dict[str, flo
       "rec": float(s["rec"] / n),
       "kl": float(s["kl"] / n),
   }
-  for key in ("beta", "smoothness", "density_gap", "mi", "bow"):
+  for key in ("beta", "smoothness", *kl_terms.logged(), "mi", "bow"):
     if key in s:
       out[key] = float(s[key] / n)
   if "mean_sum" in s:

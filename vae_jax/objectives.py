@@ -1,8 +1,9 @@
 """Pure loss terms for sequence VAEs.
 
-Every function here works on per-example (or per-token) arrays and returns per-example arrays;
-reductions over the batch and weights such as beta live in the loss functions of
-`vae_jax.losses`, never inside models. Notation follows METHODS.md: a diagonal Gaussian
+Every function here works on per-example (or per-token) arrays and returns per-example arrays
+(the density gap's row terms read the posteriors of their whole chunk); reductions over the
+batch live in `vae_jax.kl_terms` (a batch's KL term) and `vae_jax.losses` (the loss, weights
+such as beta), never inside models. Notation follows METHODS.md: a diagonal Gaussian
 posterior q(z|x) = N(mean, exp(logvar)), the standard normal prior p(z) = N(0, I).
 """
 
@@ -63,44 +64,6 @@ def reparameterize(rng: jax.Array, mean: jax.Array, logvar: jax.Array,
   return mean + jnp.exp(0.5 * logvar) * eps
 
 
-def batch_mean_free_bits_kl(kl_dims: jax.Array, target: float, weights: jax.Array,
-                            per_dimension: bool) -> jax.Array:
-  """Free bits clamped on the batch mean KL (Kingma et al. 2016: Σ_j max(λ, E_{x∈M} KL_j(x))
-  over groups j, the expectation over the minibatch M).
-
-  The KL is first averaged over the batch (rows weighted by `weights`), then only the part
-  above the target is penalised:
-
-  - whole code (`per_dimension=False`): max(target, mean_x Σ_k KL_k(x)), `target` in nats per
-    sentence;
-  - per dimension (`per_dimension=True`): Σ_k max(target, mean_x KL_k(x)), `target` in nats
-    per dimension (Kingma et al.'s groups, one per dimension).
-
-  Either every sentence of the batch gets the gradient of its KL (the batch mean is above the
-  target) or none does: a sentence far above the target is free as long as the others pull
-  the mean below it. This is not Li et al. 2019's form, which compares each sentence's own KL
-  (`sentence_free_bits_kl`, `sentence_dimension_free_bits_kl`); their `--fb 3` masks the
-  whole batch on 1[mean_x KL(x) > target_kl], which has this function's gradient and a value
-  lower by `target` when the mean is below it. At a tie the gradient is split (half of it
-  flows), as `jnp.maximum` defines it.
-
-  Args:
-    kl_dims: `[B, d]` per-example, per-dimension KL (`[B, 1]` for a KL without dimensions).
-    target: free nats (per sentence, or per dimension).
-    weights: `[B]` 1 for real rows, 0 for padding rows.
-    per_dimension: which of the two forms.
-
-  Returns:
-    The batch's penalty, a scalar: it replaces the batch-mean KL in the loss (multiply by the
-    number of real rows for a sum).
-  """
-  denom = jnp.maximum(jnp.sum(weights), 1.0)
-  mean_dims = jnp.sum(kl_dims * weights[:, None], axis=0) / denom  # [d]
-  if per_dimension:
-    return jnp.sum(jnp.maximum(mean_dims, target))
-  return jnp.maximum(jnp.sum(mean_dims), target)
-
-
 def _above(kl: jax.Array, threshold: float) -> jax.Array:
   """The mask 1[kl > threshold] as a constant of the gradient (a comparison has none)."""
   return jax.lax.stop_gradient((kl > threshold).astype(kl.dtype))
@@ -151,43 +114,55 @@ def sentence_dimension_free_bits_kl(kl_dims: jax.Array, target: float) -> jax.Ar
   return jnp.sum(_above(kl_dims, target) * kl_dims, axis=-1)
 
 
-def density_gap_kl(rng: jax.Array, mean: jax.Array, logvar: jax.Array, weights: jax.Array, *,
-                   num_samples: int = 32, chunk_size: int = 0) -> jax.Array:
-  """The dimension-wise density-gap estimate of KL(q_agg(z) || p(z)) (DG-VAE, Zhang et al.
-  2022, the "narrow" form of the official code; METHODS.md §2).
+def _row_normal(rng: jax.Array, num_samples: int, batch: int, dim: int,
+                dtype=jnp.float32) -> jax.Array:
+  """ε `[num_samples, batch, dim]` ~ N(0, I), row i's drawn from `fold_in(rng, i)`: a row's
+  draws do not depend on how many rows the batch has (appended padding leaves them alone)."""
+  draw = lambda i: jax.random.normal(jax.random.fold_in(rng, i), (num_samples, dim), dtype)
+  return jnp.swapaxes(jax.vmap(draw)(jnp.arange(batch)), 0, 1)
+
+
+def density_gap(rng: jax.Array, mean: jax.Array, logvar: jax.Array, weights: jax.Array, *,
+                num_samples: int = 32, chunk_size: int = 0) -> jax.Array:
+  """Per-example terms of the dimension-wise density-gap estimate of KL(q_agg(z) || p(z))
+  (DG-VAE, Zhang et al. 2022, the "narrow" form of the official code; METHODS.md §2).
 
   The batch is cut into chunks of b consecutive rows (`chunk_size`; 0: the whole batch is one
   chunk). Every posterior i of a chunk draws M = `num_samples` reparameterised samples
-  z_{i,m} ~ N(μ_i, σ_i²); in each dimension k the chunk's aggregate posterior is the 1-D
-  mixture q_agg,k(t) = (1/b) Σ_j N(t; μ_jk, σ_jk²) over the chunk's real rows, and
+  z_{i,m} = μ_i + σ_i ε_{i,m} (row i's noise from `fold_in(rng, i)`); in each dimension k the
+  chunk's aggregate posterior is the 1-D mixture q_agg,k(t) = (1/b) Σ_j N(t; μ_jk, σ_jk²) over
+  the chunk's real rows, and row i's term is
 
-      DG = Σ_k mean_{i,m} [ log q_agg,k(z_{i,m,k}) − log N(z_{i,m,k}; 0, 1) ],
+      DG_i = Σ_k mean_m [ log q_agg,k(z_{i,m,k}) − log N(z_{i,m,k}; 0, 1) ].
 
-  the mean running over the real rows of all chunks and the M samples. log q_agg,k is a
-  log-sum-exp of log densities (never a product of densities), so it is stable for very narrow
-  posteriors. Unlike the per-sentence KL, DG penalises only the mismatch of the aggregate
-  posterior with the prior: single posteriors may be narrow (informative codes) as long as
-  together they cover N(0, 1) in every dimension.
+  The density gap of the batch is their mean over the real rows (the `density_gap` entry of
+  `vae_jax.kl_terms`). DG_i depends on the whole chunk through q_agg: a per-example array, not
+  a per-example quantity. log q_agg,k is a log-sum-exp of log densities (never a product of
+  densities), so it is stable for very narrow posteriors. Unlike the per-sentence KL, DG
+  penalises only the mismatch of the aggregate posterior with the prior: single posteriors may
+  be narrow (informative codes) as long as together they cover N(0, 1) in every dimension.
 
   Args:
     rng: key of the samples.
     mean, logvar: `[B, d]` diagonal Gaussian posteriors.
-    weights: `[B]` 1 for real rows, 0 for padding rows (excluded from mixtures and averages).
+    weights: `[B]` 1 for real rows, 0 for padding rows (excluded from the mixtures).
     num_samples: M samples per posterior (static).
     chunk_size: rows per mixture (static); must divide B. 0: the whole batch.
 
   Returns:
-    The scalar estimate (summed over dimensions, averaged over real rows and samples).
+    `[B]` DG_i, 0 for padding rows.
   """
   batch, dim = mean.shape
   b = batch if chunk_size <= 0 or chunk_size >= batch else chunk_size
   if batch % b:
-    raise ValueError(f"density_gap_kl: chunk_size {chunk_size} must divide the batch {batch}")
+    raise ValueError(f"density_gap: chunk_size {chunk_size} must divide the batch {batch}")
   chunks = batch // b
   w = weights.astype(jnp.float32).reshape(chunks, b)
   mu = mean.reshape(chunks, b, dim)
   lv = logvar.reshape(chunks, b, dim)
-  z = reparameterize(rng, mu, lv, num_samples)                    # [M, C, b, d]
+  eps = _row_normal(rng, num_samples, batch, dim, mean.dtype).reshape(num_samples, chunks, b,
+                                                                        dim)
+  z = mu + jnp.exp(0.5 * lv) * eps                                 # [M, C, b, d]
   # log N(z_{c,i,m,k}; μ_{c,j,k}, σ²_{c,j,k}) for every pair (i, j) of a chunk: [M, C, b, b, d].
   diff = z[:, :, :, None, :] - mu[None, :, None, :, :]
   log_n = -0.5 * (LOG_2PI + lv[None, :, None] + jnp.square(diff) * jnp.exp(-lv)[None, :, None])
@@ -197,6 +172,5 @@ def density_gap_kl(rng: jax.Array, mean: jax.Array, logvar: jax.Array, weights: 
   log_q_agg = (jax.nn.logsumexp(jnp.where(real_j, log_n, -1e30), axis=3)
                - jnp.log(n_real)[None, :, None, None])              # [M, C, b, d]
   log_p = -0.5 * (LOG_2PI + jnp.square(z))
-  gap = jnp.sum(log_q_agg - log_p, axis=-1)                        # [M, C, b]
-  gap = jnp.where(w[None] > 0, gap, 0.0)
-  return jnp.sum(jnp.mean(gap, axis=0)) / jnp.maximum(jnp.sum(w), 1.0)
+  gap = jnp.mean(jnp.sum(log_q_agg - log_p, axis=-1), axis=0)      # [C, b]
+  return jnp.where(w > 0, gap, 0.0).reshape(batch)

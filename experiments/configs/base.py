@@ -2,10 +2,13 @@
 
 Variants are selected after a colon and may be combined with commas, e.g.
 `--config=experiments/configs/vae.py:ptb,anneal`. Any field can be overridden on the command
-line, e.g. `--config.model.latent_dim=16`.
+line, e.g. `--config.model.latent_dim=16`; the KL term by its name and options, e.g.
+`--config.kl.kind=free_bits --config.kl.options.target=2 --config.kl.options.per_dimension=True`.
 """
 
 import ml_collections
+
+from vae_jax import kl_terms
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -68,14 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.kl.num_cycles = 4             # cyclical
   c.kl.ratio = 0.5                # cyclical: fraction of a cycle spent rising
   c.kl.cycle_epochs = 2           # della_cyclical: epochs per cycle (official --cycle_iters)
-  c.kl.free_bits = 0.0            # 0: off; nats per sentence, or per dimension
-  c.kl.free_bits_per_dimension = False  # each dimension's KL has its own free nats
-  c.kl.free_bits_per_sentence = False   # compare each sentence's KL (Li et al. 2019), not the
-                                        # batch mean's (Kingma et al. 2016)
   c.kl.smoothness_weight = 0.0    # lambda of the amortised regulariser (needs smoothness_dropout)
-  c.kl.kind = "kl"                # kl | density_gap (DG-VAE, METHODS.md §2)
-  c.kl.density_gap_samples = 32   # M samples per posterior
-  c.kl.density_gap_chunk = 0      # rows per aggregate-posterior mixture; 0: the whole batch
+  c.kl.kind = "kl"                # the KL term, a name of vae_jax.kl_terms.KL_TERMS: kl |
+                                  # free_bits | free_bits_sentence | density_gap | layer_hinge
+  c.kl.options = kl_options()     # the chosen term's options (`set_kl_term`); the others stay
+                                  # at their defaults
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"       # adam | sgd
@@ -118,6 +118,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_interpolations = 100  # sentence pairs whose interpolations are decoded and scored
   c.eval.interpolation_steps = 10
   return c
+
+
+def kl_options() -> ml_collections.ConfigDict:
+  """Every KL term's options at their defaults (vae_jax.kl_terms.option_defaults), so that any
+  of them can be set on the command line; the config reader passes the chosen term its own:
+    free_bits, free_bits_sentence: target (free nats; per sentence, or per dimension with
+      per_dimension=True);
+    density_gap: samples (M per posterior), chunk (rows per mixture; 0: the whole batch);
+    layer_hinge: threshold (per sentence and layer), reduction (sum | mean over layers)."""
+  return ml_collections.ConfigDict(kl_terms.option_defaults())
+
+
+def set_kl_term(c: ml_collections.ConfigDict, kind: str, **options) -> None:
+  """Chooses the KL term `kind` with `options`, every other option back at its default."""
+  c.kl.kind = kind
+  c.kl.options = kl_options()
+  for field, value in options.items():
+    if field not in kl_terms.option_fields(kind):
+      raise ValueError(f"{field!r} is not an option of the KL term {kind!r}")
+    c.kl.options[field] = value
 
 
 def apply_variants(config: ml_collections.ConfigDict, variants: str, table: dict) -> None:

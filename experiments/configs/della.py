@@ -37,7 +37,7 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from base import apply_variants, base_config  # noqa: E402
+from base import apply_variants, base_config, set_kl_term  # noqa: E402
 
 
 def ptb(c):
@@ -146,7 +146,7 @@ def single(c):
 
 
 def official_kl(c):
-  c.kl.layer_reduction = "mean"
+  c.kl.options.reduction = "mean"
 
 
 def official_schedule(c):
@@ -172,8 +172,9 @@ def get_config(variants: str = ""):
   c.kl.schedule = "cyclical"
   c.kl.num_cycles = 4
   c.kl.ratio = 0.5
-  c.kl.layer_reduction = "sum"    # sum | mean over layers (the official code: mean)
-  c.kl.layer_threshold = 0.0      # per-sentence, per-layer KL hinge
+  # The KL of the joint, Σ_l KL_l; the hinge's per-sentence, per-layer threshold is 0, and the
+  # layers are summed (the official code: their mean, `official_kl`).
+  set_kl_term(c, "layer_hinge", threshold=0.0, reduction="sum")
   c.optimizer.learning_rate = 5e-4
   c.optimizer.grad_clip_norm = 1.0
   c.eval.splits = "test"

@@ -48,7 +48,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from base import apply_variants, base_config  # noqa: E402
+from base import apply_variants, base_config, set_kl_term  # noqa: E402
 
 
 def smoke(c):
@@ -85,9 +85,7 @@ def vanilla(c):
   c.kl.value = 1.0
   c.kl.start = 0.0
   c.kl.warmup_epochs = 0.0
-  c.kl.free_bits = 0.0
-  c.kl.free_bits_per_dimension = False
-  c.kl.free_bits_per_sentence = False
+  set_kl_term(c, "kl")
 
 
 def ptb(c):
@@ -161,9 +159,7 @@ def cyclical(c):
 def free_bits(c):
   """Free bits on each dimension of the batch-mean KL: Σ_k max(0.5, mean_x KL_k(x)) (Kingma
   et al. 2016)."""
-  c.kl.free_bits = 0.5
-  c.kl.free_bits_per_dimension = True
-  c.kl.free_bits_per_sentence = False
+  set_kl_term(c, "free_bits", target=0.5, per_dimension=True)
 
 
 def beta(c):
@@ -172,9 +168,7 @@ def beta(c):
 
 def free_bits_batch(c):
   """Free bits on the whole code's batch-mean KL: max(5, mean_x KL(x)), 5 nats per sentence."""
-  c.kl.free_bits = 5.0
-  c.kl.free_bits_per_dimension = False
-  c.kl.free_bits_per_sentence = False
+  set_kl_term(c, "free_bits", target=5.0, per_dimension=False)
 
 
 def bn_vae(c):
@@ -195,9 +189,7 @@ def ae_free_bits(c):
   --target_kl 8`, 8 / 32 = 0.25 nats per dimension). Pretraining takes as many steps as the
   main run."""
   c.pretrain.steps = -1   # -1: as many steps as the main run
-  c.kl.free_bits = LI_TARGET_KL / LI_LATENT_DIM
-  c.kl.free_bits_per_dimension = True
-  c.kl.free_bits_per_sentence = True
+  set_kl_term(c, "free_bits_sentence", target=LI_TARGET_KL / LI_LATENT_DIM, per_dimension=True)
   anneal(c, start=0.0)
 
 
@@ -219,10 +211,7 @@ def aggressive(c):
 def dg_vae(c):
   """DG-VAE (Zhang et al. 2022): the density-gap estimate of KL(q_agg || p) with M = 32 samples
   per posterior over the whole batch, its weight annealed linearly from 0 to 1 (10 epochs)."""
-  c.kl.kind = "density_gap"
-  c.kl.density_gap_samples = 32
-  c.kl.density_gap_chunk = 0
-  c.kl.free_bits = 0.0
+  set_kl_term(c, "density_gap", samples=32, chunk=0)
   anneal(c, start=0.0)
 
 
@@ -263,9 +252,7 @@ def get_config(variants: str = ""):
   c.model.share_embedding = True
   c.kl.schedule = "constant"
   c.kl.value = 1.0
-  c.kl.free_bits = 4.0              # nats per sentence, on the batch-mean KL
-  c.kl.free_bits_per_dimension = False
-  c.kl.free_bits_per_sentence = False
+  set_kl_term(c, "free_bits", target=4.0)  # nats per sentence, on the batch-mean KL
   c.kl.warmup_epochs = 0.0          # if > 0, overrides warmup_steps (converted by the runner)
   c.train.num_epochs = 5.0
   c.eval.k_samples = 100

@@ -12,7 +12,8 @@ import optax
 import pytest
 
 import numpy_gpt2
-from vae_jax import della_metrics, evaluation, losses, metrics, objectives, posteriors
+from vae_jax import (della_metrics, evaluation, kl_terms, losses, metrics, objectives,
+                     posteriors)
 from vae_jax.data.vocab import BOS, PAD
 from vae_jax.models.della import Della, DellaConfig
 from vae_jax.nn.transformer import TransformerConfig
@@ -533,11 +534,11 @@ def test_loss_reduces_and_hinges_layers():
   hinged = kl_layers[w > 0] < threshold
   assert hinged.any() and (~hinged).any()
 
-  def loss(kl_term):
-    return losses.make_vae_loss(model, optax.constant_schedule(beta), kl_term)
+  def loss(options):
+    return losses.make_vae_loss(model, optax.constant_schedule(beta), "layer_hinge", options)
 
-  mean_loss = loss(losses.KLTermConfig(layer_reduction="mean", layer_threshold=threshold))
-  sum_loss = loss(losses.KLTermConfig(layer_reduction="sum", layer_threshold=0.0))
+  mean_loss = loss(kl_terms.LayerHinge(threshold=threshold, reduction="mean"))
+  sum_loss = loss(kl_terms.LayerHinge(threshold=0.0, reduction="sum"))
   both = jax.jit(lambda p, b, r: (mean_loss(p, {}, b, r, 0), sum_loss(p, {}, b, r, 0)))
   (l_mean, (sums, _)), (l_sum, _) = both(v["params"], batch, rng)
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from vae_jax import posteriors
 from vae_jax.data.vocab import PAD
-from vae_jax.models.vae import token_mask
+from vae_jax.models.vae import VAETerms, token_mask
 from vae_jax.posteriors import PosteriorParams
 from vae_jax.nn.decoders import LSTMDecoder, State
 from vae_jax.nn.encoders import GaussianHead, LSTMEncoder, Pooling
@@ -86,7 +86,7 @@ class CVAEConfig:
 
 
 @flax.struct.dataclass
-class CVAETerms:
+class CVAETerms(VAETerms):
   """Per-example terms of one CVAE pass (all `[B]` unless noted); the fields of
   `vae_jax.models.vae.VAETerms`, read by the same losses, plus the bag-of-words NLL.
 
@@ -99,16 +99,6 @@ class CVAETerms:
   features: `[B, F]` the response encoder's feature (the dispersion diagnostic).
   bow_nll: -sum_t log p_bow(x_t|c,z) over the response's tokens, or None without the head.
   """
-  rec_nll: jax.Array
-  kl: jax.Array
-  kl_dims: jax.Array | None
-  n_tokens: jax.Array
-  z: jax.Array
-  mean: jax.Array
-  logvar: jax.Array
-  smoothness: jax.Array
-  features: jax.Array
-  bow_nll: jax.Array | None = None
 
 
 def turn_mask(context: jax.Array) -> jax.Array:

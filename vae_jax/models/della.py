@@ -21,8 +21,9 @@ ablation without fusion (`fusion='add'`).
 
 KL. KL(q(z|x) ‖ p(z)) = Σ_l E_q[KL(q(z_l|z_{<l},x) ‖ p(z_l|z_{<l}))], each term analytic given
 the sampled z_{<l} (`DellaTerms.kl_layers`). The official code averages the layers and hinges
-each at a threshold; those are choices of the loss (`losses.KLTermConfig.layer_reduction`,
-`layer_threshold`), not of the model, which returns the KL of the joint.
+each at a threshold; those are choices of the loss (the KL term `layer_hinge` of
+`vae_jax.kl_terms`, options `reduction`, `threshold`), not of the model, which returns the KL
+of the joint.
 
 Codes in prior coordinates. The prior is a chain, not N(0, I), so the model's code is the
 whitened u_l = (z_l − μ_p(z_{<l})) / σ_p(z_{<l}). The map u -> z is a triangular bijection that

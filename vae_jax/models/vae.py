@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vae_jax import posteriors
-from vae_jax.posteriors import Posterior, PosteriorParams, Prior
+from vae_jax.posteriors import PosteriorParams
 from vae_jax.data.vocab import PAD, UNK
 from vae_jax.nn.decoders import LSTMDecoder, State
 from vae_jax.nn.encoders import GaussianHead, LSTMEncoder, Pooling
@@ -133,6 +133,7 @@ class VAETerms:
   smoothness: ‖μ(x) - μ(x̃)‖² (amortised regularisation), zeros when off or deterministic.
   features: `[B, F]` the encoder feature fed to the posterior heads (h_T or a pooling of all
     states), whose variance across the data is the dispersion diagnostic of Long et al. 2019.
+  bow_nll: an auxiliary bag-of-words NLL `[B]` (the dialogue CVAE's), None without one.
   """
   rec_nll: jax.Array
   kl: jax.Array
@@ -143,6 +144,7 @@ class VAETerms:
   logvar: jax.Array
   smoothness: jax.Array
   features: jax.Array
+  bow_nll: jax.Array | None = None
 
 
 @flax.struct.dataclass
