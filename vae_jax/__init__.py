@@ -28,6 +28,7 @@ EXPORTS = {
     "vae_jax.nn.decoders": ("LSTMDecoder",),
     # Objectives: pure per-example functions, KL terms, losses the loop takes.
     "vae_jax.losses": ("make_vae_loss", "make_lm_loss", "summarize"),
+    "vae_jax.kl_terms": ("KL_TERMS", "KLTerm"),
     "vae_jax.schedules": ("from_name",),
     # Evaluation and decoding.
     "vae_jax.evaluation": ("evaluate",),
