@@ -28,7 +28,7 @@ from vae_jax import losses, schedules  # noqa: E402
 from vae_jax.data import pipeline  # noqa: E402
 from vae_jax.models.vae import SeqVAE, VAEConfig  # noqa: E402
 from vae_jax.nn.flows import FlowConfig  # noqa: E402
-from vae_jax.training import loop, mesh as mesh_lib, optim  # noqa: E402
+from vae_jax.training import mesh as mesh_lib, optim, steps  # noqa: E402
 
 # --data_dir, --steps (timed rounds: one step of every variant per round) and --output are
 # the flags of train_throughput.py, whose data loading this benchmark shares.
@@ -49,11 +49,11 @@ VARIANTS = {
 }
 
 
-def build_task(base: VAEConfig, overrides: dict) -> loop.Task:
+def build_task(base: VAEConfig, overrides: dict) -> steps.Task:
   model = SeqVAE(dataclasses.replace(base, **overrides))
   kl_term = losses.KLTermConfig(smoothness_weight=1.0 if overrides.get("smoothness_dropout")
                                 else 0.0)
-  return loop.Task(
+  return steps.Task(
       init_fn=lambda rng, b: model.init({"params": rng, "latent": rng}, b["tokens"]),
       loss_fn=losses.make_vae_loss(model, schedules.constant(1.0), kl_term),
       eval_fn=losses.make_vae_eval(model), summarize=losses.summarize)

@@ -55,7 +55,7 @@ from vae_jax.data import corpora, pipeline  # noqa: E402
 from vae_jax.data.readers import Example  # noqa: E402
 from vae_jax.data.vocab import Vocab  # noqa: E402
 from vae_jax.models.vae import SeqVAE, VAEConfig  # noqa: E402
-from vae_jax.training import host_memory, loop, mesh as mesh_lib, optim  # noqa: E402
+from vae_jax.training import host_memory, mesh as mesh_lib, optim, steps  # noqa: E402
 
 flags.DEFINE_string("data_dir", "../shared/data", "Folder with ptb/ (and yahoo/).")
 flags.DEFINE_list("sizes", ["ptb", "yahoo_on_ptb"], "Model sizes: ptb, yahoo_on_ptb, yahoo.")
@@ -135,12 +135,12 @@ def pipeline_batches(size: dict, seed: int) -> tuple[list, Vocab, str]:
   return [next(it) for _ in range(FLAGS.steps)], vocab, source + ", pipeline batches"
 
 
-def make_task(vocab_size: int, size: dict, matmul_dtype: str = "float32") -> loop.Task:
+def make_task(vocab_size: int, size: dict, matmul_dtype: str = "float32") -> steps.Task:
   cfg = VAEConfig(vocab_size=vocab_size, embed_dim=size["embed_dim"],
                   hidden_dim=size["hidden_dim"], latent_dim=LATENT, dropout_in=FLAGS.dropout,
                   dropout_out=FLAGS.dropout, init="uniform", matmul_dtype=matmul_dtype)
   model = SeqVAE(cfg)
-  return loop.Task(
+  return steps.Task(
       init_fn=lambda rng, b: model.init({"params": rng, "latent": rng}, b["tokens"]),
       loss_fn=losses.make_vae_loss(model, schedules.constant(1.0)),
       eval_fn=losses.make_vae_eval(model), summarize=losses.summarize)
@@ -165,8 +165,8 @@ def bench_train(name: str, ceiling: float) -> list[dict]:
   for opt_name, dtype in variants:
     task = make_task(len(vocab), size, dtype)
     opt_cfg = OPTIMIZERS[opt_name]
-    state = loop.init_train_state(task, opt_cfg, host_batches[0], FLAGS.seed, mesh)
-    step = loop.make_train_step(task, optim.make_optimizer(opt_cfg), mesh)
+    state = steps.init_train_state(task, opt_cfg, host_batches[0], FLAGS.seed, mesh)
+    step = steps.make_train_step(task, optim.make_optimizer(opt_cfg), mesh)
     start = time.perf_counter()
     for b in batches:  # untimed: compiles every shape, warms caches and the allocator
       state, out = step(state, b)

@@ -21,7 +21,7 @@ from vae_jax.models.transformer_lm import TransformerLM
 from vae_jax.models.vae import LSTMLanguageModel, SeqVAE, VAEConfig, param_groups
 from vae_jax.nn.flows import FlowConfig
 from vae_jax.nn.transformer import TransformerConfig
-from vae_jax.training import loop, optim
+from vae_jax.training import aggressive, loop, optim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,13 +115,13 @@ def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):
   return builders[cfg.model.kind]()
 
 
-def aggressive_config(cfg: ml_collections.ConfigDict) -> loop.AggressiveConfig | None:
+def aggressive_config(cfg: ml_collections.ConfigDict) -> aggressive.AggressiveConfig | None:
   t = cfg.train
   if not t.get("aggressive", False):
     return None
   if cfg.model.kind != "vae":
     raise ValueError("train.aggressive applies to VAEs (model.kind='vae')")
-  return loop.AggressiveConfig(max_inner_steps=t.aggressive_max_inner_steps,
+  return aggressive.AggressiveConfig(max_inner_steps=t.aggressive_max_inner_steps,
                                check_every=t.aggressive_check_every,
                                stop_metric=t.aggressive_stop_metric)
 

@@ -38,7 +38,7 @@ from vae_jax.run_data import (encoder, eval_iterator, is_dialogue,  # noqa: F401
                               load_examples, load_pairs, load_split_examples,
                               load_train_examples)
 from vae_jax.training import checkpoint as checkpoint_lib
-from vae_jax.training import loop, mesh as mesh_lib
+from vae_jax.training import loop, mesh as mesh_lib, steps
 from vae_jax.workdir import resolve_path, resolve_workdir  # noqa: F401
 
 CONFIG_FILE = "config.json"
@@ -50,7 +50,7 @@ VOCAB_FILE = "vocab.json"
 # ---------------------------------------------------------------------------------------------
 
 
-def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int) -> loop.Task:
+def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int) -> steps.Task:
   is_vae = cfg.model.kind not in LM_KINDS
   max_len = cfg.eval.max_decode_length
 
@@ -81,7 +81,7 @@ def build_task(cfg, model, vocab: Vocab, total_steps: int, steps_per_epoch: int)
   else:
     loss_fn, eval_fn = losses.make_lm_loss(model), losses.make_lm_eval(model)
   # Dialogue responses need contexts: evaluation prints them (`evaluate_workdir`).
-  return loop.Task(init_fn=init_fn, loss_fn=loss_fn, eval_fn=eval_fn,
+  return steps.Task(init_fn=init_fn, loss_fn=loss_fn, eval_fn=eval_fn,
                    summarize=losses.summarize,
                    sample_fn=None if is_dialogue(cfg) else sample_fn,
                    warm_start=warm_start if cfg.model.get("pretrained_dir") else None)
@@ -289,7 +289,7 @@ def restore_variables(cfg, workdir: str, task: loop.Task, example_batch, vocab: 
   """Model variables of the best (or latest) checkpoint of a run, and its metadata; `meta`
   gains 'checkpoint', the one restored ('best/1200'): a damaged or missing best falls back to
   the newest intact best, then latest, one (`checkpoint.restore_for_evaluation`)."""
-  target = loop.abstract_train_state(task, optimizer_config(cfg), example_batch, mesh)
+  target = steps.abstract_train_state(task, optimizer_config(cfg), example_batch, mesh)
   state, meta, used = checkpoint_lib.restore_for_evaluation(
       workdir, target, vocab_fingerprint=vocab.fingerprint, which=which)
   return {"params": state.params, **state.model_state}, {**meta, "checkpoint": used}

@@ -9,7 +9,7 @@ import pytest
 
 import toy_task
 from vae_jax import training
-from vae_jax.training import loop, optim, writers
+from vae_jax.training import aggressive, optim, steps, writers
 
 TASK = toy_task.make_task()
 
@@ -25,9 +25,9 @@ OPT = optim.OptimizerConfig(learning_rate=0.05, grad_clip_norm=1.0, param_labels
 
 def test_group_steps_match_separate_optimisers():
   batch = toy_task.global_batch(0, 0, 8)
-  state = loop.init_train_state(TASK, OPT, batch, 0, training.make_mesh())
+  state = steps.init_train_state(TASK, OPT, batch, 0, training.make_mesh())
   tx = optim.make_optimizer(OPT)
-  enc_state, _ = jax.jit(lambda s, b: loop.group_step(
+  enc_state, _ = jax.jit(lambda s, b: steps.group_step(
       s, b, jnp.asarray(0), task=TASK, tx=tx, labels_fn=labels, group="encoder"))(state, batch)
   # Independent computation: clip the full gradient, then Adam on the embedding alone.
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0), 1)
@@ -43,7 +43,7 @@ def test_group_steps_match_separate_optimisers():
                                 state.params["Dense_0"]["kernel"])
   assert int(enc_state.step) == 0
   # The decoder step that follows starts its own Adam (count 1) and leaves the encoder.
-  dec_state, _ = jax.jit(lambda s, b: loop.group_step(
+  dec_state, _ = jax.jit(lambda s, b: steps.group_step(
       s, b, task=TASK, tx=tx, labels_fn=labels, group="decoder"))(enc_state, batch)
   assert int(dec_state.step) == 1
   np.testing.assert_array_equal(dec_state.params["Embed_0"]["embedding"],
@@ -56,7 +56,7 @@ def test_group_steps_match_separate_optimisers():
 def _config(**kwargs):
   defaults = dict(num_steps=12, log_every=2, eval_every=4, checkpoint_every=4,
                   progress_bar=False, optimizer=OPT,
-                  aggressive=loop.AggressiveConfig(max_inner_steps=6, check_every=2,
+                  aggressive=aggressive.AggressiveConfig(max_inner_steps=6, check_every=2,
                                                    stop_metric="rec"))
   defaults.update(kwargs)
   return training.TrainConfig(**defaults)
