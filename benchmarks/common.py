@@ -157,6 +157,18 @@ def time_train_steps(tasks: Mapping[str, Any], batches: list, mesh, opt_cfg) -> 
   return out
 
 
+def vae_task(vocab, model_config, kl_term=None):
+  """The Task a run trains (`vae_jax.build.build_task`) for an LSTM VAE of `model_config`
+  (a `VAEConfig`) on `vocab`, with a constant KL weight of 1 and `kl_term` (a
+  `losses.KLTermConfig`; default the plain KL)."""
+  from vae_jax import build, losses, run_config  # only where a benchmark needs it
+
+  cfg = run_config.ExperimentConfig(
+      model=run_config.ModelSpec(kind="vae", config=model_config),
+      kl=run_config.KLConfig(term=kl_term or losses.KLTermConfig()))
+  return build.build_task(cfg, build.build_model(cfg.model, len(vocab)), vocab, 1, 1)
+
+
 def measure_matmul_ceiling(n: int = 2048, repeats: int = 7,
                            dtype: Any = jnp.float32) -> float:
   """fp32 GFLOP/s of a jitted `[n, n] @ [n, n]` matmul: the best of `repeats` runs."""

@@ -27,11 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import ptb_batches  # noqa: E402
-from vae_jax import losses, schedules  # noqa: E402
 from vae_jax.data import pipeline  # noqa: E402
 from vae_jax.data.readers import Example  # noqa: E402
 from vae_jax.data.vocab import Vocab  # noqa: E402
-from vae_jax.models.vae import SeqVAE, VAEConfig  # noqa: E402
+from vae_jax.models.vae import VAEConfig  # noqa: E402
 from vae_jax.training import host_memory, mesh as mesh_lib, optim, steps  # noqa: E402
 
 flags.DEFINE_string("data_dir", "../shared/data", "Folder with ptb/.")
@@ -43,13 +42,10 @@ flags.DEFINE_string("output", None, "Write the JSON result here too.")
 FLAGS = flags.FLAGS
 
 
-def make_task(vocab_size: int, matmul_dtype: str) -> steps.Task:
-  model = SeqVAE(VAEConfig(vocab_size=vocab_size, dropout_in=0.5, dropout_out=0.5,
-                           init="uniform", matmul_dtype=matmul_dtype))
-  return steps.Task(
-      init_fn=lambda rng, b: model.init({"params": rng, "latent": rng}, b["tokens"]),
-      loss_fn=losses.make_vae_loss(model, schedules.constant(1.0)),
-      eval_fn=losses.make_vae_eval(model), summarize=losses.summarize)
+def make_task(vocab: Vocab, matmul_dtype: str) -> steps.Task:
+  return common.vae_task(vocab, VAEConfig(vocab_size=len(vocab), dropout_in=0.5,
+                                          dropout_out=0.5, init="uniform",
+                                          matmul_dtype=matmul_dtype))
 
 
 def main(argv):
@@ -64,7 +60,7 @@ def main(argv):
   valid_batches = lambda: iter(pipeline.EvalIterator(valid_data, 50, fixed_length=True))
   runs = {}
   for dtype in ("float32", "bfloat16"):
-    task = make_task(len(vocab), dtype)
+    task = make_task(vocab, dtype)
     it = pipeline.TrainIterator(train_data, 32, seed=FLAGS.seed)
     first = next(it)
     state = steps.init_train_state(task, opt_cfg, first, FLAGS.seed, mesh)

@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import ptb_batches  # noqa: E402
-from vae_jax import evaluation, losses, metrics, schedules  # noqa: E402
+from vae_jax import evaluation, metrics  # noqa: E402
 from vae_jax.data import corpora, pipeline  # noqa: E402
 from vae_jax.data.readers import Example  # noqa: E402
 from vae_jax.data.vocab import Vocab  # noqa: E402
@@ -135,15 +135,11 @@ def pipeline_batches(size: dict, seed: int) -> tuple[list, Vocab, str]:
   return [next(it) for _ in range(FLAGS.steps)], vocab, source + ", pipeline batches"
 
 
-def make_task(vocab_size: int, size: dict, matmul_dtype: str = "float32") -> steps.Task:
-  cfg = VAEConfig(vocab_size=vocab_size, embed_dim=size["embed_dim"],
-                  hidden_dim=size["hidden_dim"], latent_dim=LATENT, dropout_in=FLAGS.dropout,
-                  dropout_out=FLAGS.dropout, init="uniform", matmul_dtype=matmul_dtype)
-  model = SeqVAE(cfg)
-  return steps.Task(
-      init_fn=lambda rng, b: model.init({"params": rng, "latent": rng}, b["tokens"]),
-      loss_fn=losses.make_vae_loss(model, schedules.constant(1.0)),
-      eval_fn=losses.make_vae_eval(model), summarize=losses.summarize)
+def make_task(vocab: Vocab, size: dict, matmul_dtype: str = "float32") -> steps.Task:
+  return common.vae_task(vocab, VAEConfig(
+      vocab_size=len(vocab), embed_dim=size["embed_dim"], hidden_dim=size["hidden_dim"],
+      latent_dim=LATENT, dropout_in=FLAGS.dropout, dropout_out=FLAGS.dropout, init="uniform",
+      matmul_dtype=matmul_dtype))
 
 
 def bench_train(name: str, ceiling: float) -> list[dict]:
@@ -163,7 +159,7 @@ def bench_train(name: str, ceiling: float) -> list[dict]:
   records = []
   variants = [(o, d) for d in FLAGS.matmul_dtypes for o in FLAGS.optimizers]
   for opt_name, dtype in variants:
-    task = make_task(len(vocab), size, dtype)
+    task = make_task(vocab, size, dtype)
     opt_cfg = OPTIMIZERS[opt_name]
     state = steps.init_train_state(task, opt_cfg, host_batches[0], FLAGS.seed, mesh)
     step = steps.make_train_step(task, optim.make_optimizer(opt_cfg), mesh)

@@ -102,6 +102,20 @@ def _describe_error(exc: BaseException, folder: str | None = None,
   return text
 
 
+class _DropLibraryInfo(pylogging.Filter):
+  """Keeps checkpointing libraries' INFO chatter out of the experiment's log."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Drops orbax's INFO lines from the absl log (its warnings stay); idempotent."""
+  logger = pylogging.getLogger('absl')
+  if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
+    logger.addFilter(_DropLibraryInfo())
+
+
 class _DropLibraryReports(pylogging.Filter):
   """Drops orbax's warnings and errors, and asyncio's reports of tensorstore reads whose
   failure nobody awaited (their own accounts of a failed restore)."""

@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterator, Mapping
 import dataclasses
 import hashlib
 import json
-import math
-import os
 import time
 from typing import Any
 
@@ -36,6 +34,7 @@ import numpy as np
 from vae_jax import errors
 from vae_jax.training import aggressive as aggressive_lib
 from vae_jax.training import checkpoint as checkpoint_lib
+from vae_jax.training import guard as guard_lib
 from vae_jax.training import mesh as mesh_lib
 from vae_jax.training import optim
 from vae_jax.training import steps
@@ -96,7 +95,7 @@ class TrainConfig:
 
 
 # Training produced a NaN or Inf; the bad state was not saved.
-NonFiniteLossError = errors.NonFiniteLossError
+NonFiniteLossError = guard_lib.NonFiniteLossError
 
 # Train batches placed on the devices ahead of the step that uses them (`mesh_lib.Prefetcher`).
 PREFETCH_DEPTH = 2
@@ -165,48 +164,6 @@ def _peek(train_iter) -> Batch:
   batch = next(train_iter)
   train_iter.restore(position)
   return batch
-
-
-class _Guard:
-  """Raises NonFiniteLossError with what to do about it."""
-
-  def __init__(self, ckpt: checkpoint_lib.Checkpointer, optimizer: optim.OptimizerConfig):
-    self.ckpt = ckpt
-    self.optimizer = optimizer
-
-  def fail(self, step: int, what: str):
-    last = self.ckpt.latest_step()
-    where = os.path.join(self.ckpt.directory, 'latest')
-    if last is None:
-      saved = 'No checkpoint was saved before it, so nothing is left to resume from.'
-    else:
-      saved = (f'The last good checkpoint is step {last} in {where}; it is intact, '
-               f'and rerunning the command resumes from it.')
-    clip = self.optimizer.grad_clip_norm
-    raise NonFiniteLossError(
-        f'Training diverged: {what} at step {step}. Stopped without saving this '
-        f'state. {saved} Lower the learning rate (optimizer.learning_rate, now '
-        f'{self.optimizer.learning_rate:g}) or clip gradients '
-        f'(optimizer.grad_clip_norm, now {clip}); both take effect on resume.')
-
-  def check_acc(self, acc) -> None:
-    if acc is None:
-      return
-    self.check_host_acc(steps.to_host({k: acc[k] for k in ('first_bad_step', 'bad_loss')}))
-
-  def check_host_acc(self, host_acc) -> None:
-    """`check_acc` of train sums already fetched by `steps.to_host`."""
-    bad_step, bad_loss = host_acc['first_bad_step'], host_acc['bad_loss']
-    if bad_step >= 0:
-      loss = 'the loss' if not math.isfinite(bad_loss) else 'a train sum'
-      self.fail(bad_step, f'{loss} was not finite (loss={bad_loss})')
-
-  def check_state(self, state: TrainState, step: int) -> None:
-    if not bool(steps.to_host(_jit_all_finite(state.params))):
-      self.fail(step, 'the parameters were not finite after the update')
-
-
-_jit_all_finite = jax.jit(steps.all_finite)
 
 
 def _train_metrics(summarize, host_acc: dict, learning_rate, steps_per_sec: float) -> dict:
@@ -298,7 +255,7 @@ def train_and_evaluate(
     ckpt = checkpoint_lib.Checkpointer(
         workdir, vocab_fingerprint=vocab_fingerprint, keep=config.keep,
         best_metric=config.best_metric, async_save=config.async_checkpoints)
-  guard = _Guard(ckpt, opt_cfg)
+  guard = guard_lib.Guard(ckpt, opt_cfg)
   writer = None
   bar = None
   # The batches on the devices ahead of the step that uses them; their positions are the
