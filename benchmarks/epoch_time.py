@@ -8,8 +8,9 @@ Task a run trains (`common.vae_task`) and the training loop's own jitted program
 the vanilla VAE (last-state encoder); the pooling VAE (mean pooling); aggressive training (He
 et al. 2019) in its aggressive phase, i.e. encoder-only inner steps on fresh batches until the
 encoder's loss stops falling (at most 100, checked every 15), then a decoder step
-(`training.aggressive.aggressive_inner_steps`, exactly what the loop runs); DG-VAE (density gap, M = 32); BN-VAE. The methods take their outer steps round-robin on
-the same PTB batches, so machine noise hits all alike. Reported per method: median and mean
+(`training.aggressive.aggressive_inner_steps`, exactly what the loop runs); DG-VAE (density
+gap, M = 32); BN-VAE. The methods take their outer steps round-robin on the same PTB batches,
+so machine noise hits all alike. Reported per method: median and mean
 outer-step time, encoder inner steps per outer step, and the time of one PTB epoch (1,315
 outer steps of 32 sentences) as the mean outer step x steps per epoch, with its ratio to the
 vanilla VAE. Aggressive training runs at this cost only while its aggressive phase lasts (until
@@ -35,7 +36,8 @@ from train_throughput import SIZES, load_sentences  # noqa: E402
 from vae_jax import losses  # noqa: E402
 from vae_jax.data import pipeline  # noqa: E402
 from vae_jax.models.vae import VAEConfig, param_groups  # noqa: E402
-from vae_jax.training import aggressive, mesh as mesh_lib, optim, steps  # noqa: E402
+from vae_jax.training import aggressive as aggressive_lib  # noqa: E402
+from vae_jax.training import mesh as mesh_lib, optim, steps  # noqa: E402
 
 # --data_dir, --steps (timed rounds: one outer step of every method per round) and --output
 # are the flags of train_throughput.py, whose data loading this benchmark shares.
@@ -66,7 +68,7 @@ class _Runner:
       self.step = steps.make_group_step(task, tx, param_groups, "decoder", mesh)
       self.encoder_iter = mesh_lib.Prefetcher(pipeline.TrainIterator(data, BATCH, seed=1),
                                               mesh)
-      self.config = aggressive.AggressiveConfig()
+      self.config = aggressive_lib.AggressiveConfig()
     else:
       self.step = steps.make_train_step(task, tx, mesh)
     self.times, self.inner = [], []
@@ -74,7 +76,7 @@ class _Runner:
   def outer_step(self, batch):
     taken = 0
     if self.aggressive:
-      self.state, taken = aggressive.aggressive_inner_steps(
+      self.state, taken = aggressive_lib.aggressive_inner_steps(
           self.encoder_step, self.state, batch, self.encoder_iter, self.config, self.mesh)
     self.state, out = self.step(self.state, batch)
     jax.block_until_ready(out)

@@ -241,7 +241,8 @@ def with_eval_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, 
     try:
       cfg.eval[field] = value
     except TypeError as e:
-      raise errors.ConfigError(f"--config.eval.{field}={value}: {errors.one_line(str(e))}") from None
+      raise errors.ConfigError(
+          f"--config.eval.{field}={value}: {errors.one_line(str(e))}") from None
   if data_dir:
     cfg.data.dir = data_dir
   return cfg

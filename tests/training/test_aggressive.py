@@ -98,3 +98,27 @@ def test_aggressive_needs_groups_and_an_encoder_iterator(tmp_path):
     training.train_and_evaluate(TASK, toy_task.ToyIterator(),
                                 {"valid": toy_task.make_eval_data()}, _config(),
                                 str(tmp_path), "v")
+
+
+def test_controller_ends_the_mode_when_the_metric_first_falls():
+  cfg = aggressive.AggressiveConfig(stop_metric="mi")
+  state = aggressive.init()
+  seen = []
+  for mi in (0.5, 0.7, 0.6, 0.9):
+    state = aggressive.update(state, {"mi": mi, "nll": 3.0}, cfg)
+    seen.append((state.active, state.previous))
+  # He et al.: from a previous MI of 0, on while it rises; the first fall ends it for good
+  # (the value that fell is the last one kept).
+  assert seen == [(True, 0.5), (True, 0.7), (False, 0.6), (False, 0.6)]
+  with pytest.raises(KeyError, match="stop_metric='mi'"):
+    aggressive.update(aggressive.init(), {"nll": 3.0}, cfg)
+
+
+def test_controller_state_round_trips_through_the_checkpoint_layout():
+  # The data state checkpoints hold (the layout written before the controller existed too).
+  saved = {"train": {"seed": 0, "position": 6}, "encoder": {"seed": 7, "position": 19},
+           "aggressive": {"active": False, "previous": 1.25}}
+  train, encoder, state = aggressive.restore_position(saved)
+  assert (train, encoder) == (saved["train"], saved["encoder"])
+  assert (state.active, state.previous) == (False, 1.25)
+  assert aggressive.position(train, encoder, state) == saved
