@@ -131,30 +131,42 @@ def time_interleaved(fns: Mapping[str, tuple[Any, ...]],
 
 def time_train_steps(tasks: Mapping[str, Any], batches: list, mesh, opt_cfg) -> dict[str, Any]:
   """The training loop's own jitted train steps (model, loss, optimiser) of several tasks
-  (`loop.Task`s), compiled once each (timed) on `batches[0]`, warmed up on every batch (so each
+  (`steps.Task`s), compiled once each (timed) on `batches[0]`, warmed up on every batch (so each
   padded shape is compiled), then timed round-robin, one step of every task per batch in
   rotating order, so that machine noise hits all alike. The state is threaded through the
   steps (they donate it). Returns name -> {'compile_s', 'times_s'}."""
-  from vae_jax.training import loop, optim  # the library, only where a benchmark needs it
+  from vae_jax.training import optim, steps as steps_lib  # only where a benchmark needs it
 
-  steps, states, out = {}, {}, {}
+  compiled, states, out = {}, {}, {}
   for name, task in tasks.items():
-    states[name] = loop.init_train_state(task, opt_cfg, jax.device_get(batches[0]), 0, mesh)
-    steps[name] = loop.make_train_step(task, optim.make_optimizer(opt_cfg), mesh)
+    states[name] = steps_lib.init_train_state(task, opt_cfg, jax.device_get(batches[0]), 0, mesh)
+    compiled[name] = steps_lib.make_train_step(task, optim.make_optimizer(opt_cfg), mesh)
     start = time.perf_counter()
-    steps[name].lower(states[name], batches[0]).compile()
+    compiled[name].lower(states[name], batches[0]).compile()
     out[name] = {"compile_s": time.perf_counter() - start, "times_s": []}
     for b in batches:
-      states[name], result = steps[name](states[name], b)
+      states[name], result = compiled[name](states[name], b)
     block(result)
   names = list(tasks)
   for r, b in enumerate(batches):
     for name in names[r % len(names):] + names[:r % len(names)]:
       start = time.perf_counter()
-      states[name], result = steps[name](states[name], b)
+      states[name], result = compiled[name](states[name], b)
       block(result)
       out[name]["times_s"].append(time.perf_counter() - start)
   return out
+
+
+def vae_task(vocab, model_config, kl=None):
+  """The Task a run trains (`vae_jax.build.build_task`) for an LSTM VAE of `model_config`
+  (a `VAEConfig`) on `vocab`, with a constant KL weight of 1 and `kl` (a
+  `run_config.KLConfig`; default the plain KL)."""
+  from vae_jax import build, run_config  # only where a benchmark needs it
+
+  cfg = run_config.ExperimentConfig(
+      model=run_config.ModelSpec(kind="vae", config=model_config),
+      kl=kl or run_config.KLConfig())
+  return build.build_task(cfg, build.build_model(cfg.model, len(vocab)), vocab, 1, 1)
 
 
 def measure_matmul_ceiling(n: int = 2048, repeats: int = 7,

@@ -5,8 +5,9 @@
 Every variant of experiments/configs/della.py — the Transformer LM, the single-latent VAEs with
 embedding / memory / softmax injection, DELLA with additive fusion, with a single latent, and
 DELLA itself — is built at one size (`--size`, a variant of that config: by default `ptb`, 4
-layers, width 256, d = 32 per layer, batch 32) by the experiment code itself (`experiment.build_model` / `build_task`, so the loss and optimiser are the ones a
-run uses), and its jitted train step is timed round-robin on the same real PTB batches
+layers, width 256, d = 32 per layer, batch 32) by the experiment code itself (`configs.read`,
+`build.build_model` / `build_task`, so the loss and optimiser are the ones a run uses), and its
+jitted train step is timed round-robin on the same real PTB batches
 (`common.time_train_steps`). Reported per variant: median step time, real tokens per second
 (padding excluded, EOS counted), compile time and the time ratio to the Transformer LM's step,
 all from one run.
@@ -24,8 +25,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from vae_jax import experiment  # noqa: E402
-from vae_jax.data import corpora, pipeline  # noqa: E402
+from vae_jax import build, configs  # noqa: E402
+from vae_jax.data import corpora, encoding, pipeline  # noqa: E402
 from vae_jax.data.vocab import Vocab  # noqa: E402
 from vae_jax.training import mesh as mesh_lib  # noqa: E402
 
@@ -53,7 +54,7 @@ def main(argv):
   base = load_config(FLAGS.size)
   examples = corpora.load_split("ptb", "train", os.path.join(FLAGS.data_dir, "ptb"))
   vocab = Vocab.build(ex.tokens for ex in examples)
-  data = pipeline.encode(examples, vocab, base.data.max_length, "truncate")
+  data = encoding.encode(examples, vocab, base.data.max_length, "truncate")
   mesh = mesh_lib.make_mesh()
   it = pipeline.TrainIterator(data, base.data.batch_size, seed=0,
                               pad_multiple=base.data.pad_multiple)
@@ -61,10 +62,10 @@ def main(argv):
   real_tokens = sum(float(np.sum(np.asarray(b["tokens"]) != 0)) for b in batches)
   tasks = {}
   for name in FLAGS.variants:
-    cfg = load_config(FLAGS.size if name == "della" else f"{FLAGS.size},{name}")
-    model = experiment.build_model(cfg, len(vocab))
-    tasks[name] = experiment.build_task(cfg, model, vocab, 1000, 100)
-  timed = common.time_train_steps(tasks, batches, mesh, experiment.optimizer_config(base))
+    cfg = configs.read(load_config(FLAGS.size if name == "della" else f"{FLAGS.size},{name}"))
+    model = build.build_model(cfg.model, len(vocab))
+    tasks[name] = build.build_task(cfg, model, vocab, 1000, 100)
+  timed = common.time_train_steps(tasks, batches, mesh, configs.read(base).optimizer)
   reference = sum(timed[FLAGS.variants[0]]["times_s"])
   result = {"environment": common.environment(), "size": FLAGS.size,
             "batch_size": base.data.batch_size, "rounds": FLAGS.steps, "variants": {}}

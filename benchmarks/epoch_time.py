@@ -4,12 +4,13 @@
   python benchmarks/epoch_time.py --data_dir=../shared/data --steps=20 --output=epoch_time.json
 
 At the PTB reference size (embedding 256, LSTM 256, d = 32, batch 32) it builds, with the
-training loop's own jitted programs, the step of: the vanilla VAE (last-state encoder); the
-pooling VAE (mean pooling); aggressive training (He et al. 2019) in its aggressive phase, i.e.
-encoder-only inner steps on fresh batches until the encoder's loss stops falling (at most 100,
-checked every 15), then a decoder step (`loop.aggressive_inner_steps`, exactly what the loop
-runs); DG-VAE (density gap, M = 32); BN-VAE. The methods take their outer steps round-robin on
-the same PTB batches, so machine noise hits all alike. Reported per method: median and mean
+Task a run trains (`common.vae_task`) and the training loop's own jitted programs, the step of:
+the vanilla VAE (last-state encoder); the pooling VAE (mean pooling); aggressive training (He
+et al. 2019) in its aggressive phase, i.e. encoder-only inner steps on fresh batches until the
+encoder's loss stops falling (at most 100, checked every 15), then a decoder step
+(`training.aggressive.aggressive_inner_steps`, exactly what the loop runs); DG-VAE (density
+gap, M = 32); BN-VAE. The methods take their outer steps round-robin on the same PTB batches,
+so machine noise hits all alike. Reported per method: median and mean
 outer-step time, encoder inner steps per outer step, and the time of one PTB epoch (1,315
 outer steps of 32 sentences) as the mean outer step x steps per epoch, with its ratio to the
 vanilla VAE. Aggressive training runs at this cost only while its aggressive phase lasts (until
@@ -32,10 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 from train_throughput import SIZES, load_sentences  # noqa: E402
-from vae_jax import losses, schedules  # noqa: E402
 from vae_jax.data import pipeline  # noqa: E402
-from vae_jax.models.vae import SeqVAE, VAEConfig, param_groups  # noqa: E402
-from vae_jax.training import loop, mesh as mesh_lib, optim  # noqa: E402
+from vae_jax.models.vae import VAEConfig, param_groups  # noqa: E402
+from vae_jax.training import aggressive as aggressive_lib  # noqa: E402
+from vae_jax.training import mesh as mesh_lib, optim, steps  # noqa: E402
 
 # --data_dir, --steps (timed rounds: one outer step of every method per round) and --output
 # are the flags of train_throughput.py, whose data loading this benchmark shares.
@@ -54,31 +55,27 @@ METHODS = {
 class _Runner:
   """One method's state and its outer step (with inner encoder steps for aggressive)."""
 
-  def __init__(self, base, overrides, kl_term, aggressive, batch, data, mesh):
-    model = SeqVAE(dataclasses.replace(base, **overrides))
-    task = loop.Task(
-        init_fn=lambda rng, b: model.init({"params": rng, "latent": rng}, b["tokens"]),
-        loss_fn=losses.make_vae_loss(model, schedules.constant(1.0), kl_term),
-        eval_fn=losses.make_vae_eval(model), summarize=losses.summarize)
+  def __init__(self, vocab, base, overrides, kl_term, aggressive, batch, data, mesh):
+    task = common.vae_task(vocab, dataclasses.replace(base, **overrides), kl_term)
     opt = optim.OptimizerConfig(name="adam", learning_rate=1e-3, grad_clip_norm=5.0,
                                 param_labels=param_groups if aggressive else None)
     tx = optim.make_optimizer(opt)
-    self.state = loop.init_train_state(task, opt, jax.device_get(batch), 0, mesh)
+    self.state = steps.init_train_state(task, opt, jax.device_get(batch), 0, mesh)
     self.mesh, self.aggressive = mesh, aggressive
     if aggressive:
-      self.encoder_step = loop.make_group_step(task, tx, param_groups, "encoder", mesh)
-      self.step = loop.make_group_step(task, tx, param_groups, "decoder", mesh)
+      self.encoder_step = steps.make_group_step(task, tx, param_groups, "encoder", mesh)
+      self.step = steps.make_group_step(task, tx, param_groups, "decoder", mesh)
       self.encoder_iter = mesh_lib.Prefetcher(pipeline.TrainIterator(data, BATCH, seed=1),
                                               mesh)
-      self.config = loop.AggressiveConfig()
+      self.config = aggressive_lib.AggressiveConfig()
     else:
-      self.step = loop.make_train_step(task, tx, mesh)
+      self.step = steps.make_train_step(task, tx, mesh)
     self.times, self.inner = [], []
 
   def outer_step(self, batch):
     taken = 0
     if self.aggressive:
-      self.state, taken = loop.aggressive_inner_steps(
+      self.state, taken = aggressive_lib.aggressive_inner_steps(
           self.encoder_step, self.state, batch, self.encoder_iter, self.config, self.mesh)
     self.state, out = self.step(self.state, batch)
     jax.block_until_ready(out)
@@ -96,7 +93,7 @@ def main(argv):
   steps_per_epoch = it.steps_per_epoch
   warmup = [mesh_lib.to_global(next(it), mesh) for _ in range(4)]
   batches = [mesh_lib.to_global(next(it), mesh) for _ in range(FLAGS.steps)]
-  runners = {name: _Runner(base, o, k, a, warmup[0], data, mesh)
+  runners = {name: _Runner(vocab, base, o, k, a, warmup[0], data, mesh)
              for name, (o, k, a) in METHODS.items()}
   for runner in runners.values():  # warm-up: compile the padded shapes, start training
     for b in warmup:

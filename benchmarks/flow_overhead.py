@@ -24,11 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 from train_throughput import SIZES, load_sentences  # noqa: E402
-from vae_jax import losses, schedules  # noqa: E402
+from vae_jax import run_config  # noqa: E402
 from vae_jax.data import pipeline  # noqa: E402
-from vae_jax.models.vae import SeqVAE, VAEConfig  # noqa: E402
+from vae_jax.models.vae import VAEConfig  # noqa: E402
 from vae_jax.nn.flows import FlowConfig  # noqa: E402
-from vae_jax.training import loop, mesh as mesh_lib, optim  # noqa: E402
+from vae_jax.training import mesh as mesh_lib, optim  # noqa: E402
 
 # --data_dir, --steps (timed rounds: one step of every variant per round) and --output are
 # the flags of train_throughput.py, whose data loading this benchmark shares.
@@ -49,14 +49,12 @@ VARIANTS = {
 }
 
 
-def build_task(base: VAEConfig, overrides: dict) -> loop.Task:
-  model = SeqVAE(dataclasses.replace(base, **overrides))
-  smoothness_weight = 1.0 if overrides.get("smoothness_dropout") else 0.0
-  return loop.Task(
-      init_fn=lambda rng, b: model.init({"params": rng, "latent": rng}, b["tokens"]),
-      loss_fn=losses.make_vae_loss(model, schedules.constant(1.0),
-                                   smoothness_weight=smoothness_weight),
-      eval_fn=losses.make_vae_eval(model), summarize=losses.summarize)
+def build_task(vocab, base: VAEConfig, overrides: dict):
+  """The run's Task of the variant (`common.vae_task`); the amortised regulariser's weight is
+  1 where the variant corrupts its input."""
+  kl = run_config.KLConfig(smoothness_weight=1.0 if overrides.get("smoothness_dropout")
+                           else 0.0)
+  return common.vae_task(vocab, dataclasses.replace(base, **overrides), kl)
 
 
 def main(argv):
@@ -70,7 +68,7 @@ def main(argv):
   batches = [mesh_lib.to_global(next(it), mesh) for _ in range(FLAGS.steps)]
   real_tokens = [float(np.sum(np.asarray(b["tokens"]) != 0)) for b in batches]
   opt_cfg = optim.OptimizerConfig(name="adam", learning_rate=1e-3, grad_clip_norm=5.0)
-  timed = common.time_train_steps({name: build_task(base, overrides)
+  timed = common.time_train_steps({name: build_task(vocab, base, overrides)
                                    for name, overrides in VARIANTS.items()},
                                   batches, mesh, opt_cfg)
   times = {name: t["times_s"] for name, t in timed.items()}

@@ -27,12 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import ptb_batches  # noqa: E402
-from vae_jax import losses, schedules  # noqa: E402
-from vae_jax.data import pipeline  # noqa: E402
+from vae_jax.data import encoding, pipeline  # noqa: E402
 from vae_jax.data.readers import Example  # noqa: E402
 from vae_jax.data.vocab import Vocab  # noqa: E402
-from vae_jax.models.vae import SeqVAE, VAEConfig  # noqa: E402
-from vae_jax.training import host_memory, loop, mesh as mesh_lib, optim  # noqa: E402
+from vae_jax.models.vae import VAEConfig  # noqa: E402
+from vae_jax.training import host_memory, mesh as mesh_lib, optim, steps  # noqa: E402
 
 flags.DEFINE_string("data_dir", "../shared/data", "Folder with ptb/.")
 flags.DEFINE_integer("steps", 600, "Train steps of each run.")
@@ -43,13 +42,10 @@ flags.DEFINE_string("output", None, "Write the JSON result here too.")
 FLAGS = flags.FLAGS
 
 
-def make_task(vocab_size: int, matmul_dtype: str) -> loop.Task:
-  model = SeqVAE(VAEConfig(vocab_size=vocab_size, dropout_in=0.5, dropout_out=0.5,
-                           init="uniform", matmul_dtype=matmul_dtype))
-  return loop.Task(
-      init_fn=lambda rng, b: model.init({"params": rng, "latent": rng}, b["tokens"]),
-      loss_fn=losses.make_vae_loss(model, schedules.constant(1.0)),
-      eval_fn=losses.make_vae_eval(model), summarize=losses.summarize)
+def make_task(vocab: Vocab, matmul_dtype: str) -> steps.Task:
+  return common.vae_task(vocab, VAEConfig(vocab_size=len(vocab), dropout_in=0.5,
+                                          dropout_out=0.5, init="uniform",
+                                          matmul_dtype=matmul_dtype))
 
 
 def main(argv):
@@ -58,18 +54,18 @@ def main(argv):
   valid = [Example(tuple(s)) for s in ptb_batches.read_sentences(
       FLAGS.data_dir, "valid", FLAGS.eval_sentences)]
   vocab = Vocab.build(ex.tokens for ex in train)
-  train_data, valid_data = pipeline.encode(train, vocab, 100), pipeline.encode(valid, vocab, 100)
+  train_data, valid_data = encoding.encode(train, vocab, 100), encoding.encode(valid, vocab, 100)
   mesh = mesh_lib.make_mesh()
   opt_cfg = optim.OptimizerConfig(name="sgd", learning_rate=1.0, grad_clip_norm=5.0)
   valid_batches = lambda: iter(pipeline.EvalIterator(valid_data, 50, fixed_length=True))
   runs = {}
   for dtype in ("float32", "bfloat16"):
-    task = make_task(len(vocab), dtype)
+    task = make_task(vocab, dtype)
     it = pipeline.TrainIterator(train_data, 32, seed=FLAGS.seed)
     first = next(it)
-    state = loop.init_train_state(task, opt_cfg, first, FLAGS.seed, mesh)
-    step = loop.make_train_step(task, optim.make_optimizer(opt_cfg), mesh)
-    eval_step = loop.make_eval_step(task, mesh)
+    state = steps.init_train_state(task, opt_cfg, first, FLAGS.seed, mesh)
+    step = steps.make_train_step(task, optim.make_optimizer(opt_cfg), mesh)
+    eval_step = steps.make_eval_step(task, mesh)
     batch, curve, train_seconds = mesh_lib.to_global(first, mesh), [], 0.0
     for s in range(1, FLAGS.steps + 1):
       start = time.perf_counter()
@@ -78,7 +74,7 @@ def main(argv):
       train_seconds += time.perf_counter() - start
       batch = mesh_lib.to_global(next(it), mesh)
       if s % FLAGS.eval_every == 0 or s == FLAGS.steps:
-        summary = loop.evaluate(eval_step, state, valid_batches, task.summarize,
+        summary = steps.evaluate(eval_step, state, valid_batches, task.summarize,
                                 jax.random.PRNGKey(FLAGS.seed), mesh)
         curve.append({"step": s, **{k: float(v) for k, v in summary.items()
                                     if np.ndim(v) == 0}})

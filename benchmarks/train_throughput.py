@@ -50,12 +50,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 import ptb_batches  # noqa: E402
-from vae_jax import evaluation, losses, metrics, mutual_information, schedules  # noqa: E402
-from vae_jax.data import corpora, pipeline  # noqa: E402
+from vae_jax import evaluation, metrics, mutual_information  # noqa: E402
+from vae_jax.data import corpora, encoding, pipeline  # noqa: E402
 from vae_jax.data.readers import Example  # noqa: E402
 from vae_jax.data.vocab import Vocab  # noqa: E402
 from vae_jax.models.vae import SeqVAE, VAEConfig  # noqa: E402
-from vae_jax.training import host_memory, loop, mesh as mesh_lib, optim  # noqa: E402
+from vae_jax.training import host_memory, mesh as mesh_lib, optim, steps  # noqa: E402
 
 flags.DEFINE_string("data_dir", "../shared/data", "Folder with ptb/ (and yahoo/).")
 flags.DEFINE_list("sizes", ["ptb", "yahoo_on_ptb"], "Model sizes: ptb, yahoo_on_ptb, yahoo.")
@@ -106,7 +106,7 @@ def load_sentences(size: dict, data_dir: str, limit: int | None = None):
     examples = [Example(tuple(rng.choice(words, n))) for n in lengths]
     vocab = Vocab.from_words(words)
     source = "random"
-  data = pipeline.encode(examples[:limit], vocab, size.get("max_length", 100), "truncate")
+  data = encoding.encode(examples[:limit], vocab, size.get("max_length", 100), "truncate")
   return data, vocab, source
 
 
@@ -119,7 +119,7 @@ def reference_batches(seed: int) -> tuple[list, Vocab, str]:
   (padding rows of weight 0 up to 32 sentences), and the vocabulary."""
   sentences = ptb_batches.read_sentences(FLAGS.data_dir, "train")
   vocab = Vocab.build(sentences)
-  data = pipeline.encode([Example(tuple(s)) for s in sentences], vocab)
+  data = encoding.encode([Example(tuple(s)) for s in sentences], vocab)
   batches = []
   for rows in ptb_batches.timed_batches(sentences, BATCH, FLAGS.steps, seed):
     padded = np.full(BATCH, -1, np.int64)
@@ -135,15 +135,11 @@ def pipeline_batches(size: dict, seed: int) -> tuple[list, Vocab, str]:
   return [next(it) for _ in range(FLAGS.steps)], vocab, source + ", pipeline batches"
 
 
-def make_task(vocab_size: int, size: dict, matmul_dtype: str = "float32") -> loop.Task:
-  cfg = VAEConfig(vocab_size=vocab_size, embed_dim=size["embed_dim"],
-                  hidden_dim=size["hidden_dim"], latent_dim=LATENT, dropout_in=FLAGS.dropout,
-                  dropout_out=FLAGS.dropout, init="uniform", matmul_dtype=matmul_dtype)
-  model = SeqVAE(cfg)
-  return loop.Task(
-      init_fn=lambda rng, b: model.init({"params": rng, "latent": rng}, b["tokens"]),
-      loss_fn=losses.make_vae_loss(model, schedules.constant(1.0)),
-      eval_fn=losses.make_vae_eval(model), summarize=losses.summarize)
+def make_task(vocab: Vocab, size: dict, matmul_dtype: str = "float32") -> steps.Task:
+  return common.vae_task(vocab, VAEConfig(
+      vocab_size=len(vocab), embed_dim=size["embed_dim"], hidden_dim=size["hidden_dim"],
+      latent_dim=LATENT, dropout_in=FLAGS.dropout, dropout_out=FLAGS.dropout, init="uniform",
+      matmul_dtype=matmul_dtype))
 
 
 def bench_train(name: str, ceiling: float) -> list[dict]:
@@ -163,10 +159,10 @@ def bench_train(name: str, ceiling: float) -> list[dict]:
   records = []
   variants = [(o, d) for d in FLAGS.matmul_dtypes for o in FLAGS.optimizers]
   for opt_name, dtype in variants:
-    task = make_task(len(vocab), size, dtype)
+    task = make_task(vocab, size, dtype)
     opt_cfg = OPTIMIZERS[opt_name]
-    state = loop.init_train_state(task, opt_cfg, host_batches[0], FLAGS.seed, mesh)
-    step = loop.make_train_step(task, optim.make_optimizer(opt_cfg), mesh)
+    state = steps.init_train_state(task, opt_cfg, host_batches[0], FLAGS.seed, mesh)
+    step = steps.make_train_step(task, optim.make_optimizer(opt_cfg), mesh)
     start = time.perf_counter()
     for b in batches:  # untimed: compiles every shape, warms caches and the allocator
       state, out = step(state, b)
@@ -217,8 +213,8 @@ def bench_eval(ceiling: float) -> dict:
   size = SIZES["ptb"]
   vocab = Vocab.build(ptb_batches.read_sentences(FLAGS.data_dir, "train"))
   test = [Example(tuple(s)) for s in ptb_batches.read_sentences(FLAGS.data_dir, "test")]
-  first = pipeline.encode(test[:FLAGS.eval_sentences], vocab)
-  whole = pipeline.encode(test, vocab)
+  first = encoding.encode(test[:FLAGS.eval_sentences], vocab)
+  whole = encoding.encode(test, vocab)
   cfg = VAEConfig(vocab_size=len(vocab), embed_dim=size["embed_dim"],
                   hidden_dim=size["hidden_dim"], latent_dim=LATENT, init="uniform")
   model = SeqVAE(cfg)

@@ -31,18 +31,19 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 
 def main(argv):
-  from vae_jax import aggregate, errors, experiment, fileio
+  from vae_jax import aggregate, errors, fileio
+  from vae_jax.workdir import resolve_path, resolve_workdir
   given = [*FLAGS.workdir, *argv[1:]]
   if not given:
     raise errors.ConfigError("no runs: give --workdir=DIR (repeatable) or the directories as "
                              "arguments.")
-  runs = [aggregate.read_run(experiment.resolve_workdir(w, must_exist=True), FLAGS.split)
+  runs = [aggregate.read_run(resolve_workdir(w, must_exist=True), FLAGS.split)
           for w in given]
   records = aggregate.aggregate(aggregate.group_runs(runs))
   print(f"{FLAGS.split} split, mean ± sd over seeds:")
   print(aggregate.table(records, FLAGS.columns))
   if FLAGS.out:
-    out = experiment.resolve_path(FLAGS.out)
+    out = resolve_path(FLAGS.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     fileio.write_json_atomic(out, records)
 

@@ -30,8 +30,10 @@ import jax
 import numpy as np
 
 import main_lib
-from vae_jax import errors, experiment, fileio, generation, probe
-from vae_jax.data import corpora, pipeline, synthetic
+from vae_jax import errors, fileio, generation, probe, run_evaluation
+from vae_jax import workdir as workdir_lib
+from vae_jax.data import corpora, encoding, synthetic
+from vae_jax.training import checkpoint as checkpoint_lib
 
 FLAGS = flags.FLAGS
 
@@ -54,7 +56,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 def encoded_features(cfg, model, variables, vocab, examples, rng: jax.Array) -> np.ndarray:
   """float32 [N, F] features of `examples` (row i = examples[i]) under a trained model."""
-  data = pipeline.encode(examples, vocab, cfg.data.max_length, "truncate")
+  data = encoding.encode(examples, vocab, cfg.data.max_length, "truncate")
   logging.info("%d sentences: %s", len(examples), data.summary())
 
   def feature_fn(tokens: np.ndarray, index: int) -> np.ndarray:
@@ -77,7 +79,7 @@ def classify_run(workdir: str, corpus: str, train_splits: list[str], test_split:
                  data_dir: str | None, remove_overlap: bool, seed: int) -> dict[str, dict]:
   """Test accuracy of a linear probe on the run's features, for every training subset (and,
   on the embedded corpus, every factor: keys 'factor/split')."""
-  cfg, model, variables, vocab = experiment.load_run(workdir, which="best")
+  cfg, model, variables, vocab = run_evaluation.load_run(workdir, which="best")
   data_dir = data_dir or cfg.data.dir or None
   rng = jax.random.PRNGKey(seed)
   test = load_labelled(corpus, test_split, data_dir)
@@ -115,7 +117,7 @@ def accuracy_table(results: dict[str, dict[str, dict]], splits: list[str]) -> st
 
 def main(argv):
   main_lib.no_arguments(argv)
-  experiment.quiet_library_logs()
+  checkpoint_lib.quiet_library_logs()
   splits = [s.strip() for s in FLAGS.train_splits if s.strip()]
   try:
     if FLAGS.corpus != "synthetic":
@@ -128,12 +130,12 @@ def main(argv):
     raise
   except ValueError as e:
     raise errors.ConfigError(f"--corpus/--train_splits/--test_split: {e}") from e
-  data_dir = experiment.resolve_path(FLAGS.data_dir) if FLAGS.data_dir else None
-  out = experiment.resolve_path(FLAGS.out) if FLAGS.out else None
+  data_dir = workdir_lib.resolve_path(FLAGS.data_dir) if FLAGS.data_dir else None
+  out = workdir_lib.resolve_path(FLAGS.out) if FLAGS.out else None
   # Every run is checked before the first is evaluated.
-  workdirs = [experiment.resolve_workdir(w, must_exist=True) for w in FLAGS.workdir]
+  workdirs = [workdir_lib.resolve_workdir(w, must_exist=True) for w in FLAGS.workdir]
   for workdir in workdirs:
-    experiment.saved_config(workdir)
+    run_evaluation.saved_config(workdir)
   results = {}
   for given, workdir in zip(FLAGS.workdir, workdirs):
     results[given] = classify_run(workdir, FLAGS.corpus, splits, FLAGS.test_split, data_dir,

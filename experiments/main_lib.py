@@ -76,8 +76,9 @@ def train(argv) -> None:
   no_arguments(argv)
   initialize_distributed()
   cfg = loaded_config()
-  from vae_jax import experiment  # after jax.distributed is initialised
-  experiment.run(cfg, FLAGS.workdir)
+  from vae_jax import configs, runner, workdir  # after jax.distributed is initialised
+  path = workdir.resolve_workdir(FLAGS.workdir)  # a bad --workdir is the first error
+  runner.run(configs.read(cfg), path)
 
 
 def loaded_config():

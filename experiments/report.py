@@ -29,6 +29,7 @@ statistic is the evaluation's own (`vae_jax.evaluation.dimension_statistics`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -37,11 +38,11 @@ import jax
 import numpy as np
 
 import main_lib
-from vae_jax import errors, evaluation, experiment, fileio, generation, plots, probe
+from vae_jax import (errors, evaluation, fileio, generation, plots, probe, run_data,
+                     run_evaluation)
 from vae_jax import workdir as workdir_lib
 from vae_jax.data import corpora, readers, synthetic
-from vae_jax.models.cvae import CVAE
-from vae_jax.training import writers
+from vae_jax.training import checkpoint as checkpoint_lib, writers
 
 FLAGS = flags.FLAGS
 FIGURES = "figures"
@@ -90,11 +91,11 @@ def write_figure(fig, path: str) -> None:
 
 
 def restore(workdir: str, which: str):
-  """`experiment.load_run` of the `which` checkpoint (the newest intact one; a run without a
+  """`run_evaluation.load_run` of the `which` checkpoint (the newest intact one; a run without a
   best checkpoint yet gives its latest), or None (logged) when the run has no checkpoint.
   Returns (run, the kind of checkpoint used: 'best' or 'latest')."""
   try:
-    *run, meta = experiment.load_run(workdir, which, with_meta=True)
+    *run, meta = run_evaluation.load_run(workdir, which, with_meta=True)
   except errors.CheckpointNotFoundError:
     logging.warning("%s: no checkpoint yet, so no posterior figures (curves only).", workdir)
     return None, None
@@ -154,11 +155,9 @@ def posterior_report(workdir: str, name: str, *, split: str, which: str, max_exa
     logging.warning("%s: the %s model has no latent code, so no posterior figures (curves "
                     "only).", workdir, cfg.model.kind)
     return None
-  if data_dir is not None:
-    with cfg.unlocked():
-      cfg.data.dir = data_dir
-  examples = subset(experiment.load_split_examples(cfg, split), max_examples, seed)
-  data = experiment.encoder(cfg, vocab)(examples)
+  data_cfg = cfg.data if data_dir is None else dataclasses.replace(cfg.data, dir=data_dir)
+  examples = subset(run_data.load_split_examples(data_cfg, split), max_examples, seed)
+  data = run_data.encoder(data_cfg, vocab)(examples)
   batch_eval, keys = evaluation.make_batch_eval(model, 1, 1), evaluation.input_keys(model)
   summary = evaluation.posterior_summaries(
       batch_eval, variables, data, jax.random.PRNGKey(seed), batch_size=cfg.eval.batch_size,
@@ -194,8 +193,8 @@ def comparison_path(workdirs: list[str], out: str | None) -> str | None:
 
 def main(argv):
   main_lib.no_arguments(argv)
-  experiment.quiet_library_logs()
-  workdirs = list(dict.fromkeys(experiment.resolve_workdir(w, must_exist=True)
+  checkpoint_lib.quiet_library_logs()
+  workdirs = list(dict.fromkeys(workdir_lib.resolve_workdir(w, must_exist=True)
                                 for w in FLAGS.workdir))
   # Every run is checked before the first figure is written.
   records = {w: scalar_records(w) for w in workdirs}

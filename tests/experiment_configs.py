@@ -26,3 +26,9 @@ def one_shape(cfg):
 def smoke_config(name: str, variants: str = "smoke"):
   """`load_config(name, variants)` (a smoke variant) with every batch padded to one shape."""
   return one_shape(load_config(name, variants))
+
+
+def run_experiment(cfg, workdir):
+  """Trains and evaluates `cfg` (a ConfigDict) in `workdir`, as an experiment main does."""
+  from vae_jax import configs, runner  # noqa: PLC0415
+  return runner.run(configs.read(cfg), str(workdir))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiment_configs import load_config
-from vae_jax import configs, della_metrics, errors, schedules
+from vae_jax import configs, della_metrics, errors, run_config, schedules
 
 BETA_0 = 1e-5  # the official beta_0
 
@@ -83,7 +83,8 @@ def test_della_cyclical_from_the_config():
   assert (cfg.kl.schedule, cfg.kl.cycle_epochs, cfg.kl.start, cfg.kl.value) == (
       "della_cyclical", 2, BETA_0, 1.0)
   want = official_betas(6, 2, 6)
-  got = values(configs.kl_schedule(cfg, total_steps=1000, steps_per_epoch=6), len(want))
+  schedule = configs.read(cfg).kl.schedule
+  got = values(run_config.kl_schedule(schedule, total_steps=1000, steps_per_epoch=6), len(want))
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
   assert load_config("della", "smoke").kl.schedule == "cyclical"  # the default is unchanged
 

@@ -22,7 +22,7 @@ from absl import flags
 import pytest
 
 from doc_commands import ROOT, Command, documented_commands, readme_quick_start
-from vae_jax import errors, experiment
+from vae_jax import configs, errors
 from vae_jax.data import corpora
 
 # Appended to README's command: a few steps of a small model, every batch padded to one width
@@ -78,7 +78,7 @@ def test_readme_quick_start_runs_as_written(user_dir):
   assert "Traceback" not in first.stderr
 
   evaluated = run_in(user_dir, ["python", "experiments/evaluate.py",
-                                f"--workdir={workdirs[0]}", "--split=valid"])
+                                f"--workdir={workdirs[0]}", "--config.eval.splits=valid"])
   valid = json.loads((workdir / "eval_valid.json").read_text())
   assert valid["split"] == "valid" and valid["step"] == 6 and "valid" in evaluated.stdout
 
@@ -132,9 +132,11 @@ def check_command(command: Command) -> None:
     raise errors.ConfigError(script_module("experiments/main_lib.py").flag_error(e, argv))
   finally:
     sys.argv = saved_argv
-  if "config" in values:
-    cfg = experiment.resolve_paths(values["config"].value)
-    experiment.check_config(cfg)
+  if hasattr(module, "check_flags"):  # evaluate.py: overrides of a saved run's config
+    module.check_flags(values)
+  elif "config" in values:
+    cfg = configs.resolve_paths(values["config"].value)
+    configs.check_config(cfg)
     if corpora.get_corpus(cfg.data.corpus).subdir is not None:
       for split in {cfg.data.train_split, cfg.data.valid_split}:
         corpora.split_files(cfg.data.corpus, split, cfg.data.dir)
@@ -171,7 +173,9 @@ def test_documented_command_parses(command, monkeypatch):
     (["python", "experiments/vae.py", "--no_such_flag=1", "--workdir=x"], "no_such_flag"),
     (["python", "experiments/vae.py", "--config.model.latent_dim=-4", "--workdir=x"],
      "latent_dim=-4"),
-    (["python", "experiments/evaluate.py", "--split=test"], "workdir"),
+    (["python", "experiments/evaluate.py", "--config.eval.splits=test"], "workdir"),
+    (["python", "experiments/evaluate.py", "--workdir=x", "--config.data.dir=y"],
+     r"--config.data.dir: evaluation may change only the eval settings"),
 ])
 def test_the_check_rejects_broken_commands(argv, match, monkeypatch):
   monkeypatch.chdir(ROOT)

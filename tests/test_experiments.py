@@ -1,5 +1,6 @@
 """End-to-end: the experiment mains train, checkpoint, evaluate and report on the smoke config."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiment_configs import load_config, smoke_config
-from vae_jax import experiment, run_data
+from experiment_configs import load_config, run_experiment, smoke_config
+from vae_jax import build, configs, errors, pretraining, run_config, run_data, run_evaluation
 from vae_jax.data import pipeline
 from vae_jax.data.vocab import PAD, Vocab, VocabMismatchError
 
@@ -41,18 +42,22 @@ def test_vae_cli_trains_evaluates_and_reevaluates(tmp_path):
   assert 0 <= result["recon_bleu"] <= 1 and result["recon_length"] > 0
   assert (workdir / "metrics.jsonl").exists() and (workdir / "vocab.json").exists()
 
-  out = run_main("evaluate.py", f"--workdir={workdir}", "--split=valid")
+  out = run_main("evaluate.py", f"--workdir={workdir}", "--config.eval.splits=valid",
+                 "--config.eval.k_samples=4", "--config.eval.max_examples=20")
   result = json.loads((workdir / "eval_valid.json").read_text())
   assert EVAL_KEYS <= set(result) and result["split"] == "valid"
+  assert result["k_samples"] == 4 and result["n_sentences"] == 20
   assert result["examples"]["reconstructions"]
+  # The saved config is the run's: evaluation overrides do not change it.
+  assert json.loads((workdir / "config.json").read_text())["eval"]["k_samples"] == 8
 
 
 def test_lm_run_and_resume_is_a_no_op_when_finished(tmp_path):
   cfg = smoke_config("lm")
-  first = experiment.run(cfg, str(tmp_path))
+  first = run_experiment(cfg, tmp_path)
   assert first["test"]["kl"] == 0.0 and first["test"]["ppl"] > 1
   # Running the finished run again restores it and reproduces the evaluation exactly.
-  second = experiment.run(cfg, str(tmp_path))
+  second = run_experiment(cfg, tmp_path)
   assert second["test"]["nll"] == first["test"]["nll"]
 
 
@@ -62,7 +67,7 @@ def two_step_run(workdir):
   cfg.unlock()
   cfg.train.num_steps = 2
   cfg.eval.splits = ""
-  experiment.run(cfg, str(workdir))
+  run_experiment(cfg, workdir)
   return cfg
 
 
@@ -71,7 +76,7 @@ def test_vocabulary_mismatch_is_a_clear_error(tmp_path):
   vocab = Vocab.load(tmp_path / "vocab.json")
   Vocab.from_words(list(vocab.tokens[4:])[::-1]).save(tmp_path / "vocab.json")
   with pytest.raises(VocabMismatchError, match="fresh --workdir"):
-    experiment.run(cfg, str(tmp_path))
+    run_experiment(cfg, tmp_path)
 
 
 def test_unknown_variant_names_the_choices():
@@ -81,10 +86,11 @@ def test_unknown_variant_names_the_choices():
 
 def test_load_run_restores_the_trained_model(tmp_path):
   cfg = smoke_config("flow_vrae", "smoke,coupling")
-  first = experiment.run(cfg, str(tmp_path))
-  saved_cfg, model, variables, vocab = experiment.load_run(str(tmp_path))
-  assert saved_cfg.model.flow.kind == "coupling" and len(vocab) == model.config.vocab_size
-  again = experiment.evaluate_workdir(saved_cfg, str(tmp_path), ["test"])
+  first = run_experiment(cfg, tmp_path)
+  saved_cfg, model, variables, vocab = run_evaluation.load_run(str(tmp_path))
+  assert saved_cfg.model.config.flow.kind == "coupling"
+  assert len(vocab) == model.config.vocab_size
+  again = run_evaluation.evaluate_workdir(saved_cfg, str(tmp_path), ["test"])
   assert again["test"]["nll"] == pytest.approx(first["test"]["nll"], abs=1e-5)
 
 
@@ -94,9 +100,10 @@ def test_training_sentences_of_a_held_out_split_are_removed():
   cfg.data.max_train_examples = 0
   cfg.data.train_split = "valid+test"   # '+' concatenates splits
   cfg.data.exclude = "synthetic:test"
-  kept, removed = experiment.load_train_examples(cfg)
-  train = experiment.load_examples(cfg, "valid") + experiment.load_examples(cfg, "test")
-  held_out = {ex.tokens for ex in experiment.load_examples(cfg, "test")}
+  data = configs.read(cfg).data
+  kept, removed = run_data.load_train_examples(data)
+  train = run_data.load_examples(data, "valid") + run_data.load_examples(data, "test")
+  held_out = {ex.tokens for ex in run_data.load_examples(data, "test")}
   assert removed == sum(ex.tokens in held_out for ex in train) > 0
   assert len(kept) == len(train) - removed
   assert not any(ex.tokens in held_out for ex in kept)
@@ -107,13 +114,13 @@ def test_regulariser_weight_without_token_dropout_is_refused():
   cfg.unlock()
   cfg.model.smoothness_dropout = 0.0
   with pytest.raises(ValueError, match="smoothness_dropout"):
-    experiment.kl_term_config(cfg)
+    configs.kl_term_config(cfg)
 
 
 def test_dg_vae_with_pooling_reports_dispersion_holes_and_generation(tmp_path):
   cfg = smoke_config("dg_vae", "smoke,mean_pool")
   assert cfg.kl.kind == "density_gap" and cfg.model.pooling == "mean"
-  result = experiment.run(cfg, str(tmp_path))["test"]
+  result = run_experiment(cfg, tmp_path)["test"]
   assert {"dispersion", "hole_kl", "hole_kl_stderr", "hole_kl_null", "hole_kl_null_stderr",
           "hole_kl_excess", "hole_kl_excess_stderr", "marginal_kl", "prior_matched_dims",
           "prior_self_bleu", "prior_distinct_1", "prior_distinct_2", "prior_nll_per_token",
@@ -136,7 +143,7 @@ def test_aggressive_training_and_ae_pretraining_runs(tmp_path):
   cfg.eval.splits = ""
   cfg.train.num_steps, cfg.train.eval_every, cfg.train.log_every = 4, 2, 2
   cfg.train.aggressive_max_inner_steps, cfg.train.aggressive_check_every = 4, 2
-  experiment.run(cfg, str(tmp_path / "aggressive"))
+  run_experiment(cfg, tmp_path / "aggressive")
   records = [json.loads(line) for line in
              (tmp_path / "aggressive" / "metrics.jsonl").read_text().splitlines()]
   train = [r["metrics"] for r in records if r["split"] == "train"]
@@ -144,7 +151,7 @@ def test_aggressive_training_and_ae_pretraining_runs(tmp_path):
   cfg = smoke_config("vae", "smoke,ae_free_bits")
   cfg.eval.splits = ""
   cfg.train.num_steps, cfg.train.eval_every, cfg.train.log_every = 4, 4, 2
-  experiment.run(cfg, str(tmp_path / "ae_fb"))
+  run_experiment(cfg, tmp_path / "ae_fb")
   pre = json.loads((tmp_path / "ae_fb" / "pretrain" / "config.json").read_text())
   assert pre["kl"]["value"] == 0.0 and pre["train"]["num_steps"] == cfg.train.num_steps
 
@@ -158,7 +165,7 @@ def test_decoder_reset_keeps_the_pretrained_encoder():
   init_fn = lambda rng, batch: model.init({"params": rng, "latent": rng}, batch["tokens"])
   pretrained = init_fn(jax.random.PRNGKey(1), {"tokens": tokens})
   fresh = init_fn(jax.random.PRNGKey(2), {"tokens": tokens})
-  got = experiment._with_encoder(init_fn, pretrained)(jax.random.PRNGKey(2), {"tokens": tokens})
+  got = pretraining.with_encoder(init_fn, pretrained)(jax.random.PRNGKey(2), {"tokens": tokens})
   for name, source in (("encoder", pretrained), ("head", pretrained),
                        ("encoder_embed", pretrained), ("decoder", fresh),
                        ("decoder_embed", fresh)):
@@ -166,11 +173,41 @@ def test_decoder_reset_keeps_the_pretrained_encoder():
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_the_pretraining_phase_reads_back_from_its_record():
+  """The phase's typed configs are what its saved config.json reads as, and what Li et al.
+  train: beta = 0, the plain KL term, the best checkpoint by reconstruction, no final
+  evaluation, the main run's data, model and optimiser otherwise."""
+  cfg = configs.read(smoke_config("vae", "smoke,ae_free_bits,aggressive"))
+  pre = pretraining.pretraining_config(cfg, pretraining.phase_steps(cfg.pretrain, 12))
+  assert pre.train.num_steps == 12 and pre.train.aggressive is None
+  assert (pre.kl.term.kind, pre.kl.term.free_bits, pre.kl.schedule.name,
+          pre.kl.schedule.value) == ("kl", 0.0, "constant", 0.0)
+  assert run_config.kl_schedule(pre.kl.schedule, 12, 4)(5) == 0.0
+  assert (pre.train.best_metric, pre.eval.splits, pre.pretrain.steps) == ("rec", (), 0)
+  assert (pre.data, pre.model) == (cfg.data, cfg.model)
+  assert pre.optimizer.param_labels is None and cfg.optimizer.param_labels is not None
+  again = configs.read(configs.from_json(pre.record))
+  assert dataclasses.replace(again, record="") == dataclasses.replace(pre, record="")
+
+
+def test_evaluation_overrides_change_only_eval_fields():
+  saved = smoke_config("vae")
+  got = configs.with_eval_overrides(saved, {"eval.k_samples": 3, "eval.splits": "valid"})
+  assert (got.eval.k_samples, got.eval.splits, saved.eval.k_samples) == (3, "valid", 8)
+  for overrides, match in (({"data.dir": "x"}, r"^--config.data.dir: evaluation may change "
+                                                r"only the eval settings"),
+                           ({"eval.k_sample": 3}, r"^--config.eval.k_sample=3: the run's "
+                                                  r"config has no such field"),
+                           ({"eval.k_samples": "many"}, r"^--config.eval.k_samples=many: ")):
+    with pytest.raises(errors.ConfigError, match=match):
+      configs.with_eval_overrides(saved, overrides)
+
+
 def test_cvrae_dialogue_flow_run_reports_dialogue_metrics(tmp_path):
   cfg = smoke_config("cvrae_dialogue", "smoke,iaf")
   with cfg.unlocked():
     cfg.data.dir = str(ROOT.parent / "shared" / "data" / "dailydialog")
-  result = experiment.run(cfg, str(tmp_path))["test"]
+  result = run_experiment(cfg, tmp_path)["test"]
   for key in ("nll", "ppl", "kl", "mi", "au", "bow", "bleu1_precision", "bleu4_recall",
               "distinct_1", "distinct_2", "length", "beam_bleu1", "act_accuracy",
               "emotion_majority"):
@@ -180,7 +217,7 @@ def test_cvrae_dialogue_flow_run_reports_dialogue_metrics(tmp_path):
   saved = json.loads((tmp_path / "eval_test.json").read_text())
   shown = saved["examples"]["dialogue"]
   assert len(shown) == 2 and len(shown[0]["samples"]) == 3 and shown[0]["context"]
-  _, model, variables, _ = experiment.load_run(str(tmp_path))
+  _, model, variables, _ = run_evaluation.load_run(str(tmp_path))
   assert model.config.posterior == "flow" and "flow" in variables["params"]
 
 
@@ -198,7 +235,7 @@ def _tiny_gpt2_checkpoint(directory, cfg):
   (directory / "vocab.json").write_text(json.dumps(vocab))
   (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n"
                                                                    for a, b in merges))
-  config = experiment.transformer_config(cfg, len(vocab) + gpt2.ID_OFFSET)
+  config = configs.transformer_config(cfg, len(vocab) + gpt2.ID_OFFSET)
   params = jax.jit(Transformer(config).init)(jax.random.PRNGKey(7),
                                              np.ones((1, 4), np.int32))["params"]
   gpt2.save_gpt2_checkpoint(params, config, directory)
@@ -212,10 +249,11 @@ def test_della_from_gpt2_weights_with_its_bpe_tokenizer_trains_evaluates_reloads
     cfg.model.pretrained_dir = str(tmp_path / "gpt2")
   pretrained = _tiny_gpt2_checkpoint(tmp_path / "gpt2", cfg)
   workdir = tmp_path / "run"
-  vocab = run_data.build_vocab(cfg, [])
-  model = experiment.build_model(cfg, len(vocab))
-  task = experiment.build_task(cfg, model, vocab, 1, 1)
-  tokens = experiment.encoder(cfg, vocab)(experiment.load_split_examples(cfg, "test")[:2])
+  typed = configs.read(cfg)
+  vocab = run_data.build_vocab(typed.data, [])
+  model = build.build_model(typed.model, len(vocab))
+  task = build.build_task(typed, model, vocab, 1, 1)
+  tokens = run_data.encoder(typed.data, vocab)(run_data.load_split_examples(typed.data, "test")[:2])
   batch = pipeline.make_batch(tokens, np.arange(2), 24)
   params = task.warm_start(jax.jit(task.init_fn)(jax.random.PRNGKey(0), batch)["params"])
   params = params["transformer"]
@@ -225,22 +263,23 @@ def test_della_from_gpt2_weights_with_its_bpe_tokenizer_trains_evaluates_reloads
   np.testing.assert_array_equal(params["wte"]["embedding"][4:],
                                 pretrained["wte"]["embedding"][4:])
   # Sentences are BPE ids (cut at max_length) that decode back to the words.
-  words = experiment.load_split_examples(cfg, "test")[0].tokens
+  words = run_data.load_split_examples(typed.data, "test")[0].tokens
   assert vocab.decode(vocab.encode(words))[0] == " ".join(words)
   assert " ".join(words).startswith(vocab.decode(batch["tokens"][0])[0])
   # The whole run: train, evaluate with the generic suite, reload.
-  result = experiment.run(cfg, str(workdir))["test"]
+  result = run_experiment(cfg, workdir)["test"]
   assert json.loads((workdir / "vocab.json").read_text())["kind"] == "gpt2_bpe"
   d = cfg.model.latent_dim
   assert "hole_kl" in result and "prior_self_bleu" in result
   assert 0 <= result["recon_bleu"] <= 1 and 0 <= result["recon_exact"] <= 1
-  _, model, variables, _ = experiment.load_run(str(workdir))
+  _, model, variables, _ = run_evaluation.load_run(str(workdir))
   fusion = variables["params"]["transformer"]["h_0"]["attn"]["fusion"]
   assert fusion["latent_factors"].shape == (4, d + 1, cfg.model.transformer.model_dim)
   # The evaluated sentences (the first 16 of the test split, BPE ids and EOS), counted here:
   # the PPL's denominator; and the per-layer active units from the population variance of the
   # z-space chain of posterior means of the restored model on them.
-  data = experiment.encoder(cfg, vocab)(run_data.load_eval_split(cfg, "test"))
+  data = run_data.encoder(typed.data, vocab)(
+      run_data.load_eval_split(typed.data, "test", typed.eval.max_examples))
   tokens = pipeline.make_batch(data, np.arange(len(data)), cfg.data.max_length)["tokens"]
   n_tokens = int(np.sum(tokens != PAD))
   assert result["n_sentences"] == len(tokens) == 16 and result["n_tokens"] == n_tokens

@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from experiment_configs import load_config
-from vae_jax import errors, experiment, kl_terms, losses, objectives
+from vae_jax import configs, errors, kl_terms, losses, objectives
 from vae_jax.kl_terms import KL_TERMS, DensityGap, FreeBits, LayerHinge, PlainKL
 from vae_jax.models.della import Della, DellaConfig
 from vae_jax.models.vae import SeqVAE, VAEConfig
@@ -274,38 +274,38 @@ def test_config_errors_name_the_option(name, field, value):
   cfg.kl.options[field] = value
   with pytest.raises(errors.ConfigError, match=rf"^--config.kl.options.{field}={value}: "
                                                rf"{field} must"):
-    experiment.check_config(cfg)
+    configs.check_config(cfg)
 
 
 def test_config_reads_the_chosen_terms_options_and_refuses_the_others():
   assert dict(vanilla_config().kl.options) == kl_terms.option_defaults()
   cfg = vanilla_config()
   cfg.kl.kind, cfg.kl.options.samples, cfg.kl.options.chunk = "density_gap", 8, 4
-  assert experiment.kl_term_config(cfg) == DensityGap(samples=8, chunk=4)
+  assert configs.kl_term_config(cfg) == DensityGap(samples=8, chunk=4)
   cfg = vanilla_config()
   cfg.kl.options.target = 2.0        # forgotten kl.kind: an option nothing would read
   with pytest.raises(errors.ConfigError, match=r"^--config.kl.options.target=2.0: an option of "
                                                r"free_bits and free_bits_sentence, not read by "
                                                r"kl.kind=kl; set --config.kl.kind to one of them"):
-    experiment.check_config(cfg)
+    configs.check_config(cfg)
   cfg.kl.kind = "free_bits_sentence"
-  assert experiment.kl_term_config(cfg) == FreeBits(2.0)
+  assert configs.kl_term_config(cfg) == FreeBits(2.0)
   cfg.kl.kind = "mmd"
   with pytest.raises(errors.ConfigError, match=r"^--config.kl.kind=mmd: not a KL term"):
-    experiment.check_config(cfg)
+    configs.check_config(cfg)
 
 
 def test_the_configs_choose_their_terms():
-  assert experiment.kl_term_config(load_config("vae")) == FreeBits(4.0)
-  assert experiment.kl_term_config(load_config("vae", "ae_free_bits")) == FreeBits(
+  assert configs.kl_term_config(load_config("vae")) == FreeBits(4.0)
+  assert configs.kl_term_config(load_config("vae", "ae_free_bits")) == FreeBits(
       0.25, per_dimension=True)
   cfg = load_config("vae", "ae_free_bits")
   assert cfg.kl.kind == "free_bits_sentence"
   assert load_config("dg_vae").kl.kind == "density_gap"
   della = load_config("della")
   assert della.kl.kind == "layer_hinge"
-  assert experiment.kl_term_config(della) == LayerHinge(0.0, "sum")
-  assert experiment.kl_term_config(load_config("della", "official_kl")) == LayerHinge(
+  assert configs.kl_term_config(della) == LayerHinge(0.0, "sum")
+  assert configs.kl_term_config(load_config("della", "official_kl")) == LayerHinge(
       0.0, "mean")
 
 

@@ -17,7 +17,7 @@ import pytest
 from scipy import integrate, optimize, special, stats
 
 from vae_jax import probe
-from vae_jax.data import pipeline
+from vae_jax.data import encoding
 from vae_jax.data.readers import Example
 from vae_jax.data.vocab import PAD, Vocab
 
@@ -277,7 +277,7 @@ def test_feature_matrix_rows_follow_the_examples():
   examples = [Example(tuple(rng.choice(words, size=rng.integers(1, 12))), label=i % 2)
               for i in range(23)]
   vocab = Vocab.build([ex.tokens for ex in examples])
-  data = pipeline.encode(examples, vocab)
+  data = encoding.encode(examples, vocab)
   seen = []
 
   def feature_fn(tokens, index):

@@ -13,8 +13,8 @@ from matplotlib import image
 import numpy as np
 import pytest
 
-from experiment_configs import smoke_config
-from vae_jax import errors, experiment, plots
+from experiment_configs import run_experiment, smoke_config
+from vae_jax import errors, plots
 from vae_jax.data import synthetic
 from vae_jax.training import writers
 
@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory) -> Path:
   cfg.train.num_steps, cfg.train.log_every, cfg.train.eval_every = 8, 4, 4
   cfg.eval.splits = ""
   workdir = tmp_path_factory.mktemp("report") / "flow"
-  experiment.run(cfg, str(workdir))
+  run_experiment(cfg, workdir)
   return workdir
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from experiment_configs import smoke_config
-from vae_jax import errors, experiment
+from experiment_configs import run_experiment, smoke_config
+from vae_jax import errors
 from vae_jax.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_failed_starts_write_nothing_and_the_corrected_command_runs(tmp_path, mo
     cfg = smoke_ptb_config(f"data_{i}/ptb/")
     change(cfg, write_corpus(tmp_path / f"data_{i}" / "ptb"))
     with pytest.raises(error, match=match) as info:
-      experiment.run(cfg, "runs/x")
+      run_experiment(cfg, "runs/x")
     assert "\n" not in str(info.value), what
     assert not (tmp_path / "runs").exists(), f"{what}: the failed start wrote files"
 
@@ -83,20 +83,20 @@ def test_failed_starts_write_nothing_and_the_corrected_command_runs(tmp_path, mo
   (workdir / "config.json").write_text(json.dumps({"model": {"latent_dim": -4}}))
   (workdir / "vocab.json").write_text("{}")
   write_corpus(tmp_path / "data" / "ptb")
-  first = experiment.run(smoke_ptb_config("./data/ptb/"), "runs/x")["test"]
+  first = run_experiment(smoke_ptb_config("./data/ptb/"), "runs/x")["test"]
   saved = json.loads((workdir / "config.json").read_text())
   assert saved["data"]["dir"] == str(tmp_path / "data" / "ptb")  # resolved, normalised
 
   # The same corpus spelled another way is the same setting: the run resumes.
   cfg = smoke_ptb_config(str(tmp_path / "data" / "ptb"))
   cfg.train.num_steps = 3
-  again = experiment.run(cfg, str(workdir))["test"]
+  again = run_experiment(cfg, workdir)["test"]
   assert again["step"] == 3 and first["step"] == 2
   with pytest.raises(errors.ConfigError, match=r"--config.model.hidden_dim=8 \(trained with "
                                                r"24\).* fresh --workdir"):
     changed = smoke_ptb_config("data/ptb")
     changed.model.hidden_dim = 8
-    experiment.run(changed, "runs/x")
+    run_experiment(changed, "runs/x")
 
 
 def run_main(*args):

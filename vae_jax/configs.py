@@ -1,36 +1,59 @@
-"""The config boundary: an ml_collections config -> the library's typed, checked objects.
+"""The config boundary: an ml_collections config -> the library's typed, checked configs.
 
-The experiment configs (experiments/configs/) are ConfigDicts. This module is where they are
-read, field by field, into the frozen dataclasses of the library (model, KL term, schedule,
-optimiser, loop settings), and where a run's config is checked before anything is read or
-written: `resolve_paths` makes its path fields absolute, `check_config` raises a one-line
-`ConfigError` naming the first bad field (`--config.model.latent_dim=-4: ...`).
+The experiment configs (experiments/configs/) are ConfigDicts. This module is the only one that
+reads them: `read` turns a run's config into an `ExperimentConfig` (`vae_jax.run_config`),
+frozen dataclasses of its data, model, KL, optimiser, training, pretraining and evaluation
+settings, which everything below the command line (run data, building, running, evaluation,
+reporting) takes. Before that
+the config is checked: `resolve_paths` makes its path fields absolute, `check_config` raises a
+one-line `ConfigError` naming the first bad field (`--config.model.latent_dim=-4: ...`).
+
+A run's `config.json` stays the ConfigDict's JSON (`ExperimentConfig.record`), so a saved run
+reads back through `read` (`from_json`) however old it is; fields added since default here.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import re
+from typing import Any, Mapping
 
 import ml_collections
 
-from vae_jax import errors, kl_terms, schedules, workdir as workdir_lib
+from vae_jax import errors, kl_terms, posteriors, workdir as workdir_lib
 from vae_jax.data import corpora
-from vae_jax.models.cvae import CVAE, CVAEConfig
-from vae_jax.models.della import Della, DellaConfig
-from vae_jax.models.transformer_lm import TransformerLM
-from vae_jax.models.vae import LSTMLanguageModel, SeqVAE, VAEConfig, param_groups
+from vae_jax.models.cvae import CVAEConfig
+from vae_jax.models.della import DellaConfig
+from vae_jax.models.vae import VAEConfig, param_groups
 from vae_jax.nn.flows import FlowConfig
 from vae_jax.nn.transformer import TransformerConfig
-from vae_jax.training import loop, optim
+from vae_jax.run_config import (LM_KINDS, DataConfig, EvalConfig, ExperimentConfig, KLConfig,
+                                ModelSpec, PretrainConfig, ScheduleConfig, TrainSettings,
+                                kl_schedule, loop_config)
+from vae_jax.training import aggressive, optim
+
+# The vocabulary size the model section is read (and checked) with before the run's
+# vocabulary exists; `ModelSpec.sized` sets the real one.
+CHECK_VOCAB_SIZE = 1000
 
 
 # ---------------------------------------------------------------------------------------------
-# Config -> typed objects.
+# ConfigDict -> typed configs.
 # ---------------------------------------------------------------------------------------------
+
+
+def _fields(section: ml_collections.ConfigDict, cls, **values):
+  """`cls` from the fields of `section` it has (the dataclass defaults stand for the others),
+  with `values` taking precedence."""
+  names = [f.name for f in dataclasses.fields(cls) if f.name in section and f.name not in values]
+  return cls(**{name: section[name] for name in names}, **values)
 
 
 def flow_config(cfg: ml_collections.ConfigDict) -> FlowConfig | None:
-  if cfg.model.posterior == "gaussian":
+  """The flow of a posterior family that needs one (`posteriors.POSTERIORS`), else None."""
+  if not posteriors.family(cfg.model.posterior).needs_flow:
     return None
   f = cfg.model.flow
   return FlowConfig(kind=f.kind, num_layers=f.num_layers, hidden_dim=f.hidden_dim,
@@ -83,7 +106,14 @@ def della_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> DellaConfig
                      clamp=d.clamp)
 
 
-LM_KINDS = ("lm", "transformer_lm")
+def model_spec(cfg: ml_collections.ConfigDict) -> ModelSpec:
+  readers = {"vae": model_config, "lm": model_config, "cvae": cvae_config,
+             "della": della_config, "transformer_lm": transformer_config}
+  kind = cfg.model.kind
+  if kind not in readers:
+    raise ValueError(f"unknown model.kind {kind!r}; choose one of {sorted(readers)}")
+  return ModelSpec(kind=kind, config=readers[kind](cfg, CHECK_VOCAB_SIZE),
+                   pretrained_dir=cfg.model.get("pretrained_dir", ""))
 
 
 def kl_term_config(cfg: ml_collections.ConfigDict):
@@ -123,28 +153,26 @@ def kl_term_config(cfg: ml_collections.ConfigDict):
   return kl_terms.entry(k.kind).options(**{field: k.options[field] for field in own})
 
 
-def build_model(cfg: ml_collections.ConfigDict, vocab_size: int):
-  builders = {
-      "vae": lambda: SeqVAE(model_config(cfg, vocab_size)),
-      "lm": lambda: LSTMLanguageModel(model_config(cfg, vocab_size)),
-      "cvae": lambda: CVAE(cvae_config(cfg, vocab_size)),
-      "della": lambda: Della(della_config(cfg, vocab_size)),
-      "transformer_lm": lambda: TransformerLM(transformer_config(cfg, vocab_size)),
-  }
-  if cfg.model.kind not in builders:
-    raise ValueError(f"unknown model.kind {cfg.model.kind!r}; choose one of {sorted(builders)}")
-  return builders[cfg.model.kind]()
+def kl_config(cfg: ml_collections.ConfigDict) -> KLConfig:
+  k = cfg.kl
+  schedule = ScheduleConfig(
+      name=k.schedule, value=k.value, start=k.start, warmup_steps=k.warmup_steps,
+      warmup_epochs=k.get("warmup_epochs", 0.0), num_cycles=k.num_cycles, ratio=k.ratio,
+      cycle_epochs=k.get("cycle_epochs", 2))  # 2: older runs
+  return KLConfig(kind=k.kind, options=kl_term_config(cfg),
+                  smoothness_weight=k.smoothness_weight, schedule=schedule,
+                  bow_weight=k.get("bow_weight", 0.0))
 
 
-def aggressive_config(cfg: ml_collections.ConfigDict) -> loop.AggressiveConfig | None:
+def aggressive_config(cfg: ml_collections.ConfigDict) -> aggressive.AggressiveConfig | None:
   t = cfg.train
   if not t.get("aggressive", False):
     return None
   if cfg.model.kind != "vae":
     raise ValueError("train.aggressive applies to VAEs (model.kind='vae')")
-  return loop.AggressiveConfig(max_inner_steps=t.aggressive_max_inner_steps,
-                               check_every=t.aggressive_check_every,
-                               stop_metric=t.aggressive_stop_metric)
+  return aggressive.AggressiveConfig(max_inner_steps=t.aggressive_max_inner_steps,
+                                     check_every=t.aggressive_check_every,
+                                     stop_metric=t.aggressive_stop_metric)
 
 
 def optimizer_config(cfg: ml_collections.ConfigDict) -> optim.OptimizerConfig:
@@ -157,28 +185,90 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> optim.OptimizerConfig:
       param_labels=param_groups if aggressive_config(cfg) is not None else None)
 
 
-def kl_schedule(cfg: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int):
-  k = cfg.kl
-  warmup = k.warmup_steps
-  if k.get("warmup_epochs", 0.0):
-    warmup = int(round(k.warmup_epochs * steps_per_epoch))
-  return schedules.from_name(k.schedule, total_steps=total_steps, warmup_steps=warmup,
-                             value=k.value, num_cycles=k.num_cycles, ratio=k.ratio,
-                             start=k.start, steps_per_epoch=steps_per_epoch,
-                             cycle_epochs=k.get("cycle_epochs", 2))  # 2: older runs
-
-
-def train_config(cfg: ml_collections.ConfigDict, total_steps: int,
-                 steps_per_epoch: int) -> loop.TrainConfig:
-  """The loop's settings; evaluation (and checkpoints) once per epoch unless set."""
+def train_settings(cfg: ml_collections.ConfigDict) -> TrainSettings:
   t = cfg.train
-  eval_every = t.eval_every or steps_per_epoch
-  return loop.TrainConfig(
-      num_steps=total_steps, log_every=t.log_every, eval_every=eval_every,
-      checkpoint_every=t.checkpoint_every or eval_every, seed=t.seed,
-      best_metric=t.best_metric or ("nll" if cfg.model.kind in LM_KINDS else "neg_elbo"),
-      progress_bar=t.progress_bar or False, optimizer=optimizer_config(cfg),
-      aggressive=aggressive_config(cfg))
+  return _fields(t, TrainSettings, progress_bar=t.progress_bar or False,
+                 best_metric=t.best_metric or ("nll" if cfg.model.kind in LM_KINDS
+                                               else "neg_elbo"),
+                 aggressive=aggressive_config(cfg))
+
+
+def split_names(spec: str) -> tuple[str, ...]:
+  """'valid,test' -> ('valid', 'test') (the format of `eval.splits`)."""
+  return tuple(s.strip() for s in spec.split(",") if s.strip())
+
+
+def data_config(cfg: ml_collections.ConfigDict) -> DataConfig:
+  d = cfg.data
+  return _fields(d, DataConfig, dialogue=cfg.model.kind == "cvae",
+                 tokenizer_dir=d.get("tokenizer_dir", "") or cfg.model.get("pretrained_dir", ""))
+
+
+def eval_config(cfg: ml_collections.ConfigDict) -> EvalConfig:
+  """Runs saved before a field existed get its default (no holes for dialogue runs)."""
+  e = cfg.eval
+  return _fields(e, EvalConfig, splits=split_names(e.splits),
+                 hole_samples=e.get("hole_samples", 0 if cfg.model.kind == "cvae" else 10_000))
+
+
+def read(cfg: ml_collections.ConfigDict) -> ExperimentConfig:
+  """The typed config of a run: `cfg` (unchanged) with its paths resolved
+  (`resolve_paths`), checked (`check_config`) and read section by section."""
+  cfg = resolve_paths(copy.deepcopy(cfg))
+  return ExperimentConfig(**_sections(cfg), record=cfg.to_json_best_effort(sort_keys=True))
+
+
+def from_json(record: Mapping[str, Any] | str) -> ml_collections.ConfigDict:
+  """The ConfigDict of a saved `config.json` (a dict, or its text)."""
+  return ml_collections.ConfigDict(json.loads(record) if isinstance(record, str) else record)
+
+
+def with_settings(record: str, settings: Mapping[str, Any]) -> str:
+  """`record` (a config's JSON) with the dotted fields of `settings` set."""
+  tree = json.loads(record)
+  for name, value in settings.items():
+    *sections, field = name.split(".")
+    node = tree
+    for section in sections:
+      node = node.setdefault(section, {})
+    node[field] = value
+  return json.dumps(tree, sort_keys=True)
+
+
+def eval_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+  """The `--config.eval.*` overrides of a saved run's config (dotted names below `config.`,
+  as `config_flags.get_override_values` gives them) as eval field -> value; an override of
+  any other field is a one-line ConfigError."""
+  fields = {}
+  for name, value in overrides.items():
+    section, _, field = name.partition(".")
+    if section != "eval" or not field or "." in field:
+      raise errors.ConfigError(
+          f"--config.{name}: evaluation may change only the eval settings of the run's saved "
+          "config (e.g. --config.eval.k_samples=50, --config.eval.splits=test); the model "
+          "and data stay those the run was trained with.")
+    fields[field] = value
+  return fields
+
+
+def with_eval_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+                        data_dir: str | None = None) -> ml_collections.ConfigDict:
+  """A copy of a saved run's config with `eval_overrides` applied (a field the run's `eval`
+  section lacks, or a value of another type, is a one-line ConfigError) and the corpus read
+  from `data_dir` when it moved since training."""
+  cfg = copy.deepcopy(cfg)
+  for field, value in eval_overrides(overrides).items():
+    if field not in cfg.eval:
+      raise errors.ConfigError(f"--config.eval.{field}={value}: the run's config has no such "
+                               f"field; choose one of {', '.join(sorted(cfg.eval))}.")
+    try:
+      cfg.eval[field] = value
+    except TypeError as e:
+      raise errors.ConfigError(
+          f"--config.eval.{field}={value}: {errors.one_line(str(e))}") from None
+  if data_dir:
+    cfg.data.dir = data_dir
+  return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +278,6 @@ def train_config(cfg: ml_collections.ConfigDict, total_steps: int,
 
 # The config fields that hold paths; `resolve_paths` makes them absolute.
 PATH_FIELDS = ("data.dir", "data.exclude_dir", "data.tokenizer_dir", "model.pretrained_dir")
-
 
 
 def resolve_paths(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -244,12 +333,8 @@ def _named(cfg: ml_collections.ConfigDict, section: str, error: Exception) -> er
   return errors.ConfigError(f"--config.{name}={value}: {message}")
 
 
-def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """Checks every config value a run uses, without reading data or writing anything.
-
-  Raises:
-    ConfigError: one line naming the first bad field (`--config.x.y=value`) and what is wrong.
-  """
+def _check_values(cfg: ml_collections.ConfigDict) -> None:
+  """The number ranges, choices and corpus settings `check_config` checks first."""
   for name in _POSITIVE + _NON_NEGATIVE:
     value = _field(cfg, name)
     if value is None:
@@ -273,13 +358,38 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(f"--config.data.corpus={d.corpus} is read from files: set "
                              f"--config.data.dir to its folder (../shared/data/{corpus.subdir} "
                              "in a checkout).")
-  for section, build in (
-      ("model", lambda: build_model(cfg, 1000)), ("kl", lambda: kl_term_config(cfg)),
-      ("kl", lambda: kl_schedule(cfg, 100, 10)), ("optimizer", lambda: optimizer_config(cfg)),
-      ("train", lambda: train_config(cfg, 100, 10))):
+
+
+def _sections(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Every section of `cfg` read into its typed config, after `_check_values`; an error of a
+  section's reader becomes a ConfigError naming the field (`_named`)."""
+  _check_values(cfg)
+  out = {}
+
+  def section(name: str, read):
     try:
-      build()
+      return read()
     except errors.UserError:
       raise
-    except (ValueError, TypeError, KeyError) as e:
-      raise _named(cfg, section, e) from e
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+      raise _named(cfg, name, e) from e
+
+  out["data"] = section("data", lambda: data_config(cfg))
+  out["model"] = section("model", lambda: model_spec(cfg))
+  out["kl"] = section("kl", lambda: kl_config(cfg))
+  section("kl", lambda: kl_schedule(out["kl"].schedule, 100, 10))
+  out["optimizer"] = section("optimizer", lambda: optimizer_config(cfg))
+  out["train"] = section("train", lambda: train_settings(cfg))
+  section("train", lambda: loop_config(out["train"], out["optimizer"], 100, 10))
+  out["pretrain"] = section("pretrain", lambda: _fields(cfg.get("pretrain", {}), PretrainConfig))
+  out["eval"] = section("eval", lambda: eval_config(cfg))
+  return out
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Checks every config value a run uses, without reading data or writing anything.
+
+  Raises:
+    ConfigError: one line naming the first bad field (`--config.x.y=value`) and what is wrong.
+  """
+  _sections(cfg)

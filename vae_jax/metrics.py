@@ -30,12 +30,6 @@ import numpy as np
 
 from vae_jax.objectives import (gaussian_kl, gaussian_log_prob, reparameterize,
                                 standard_normal_log_prob)
-# moved to vae_jax.mutual_information
-from vae_jax.mutual_information import (  # noqa: F401
-    PairwiseLogProbFn, aggregate_posterior_log_prob, gaussian_mi_terms,
-    gaussian_mi_terms_per_batch, gaussian_mutual_information,
-    gaussian_mutual_information_per_batch, gaussian_pairwise_log_prob, length_sorted_batches,
-    mutual_information, mutual_information_terms, per_batch_terms)
 
 LogWeightsFn = Callable[[jax.Array, int], jax.Array]
 

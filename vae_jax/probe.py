@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vae_jax.data import pipeline, synthetic
+from vae_jax.data import encoding, pipeline, synthetic
 
 DEFAULT_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_MAX_ITER = 500
@@ -381,7 +381,7 @@ def label_sets(corpus: str, examples: Sequence) -> dict[str, np.ndarray]:
   return {"label": np.array([ex.label for ex in examples], dtype=np.int32)}
 
 
-def feature_matrix(data: pipeline.EncodedCorpus | pipeline.BatchSource,
+def feature_matrix(data: encoding.EncodedCorpus | pipeline.BatchSource,
                    feature_fn: Callable[..., np.ndarray], batch_size: int,
                    pad_multiple: int = 8, keys: tuple[str, ...] = ("tokens",)) -> np.ndarray:
   """float32 [N, F] features of every example of `data`, row i = example i.

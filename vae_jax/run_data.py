@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import jax
-import ml_collections
 from absl import logging
 
 from vae_jax import errors
-from vae_jax.data import bpe, corpora, dialogue, pipeline, synthetic
+from vae_jax.data import bpe, corpora, dialogue, encoding, pipeline, synthetic
 from vae_jax.data.vocab import Vocab
-
-
-def is_dialogue(cfg: ml_collections.ConfigDict) -> bool:
-  """Dialogue runs (model.kind 'cvae') read (context, response) pairs instead of sentences."""
-  return cfg.model.kind == "cvae"
+from vae_jax.run_config import DataConfig, ExperimentConfig
 
 
 def cap(examples, n: int):
@@ -29,63 +24,56 @@ def cap(examples, n: int):
   return examples[:n] if n else examples
 
 
-def split_names(spec: str) -> list[str]:
-  """'valid,test' -> ['valid', 'test'] (the format of `eval.splits`)."""
-  return [s.strip() for s in spec.split(",") if s.strip()]
-
-
-def load_examples(cfg: ml_collections.ConfigDict, split: str):
+def load_examples(d: DataConfig, split: str):
   """The sentences of `split`; 'a+b' concatenates splits (e.g. 'valid+test')."""
-  d = cfg.data
   examples = []
   for part in split.split("+"):
     if d.corpus == "synthetic":
-      examples += synthetic.generate(part, seed=d.get("synthetic_seed", 0))
+      examples += synthetic.generate(part, seed=d.synthetic_seed)
     else:
       examples += corpora.load_split(d.corpus, part, d.dir or None)
   return examples
 
 
-def load_pairs(cfg: ml_collections.ConfigDict, split: str) -> list[dialogue.DialoguePair]:
+def load_pairs(d: DataConfig, split: str) -> list[dialogue.DialoguePair]:
   """The (context, response) pairs of `split` ('a+b' concatenates splits)."""
-  d = cfg.data
   return [p for part in split.split("+")
           for p in dialogue.load_pairs(part, d.dir or None, d.context_window,
                                        lowercase=d.lowercase)]
 
 
-def load_split_examples(cfg: ml_collections.ConfigDict, split: str):
+def load_split_examples(d: DataConfig, split: str):
   """Sentences, or dialogue pairs for dialogue runs, of `split`."""
-  return load_pairs(cfg, split) if is_dialogue(cfg) else load_examples(cfg, split)
+  return load_pairs(d, split) if d.dialogue else load_examples(d, split)
 
 
-def load_train_examples(cfg: ml_collections.ConfigDict):
+def load_train_examples(d: DataConfig):
   """The training examples, minus any sentence of `data.exclude` ('corpus:split'), e.g. the
   test set of a downstream task that must stay unseen. Returns (examples, number removed)."""
-  examples = cap(_checked(_where(cfg, "data.train_split", cfg.data.train_split),
-                          lambda: load_examples(cfg, cfg.data.train_split)),
-                 cfg.data.max_train_examples)
-  if not cfg.data.exclude:
+  examples = cap(_checked(_where(d, "data.train_split", d.train_split),
+                          lambda: load_examples(d, d.train_split)),
+                 d.max_train_examples)
+  if not d.exclude:
     return examples, 0
-  corpus, _, split = cfg.data.exclude.partition(":")
+  corpus, _, split = d.exclude.partition(":")
   if not split:
-    raise errors.ConfigError(f"--config.data.exclude={cfg.data.exclude}: must be "
+    raise errors.ConfigError(f"--config.data.exclude={d.exclude}: must be "
                              "'corpus:split', e.g. short_yelp:test.")
   held_out = {ex.tokens for ex in _checked(
-      f"--config.data.exclude={cfg.data.exclude} (read from --config.data.exclude_dir="
-      f"{cfg.data.exclude_dir or '(unset)'})",
-      lambda: corpora.load_split(corpus, split, cfg.data.exclude_dir or None))}
+      f"--config.data.exclude={d.exclude} (read from --config.data.exclude_dir="
+      f"{d.exclude_dir or '(unset)'})",
+      lambda: corpora.load_split(corpus, split, d.exclude_dir or None))}
   kept = [ex for ex in examples if ex.tokens not in held_out]
   logging.info("removed %d of %d training sentences that also occur in %s",
-               len(examples) - len(kept), len(examples), cfg.data.exclude)
+               len(examples) - len(kept), len(examples), d.exclude)
   return kept, len(examples) - len(kept)
 
 
-def _where(cfg: ml_collections.ConfigDict, field: str, split: str) -> str:
+def _where(d: DataConfig, field: str, split: str) -> str:
   """Names the config fields that chose a split, for error messages."""
-  where = f"--config.{field}={split} of corpus {cfg.data.corpus}"
-  if cfg.data.corpus != "synthetic":
-    where += f" (read from --config.data.dir={cfg.data.dir or '(unset)'})"
+  where = f"--config.{field}={split} of corpus {d.corpus}"
+  if d.corpus != "synthetic":
+    where += f" (read from --config.data.dir={d.dir or '(unset)'})"
   return where
 
 
@@ -97,48 +85,50 @@ def _checked(where: str, load):
     raise type(e)(f"{where}: {e}") from e
 
 
-def load_eval_split(cfg: ml_collections.ConfigDict, split: str, field: str = "eval.splits"):
-  """The first `eval.max_examples` examples of `split`; errors name `field`, the config field
-  that chose it."""
-  return cap(_checked(_where(cfg, field, split), lambda: load_split_examples(cfg, split)),
-             cfg.eval.max_examples)
+def load_eval_split(d: DataConfig, split: str, max_examples: int,
+                    field: str = "eval.splits"):
+  """The first `max_examples` (`eval.max_examples`) examples of `split`; errors name
+  `field`, the config field that chose it."""
+  return cap(_checked(_where(d, field, split), lambda: load_split_examples(d, split)),
+             max_examples)
 
 
-def build_vocab(cfg: ml_collections.ConfigDict, train_examples) -> Vocab:
-  """The run's vocabulary: the words training sees (`pipeline.training_tokens`; for dialogue,
+def build_vocab(d: DataConfig, train_examples) -> Vocab:
+  """The run's vocabulary: the words training sees (`encoding.training_tokens`; for dialogue,
   `dialogue.vocabulary_tokens`) capped by `data.max_vocab_size` / `data.min_count`, or GPT-2's
-  BPE vocabulary from `data.tokenizer_dir` when `data.tokenizer` is 'gpt2'."""
-  d = cfg.data
-  if d.get("tokenizer", "word") == "gpt2":
-    directory = d.tokenizer_dir or cfg.model.get("pretrained_dir")
+  BPE vocabulary from `data.tokenizer_dir` (else `model.pretrained_dir`) when
+  `data.tokenizer` is 'gpt2'."""
+  if d.tokenizer == "gpt2":
+    directory = d.tokenizer_dir
     if not directory:
       raise errors.ConfigError(
           "--config.data.tokenizer=gpt2 needs the directory of GPT-2's vocab.json and "
           "merges.txt: set --config.data.tokenizer_dir or --config.model.pretrained_dir.")
     return _checked(f"--config.data.tokenizer_dir={directory}",
                     lambda: bpe.BPEVocab.from_dir(directory))
-  if is_dialogue(cfg):
+  if d.dialogue:
     tokens = dialogue.vocabulary_tokens(train_examples, d.max_length, d.max_context_length,
                                         d.overlong)
   else:
-    tokens = pipeline.training_tokens(train_examples, d.max_length, d.overlong)
+    tokens = encoding.training_tokens(train_examples, d.max_length, d.overlong)
   return Vocab.build(tokens, max_size=d.max_vocab_size or None, min_count=d.min_count)
 
 
-def encoder(cfg: ml_collections.ConfigDict, vocab: Vocab):
+def encoder(d: DataConfig, vocab: Vocab):
   """examples (sentences or dialogue pairs) -> the encoded, batchable data."""
-  d = cfg.data
-  if is_dialogue(cfg):
+  if d.dialogue:
     return lambda pairs: dialogue.encode_pairs(
         pairs, vocab, context_window=d.context_window, max_length=d.max_length,
         max_context_length=d.max_context_length, overlong=d.overlong,
         pad_context_to_max=True, pad_multiple=d.pad_multiple)
-  return lambda ex: pipeline.encode(ex, vocab, d.max_length, d.overlong)
+  return lambda ex: encoding.encode(ex, vocab, d.max_length, d.overlong)
 
 
-def eval_iterator(cfg: ml_collections.ConfigDict, data, batch_size: int):
+def eval_iterator(d: DataConfig, data, batch_size: int):
+  """Evaluation batches of `data`: sorted by length, padded to `data.pad_multiple`, this
+  process's rows."""
   return pipeline.EvalIterator(data, batch_size, sort_by_length=True,
-                               pad_multiple=cfg.data.pad_multiple,
+                               pad_multiple=d.pad_multiple,
                                process_index=jax.process_index(),
                                process_count=jax.process_count())
 
@@ -161,22 +151,23 @@ class RunInputs:
   vocab: Vocab
 
 
-def load_inputs(cfg: ml_collections.ConfigDict) -> RunInputs:
+def load_inputs(cfg: ExperimentConfig) -> RunInputs:
   """Reads and checks every split of the run (see the module docstring)."""
   d = cfg.data
-  if is_dialogue(cfg):
-    train = cap(_checked(_where(cfg, "data.train_split", d.train_split),
-                         lambda: load_pairs(cfg, d.train_split)), d.max_train_examples)
+  if d.dialogue:
+    train = cap(_checked(_where(d, "data.train_split", d.train_split),
+                         lambda: load_pairs(d, d.train_split)), d.max_train_examples)
     excluded = 0
   else:
-    train, excluded = load_train_examples(cfg)
+    train, excluded = load_train_examples(d)
   if not train:
     raise errors.DataError(f"the training split {d.train_split!r} of {d.corpus} has no "
                            "examples left (data.max_train_examples, data.exclude); check "
                            "the data settings.")
 
-  valid = load_eval_split(cfg, d.valid_split, "data.valid_split")
-  evaluation = {name: load_eval_split(cfg, name) for name in split_names(cfg.eval.splits)}
-  vocab = build_vocab(cfg, train)
+  max_examples = cfg.eval.max_examples
+  valid = load_eval_split(d, d.valid_split, max_examples, "data.valid_split")
+  evaluation = {name: load_eval_split(d, name, max_examples) for name in cfg.eval.splits}
+  vocab = build_vocab(d, train)
   return RunInputs(train=train, excluded=excluded, valid=valid, evaluation=evaluation,
                    vocab=vocab)

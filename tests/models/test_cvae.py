@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from vae_jax import evaluation, losses, metrics, objectives, posteriors
+from vae_jax import evaluation, losses, objectives, posteriors
 from vae_jax.data.vocab import PAD
 from vae_jax.models.cvae import CVAE, CVAEConfig
 

@@ -18,7 +18,7 @@ import numpy as np
 
 import toy_task
 from vae_jax import training
-from vae_jax.training import loop
+from vae_jax.training import steps
 
 
 def _max_diff(a, b):
@@ -40,10 +40,10 @@ def _batches(num_steps):
 
 def _steps(task, optimizer, mesh, num_steps=6):
   """Initialises and runs train steps and one eval step on `mesh`."""
-  state = loop.init_train_state(task, optimizer, toy_task.global_batch(0, 0, 16),
+  state = steps.init_train_state(task, optimizer, toy_task.global_batch(0, 0, 16),
                                 seed=0, mesh=mesh)
-  train_step = loop.make_train_step(task, training.make_optimizer(optimizer), mesh)
-  eval_step = loop.make_eval_step(task, mesh)
+  train_step = steps.make_train_step(task, training.make_optimizer(optimizer), mesh)
+  eval_step = steps.make_eval_step(task, mesh)
   losses = []
   for batch in _batches(num_steps):
     state, out = train_step(state, training.to_global(batch, mesh))

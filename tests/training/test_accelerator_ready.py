@@ -24,7 +24,8 @@ import pytest
 import toy_task
 from vae_jax import training
 from vae_jax.training import checkpoint as checkpoint_lib
-from vae_jax.training import loop, optim
+from vae_jax.training import aggressive as aggressive_lib
+from vae_jax.training import loop, optim, steps
 from vae_jax.training import mesh as mesh_lib
 
 TASK = toy_task.make_task()
@@ -102,14 +103,14 @@ def test_step_loop_makes_no_transfer_and_waits_for_nothing(tmp_path, monkeypatch
     warnings.simplefilter("always")
     result = _run(tmp_path / "plain", _config())
     # Aggressive training: encoder steps between convergence checks make no transfer either.
-    aggressive = _config(optimizer=GROUP_OPT, aggressive=loop.AggressiveConfig(
+    aggressive = _config(optimizer=GROUP_OPT, aggressive=aggressive_lib.AggressiveConfig(
         max_inner_steps=4, check_every=2, stop_metric="rec"))
     _run(tmp_path / "aggressive", aggressive, encoder_iter=toy_task.ToyIterator(seed=7))
   assert result["step"] == 6 and np.isfinite(result["train"]["loss"])
   assert not [w for w in caught if "donated" in str(w.message)]
 
   # The check has teeth: a step loop that reads the loss after every step fails it.
-  make_train_step = loop.make_train_step
+  make_train_step = steps.make_train_step
 
   def reading_step(*args):
     step = make_train_step(*args)
@@ -121,7 +122,7 @@ def test_step_loop_makes_no_transfer_and_waits_for_nothing(tmp_path, monkeypatch
 
     return run
 
-  monkeypatch.setattr(loop, "make_train_step", reading_step)
+  monkeypatch.setattr(steps, "make_train_step", reading_step)
   with _no_transfers(), pytest.raises(HostRead, match="float32"):
     _run(tmp_path / "reads", _config())
 
@@ -177,8 +178,8 @@ def test_every_jitted_step_donates_the_state():
     return [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
             if not leaf.is_deleted()]
 
-  programs = loop._programs(TASK, OPT, mesh)  # pylint: disable=protected-access
-  state = loop.init_train_state(TASK, OPT, batch, 0, mesh)
+  programs = steps.programs(TASK, OPT, mesh)
+  state = steps.init_train_state(TASK, OPT, batch, 0, mesh)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     new, out = programs.train_step(state, placed)
@@ -195,12 +196,12 @@ def test_every_jitted_step_donates_the_state():
     decayed = programs.apply_plateau(configured, 3.0)
     assert set(alive(configured)) <= overwritten and alive(decayed)
 
-    groups = loop._programs(TASK, GROUP_OPT, mesh)  # pylint: disable=protected-access
-    state = loop.init_train_state(TASK, GROUP_OPT, batch, 0, mesh)
-    encoded, _ = loop.aggressive_inner_steps(
+    groups = steps.programs(TASK, GROUP_OPT, mesh)
+    state = steps.init_train_state(TASK, GROUP_OPT, batch, 0, mesh)
+    encoded, _ = aggressive_lib.aggressive_inner_steps(
         groups.encoder_step, state, placed,
         mesh_lib.Prefetcher(toy_task.ToyIterator(seed=7), mesh),
-        loop.AggressiveConfig(max_inner_steps=2, check_every=2), mesh)
+        aggressive_lib.AggressiveConfig(max_inner_steps=2, check_every=2), mesh)
     assert not alive(state)
     decoded, _ = groups.decoder_step(encoded, placed)
     assert not alive(encoded) and alive(decoded)

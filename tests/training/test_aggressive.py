@@ -9,7 +9,7 @@ import pytest
 
 import toy_task
 from vae_jax import training
-from vae_jax.training import loop, optim, writers
+from vae_jax.training import aggressive, optim, steps, writers
 
 TASK = toy_task.make_task()
 
@@ -25,9 +25,9 @@ OPT = optim.OptimizerConfig(learning_rate=0.05, grad_clip_norm=1.0, param_labels
 
 def test_group_steps_match_separate_optimisers():
   batch = toy_task.global_batch(0, 0, 8)
-  state = loop.init_train_state(TASK, OPT, batch, 0, training.make_mesh())
+  state = steps.init_train_state(TASK, OPT, batch, 0, training.make_mesh())
   tx = optim.make_optimizer(OPT)
-  enc_state, _ = jax.jit(lambda s, b: loop.group_step(
+  enc_state, _ = jax.jit(lambda s, b: steps.group_step(
       s, b, jnp.asarray(0), task=TASK, tx=tx, labels_fn=labels, group="encoder"))(state, batch)
   # Independent computation: clip the full gradient, then Adam on the embedding alone.
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0), 1)
@@ -43,7 +43,7 @@ def test_group_steps_match_separate_optimisers():
                                 state.params["Dense_0"]["kernel"])
   assert int(enc_state.step) == 0
   # The decoder step that follows starts its own Adam (count 1) and leaves the encoder.
-  dec_state, _ = jax.jit(lambda s, b: loop.group_step(
+  dec_state, _ = jax.jit(lambda s, b: steps.group_step(
       s, b, task=TASK, tx=tx, labels_fn=labels, group="decoder"))(enc_state, batch)
   assert int(dec_state.step) == 1
   np.testing.assert_array_equal(dec_state.params["Embed_0"]["embedding"],
@@ -56,7 +56,7 @@ def test_group_steps_match_separate_optimisers():
 def _config(**kwargs):
   defaults = dict(num_steps=12, log_every=2, eval_every=4, checkpoint_every=4,
                   progress_bar=False, optimizer=OPT,
-                  aggressive=loop.AggressiveConfig(max_inner_steps=6, check_every=2,
+                  aggressive=aggressive.AggressiveConfig(max_inner_steps=6, check_every=2,
                                                    stop_metric="rec"))
   defaults.update(kwargs)
   return training.TrainConfig(**defaults)
@@ -98,3 +98,27 @@ def test_aggressive_needs_groups_and_an_encoder_iterator(tmp_path):
     training.train_and_evaluate(TASK, toy_task.ToyIterator(),
                                 {"valid": toy_task.make_eval_data()}, _config(),
                                 str(tmp_path), "v")
+
+
+def test_controller_ends_the_mode_when_the_metric_first_falls():
+  cfg = aggressive.AggressiveConfig(stop_metric="mi")
+  state = aggressive.init()
+  seen = []
+  for mi in (0.5, 0.7, 0.6, 0.9):
+    state = aggressive.update(state, {"mi": mi, "nll": 3.0}, cfg)
+    seen.append((state.active, state.previous))
+  # He et al.: from a previous MI of 0, on while it rises; the first fall ends it for good
+  # (the value that fell is the last one kept).
+  assert seen == [(True, 0.5), (True, 0.7), (False, 0.6), (False, 0.6)]
+  with pytest.raises(KeyError, match="stop_metric='mi'"):
+    aggressive.update(aggressive.init(), {"nll": 3.0}, cfg)
+
+
+def test_controller_state_round_trips_through_the_checkpoint_layout():
+  # The data state checkpoints hold (the layout written before the controller existed too).
+  saved = {"train": {"seed": 0, "position": 6}, "encoder": {"seed": 7, "position": 19},
+           "aggressive": {"active": False, "previous": 1.25}}
+  train, encoder, state = aggressive.restore_position(saved)
+  assert (train, encoder) == (saved["train"], saved["encoder"])
+  assert (state.active, state.previous) == (False, 1.25)
+  assert aggressive.position(train, encoder, state) == saved

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vae_jax.training import loop
+from vae_jax.training import steps
 
 VOCAB = 13
 LENGTH = 6
@@ -91,9 +91,9 @@ def _sample_fn(params, model_state, rng):
   return [f'token {int(best)} noise {int(noise)}']
 
 
-def make_task(constant_eval=False, with_samples=False) -> loop.Task:
+def make_task(constant_eval=False, with_samples=False) -> steps.Task:
   """The toy task. Its functions are module-level, so tasks share compilations."""
-  return loop.Task(init_fn=_init_fn, loss_fn=_loss_fn,
+  return steps.Task(init_fn=_init_fn, loss_fn=_loss_fn,
                    eval_fn=_constant_eval_fn if constant_eval else _eval_fn,
                    summarize=summarize,
                    sample_fn=_sample_fn if with_samples else None)

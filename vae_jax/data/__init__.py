@@ -30,9 +30,9 @@ from vae_jax.data.dialogue import load_pairs
 from vae_jax.data.dialogue import vocabulary_tokens
 from vae_jax.data.pipeline import Batch
 from vae_jax.data.pipeline import BatchSource
-from vae_jax.data.pipeline import encode
-from vae_jax.data.pipeline import encode_tokens
-from vae_jax.data.pipeline import EncodedCorpus
+from vae_jax.data.encoding import encode
+from vae_jax.data.encoding import encode_tokens
+from vae_jax.data.encoding import EncodedCorpus
 from vae_jax.data.pipeline import EvalIterator
 from vae_jax.data.pipeline import TrainIterator
 from vae_jax.data.readers import Dialogue

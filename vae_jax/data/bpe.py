@@ -27,7 +27,7 @@ control token.
 Project ids. Ids 0..3 of this project are PAD, BOS, EOS, UNK (`vae_jax.data.vocab`), so GPT-2
 token g is project id g + ID_OFFSET and the project vocabulary has GPT-2's size + ID_OFFSET
 (`vocab_size`), as in `vae_jax.nn.gpt2`. `encode_ids` returns project ids without EOS (callers
-append it, as `vae_jax.data.pipeline.encode` does); `decode_ids` stops at EOS.
+append it, as `vae_jax.data.encoding.encode` does); `decode_ids` stops at EOS.
 
 Word-tokenised corpora. The corpora of this project are lists of words with their own unknown
 markers (`<unk>`, `_UNK`, `<UNK>`; `vocab.UNK_MARKERS`). `encode_words` joins the words with

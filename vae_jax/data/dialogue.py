@@ -19,7 +19,7 @@ Vocabulary. `vocabulary_tokens(pairs)` yields every turn of the pairs' dialogues
 turn from its context, the others as responses), so word counts are the corpus counts and not
 multiplied by the window size. Build the vocabulary from the training pairs only.
 
-Encoding (`encode_pairs`). Responses are encoded like `pipeline.encode`: `w_1 ... w_n EOS`, with
+Encoding (`encode_pairs`). Responses are encoded like `encoding.encode`: `w_1 ... w_n EOS`, with
 its `max_length` / `overlong` rules; with `overlong='drop'` the whole pair is removed. Context
 utterances are `w_1 ... w_n EOS` too, and one of more than `max_context_length` tokens keeps its
 first `max_context_length - 1` words and its EOS: a long context turn only loses its end and
@@ -59,6 +59,7 @@ from absl import logging
 import numpy as np
 
 from vae_jax.data import corpora
+from vae_jax.data import encoding
 from vae_jax.data import pipeline
 from vae_jax.data import readers
 from vae_jax.data.readers import Dialogue, Example
@@ -193,7 +194,7 @@ class EncodedDialogues:
 
   Attributes:
     responses: the responses as `w_1 ... w_n EOS` (max_length / overlong as in
-      `pipeline.encode`); its `source_indices` are the pairs' indices in the input list.
+      `encoding.encode`); its `source_indices` are the pairs' indices in the input list.
     contexts: the context utterances as `w_1 ... w_n EOS`, at most `max_context_length`
       tokens (`contexts.num_truncated` were cut); the turns shared by the overlapping windows
       of a dialogue are stored once.
@@ -209,8 +210,8 @@ class EncodedDialogues:
     pad_context_to_max: pad every batch's contexts to the same length (see `context_length`).
     pad_multiple: context lengths are padded to a multiple of this.
   """
-  responses: pipeline.EncodedCorpus
-  contexts: pipeline.EncodedCorpus
+  responses: encoding.EncodedCorpus
+  contexts: encoding.EncodedCorpus
   context_start: np.ndarray
   context_count: np.ndarray
   speakers: np.ndarray
@@ -344,7 +345,7 @@ def encode_pairs(pairs: Sequence[DialoguePair], vocab: Vocab, *, context_window:
     max_length: longest allowed response, EOS included (>= 2); None for no limit.
     max_context_length: longest context utterance, EOS included (>= 2); longer ones keep their
       first `max_context_length - 1` words and EOS. None for no limit.
-    overlong: for responses, as in `pipeline.encode`: 'truncate' or 'drop' (the whole pair).
+    overlong: for responses, as in `encoding.encode`: 'truncate' or 'drop' (the whole pair).
     pad_context_to_max: True pads every batch's contexts to `round_up(max_context_length,
       pad_multiple)` (one shape; with no limit, the longest stored utterance); False to the
       longest context utterance of the batch.
@@ -361,7 +362,7 @@ def encode_pairs(pairs: Sequence[DialoguePair], vocab: Vocab, *, context_window:
     raise ValueError(f'pad_multiple must be >= 1, got {pad_multiple}.')
   for i, p in enumerate(pairs):
     _check_pair(i, p, context_window)
-  responses = pipeline.encode([Example(p.response) for p in pairs], vocab, max_length,
+  responses = encoding.encode([Example(p.response) for p in pairs], vocab, max_length,
                               overlong)
   kept = responses.source_indices
   # Utterance storage. The context of pair t of a dialogue is the one of pair t - 1 shifted by
@@ -394,7 +395,7 @@ def encode_pairs(pairs: Sequence[DialoguePair], vocab: Vocab, *, context_window:
     starts[row], counts[row] = start, len(p.context)
     speakers[row, :len(p.speakers)] = p.speakers
   flat, offsets = _flatten(seqs)
-  contexts = pipeline.EncodedCorpus(
+  contexts = encoding.EncodedCorpus(
       tokens=flat, offsets=offsets, labels=None,
       source_indices=np.arange(len(seqs), dtype=np.int64), num_truncated=truncated,
       max_length=max_context_length)

@@ -1,7 +1,6 @@
 """From encoded sentences to batches: length bucketing, padding, resumable iteration, sharding.
 
-The sentences come encoded by `vae_jax.data.encoding` (`encode`, `EncodedCorpus`; those names
-stay importable from here).
+The sentences come encoded by `vae_jax.data.encoding` (`encode`, `EncodedCorpus`).
 
 Batch format (docs/design.md): a dict of numpy arrays
   tokens  int32   [B_local, L]  `w_1 ... w_n EOS PAD ...` (no BOS: models shift right)
@@ -40,9 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-# moved to vae_jax.data.encoding
-from vae_jax.data.encoding import (EncodedCorpus, encode, encode_tokens,  # noqa: F401
-                                   training_tokens)
+from vae_jax.data.encoding import EncodedCorpus
 from vae_jax.data.vocab import PAD
 
 Batch = dict[str, np.ndarray]

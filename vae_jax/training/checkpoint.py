@@ -24,6 +24,7 @@ fall back to the same checkpoint.
 
 from collections.abc import Iterator, Sequence
 import contextlib
+import logging as pylogging
 import math
 import os
 
@@ -63,6 +64,20 @@ def _check_fingerprint(meta: dict, expected: str | None, where: str) -> None:
 
 def _processes(name: str) -> ocp.options.MultiprocessingOptions:
   return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
+class _DropLibraryInfo(pylogging.Filter):
+  """Keeps checkpointing libraries' INFO chatter out of the experiment's log."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Drops orbax's INFO lines from the absl log (its warnings stay); idempotent."""
+  logger = pylogging.getLogger('absl')
+  if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
+    logger.addFilter(_DropLibraryInfo())
 
 
 class Checkpointer:
