@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from experiment_configs import load_config, run_experiment, smoke_config
-from vae_jax import build, configs, errors, pretraining, run_config, run_data, run_evaluation
+from vae_jax import (build, configs, errors, kl_terms, pretraining, run_config, run_data,
+                     run_evaluation)
 from vae_jax.data import pipeline
 from vae_jax.data.vocab import PAD, Vocab, VocabMismatchError
 
@@ -180,8 +181,9 @@ def test_the_pretraining_phase_reads_back_from_its_record():
   cfg = configs.read(smoke_config("vae", "smoke,ae_free_bits,aggressive"))
   pre = pretraining.pretraining_config(cfg, pretraining.phase_steps(cfg.pretrain, 12))
   assert pre.train.num_steps == 12 and pre.train.aggressive is None
-  assert (pre.kl.term.kind, pre.kl.term.free_bits, pre.kl.schedule.name,
-          pre.kl.schedule.value) == ("kl", 0.0, "constant", 0.0)
+  assert (pre.kl.kind, pre.kl.options, pre.kl.schedule.name,
+          pre.kl.schedule.value) == ("kl", kl_terms.PlainKL(), "constant", 0.0)
+  assert cfg.kl.kind == "free_bits_sentence"   # the main run's term, off in the phase
   assert run_config.kl_schedule(pre.kl.schedule, 12, 4)(5) == 0.0
   assert (pre.train.best_metric, pre.eval.splits, pre.pretrain.steps) == ("rec", (), 0)
   assert (pre.data, pre.model) == (cfg.data, cfg.model)

@@ -33,6 +33,12 @@ EXPORTS = {
     # Evaluation and decoding.
     "vae_jax.evaluation": ("evaluate",),
     "vae_jax.generation": ("generate", "reconstruct", "sample_prior", "generation_metrics"),
+    # Runs: a config read into typed configs, built, run, evaluated, loaded back.
+    "vae_jax.configs": ("read",),
+    "vae_jax.run_config": ("ExperimentConfig",),
+    "vae_jax.build": ("build_model", "build_task"),
+    "vae_jax.runner": ("run",),
+    "vae_jax.run_evaluation": ("evaluate_workdir", "load_run"),
 }
 
 _WHERE = {name: module for module, names in EXPORTS.items() for name in names}

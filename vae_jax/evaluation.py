@@ -26,7 +26,7 @@ import numpy as np
 from vae_jax import (generation, holes, metrics, mutual_information, objectives, posteriors,
                      probe)
 from vae_jax.generation import code_dim, to_host
-from vae_jax.models.vae import token_mask
+from vae_jax.data.vocab import PAD
 
 
 def input_keys(model: nn.Module) -> tuple[str, ...]:
@@ -68,7 +68,8 @@ def make_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
     mean, logvar = post.whitened_base()
     return {"log_px": log_px, "elbo": elbo,
             "kl": post.kl(jax.random.fold_in(mean_rng, 1), k_samples),
-            "n_tokens": jnp.sum(token_mask(tokens), axis=-1), "mean": mean, "logvar": logvar,
+            "n_tokens": jnp.sum(tokens != PAD, axis=-1).astype(jnp.float32), "mean": mean,
+            "logvar": logvar,
             "code_mean": code_mean, "code_mean_b": code_mean_b, "features": features,
             "params": params,
             "aux": m.auxiliary_nlls(tokens, m.decoder_input(post.point(), params))}
