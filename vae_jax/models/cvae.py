@@ -40,18 +40,18 @@ import jax.numpy as jnp
 
 from vae_jax import posteriors
 from vae_jax.data.vocab import PAD
-from vae_jax.models.vae import VAETerms, token_mask
+from vae_jax.models.vae import LatentSettings, VAETerms, token_mask
 from vae_jax.posteriors import PosteriorParams
 from vae_jax.nn.decoders import LSTMDecoder, State
 from vae_jax.nn.encoders import GaussianHead, LSTMEncoder, Pooling
-from vae_jax.nn.flows import Flow, FlowConfig
+from vae_jax.nn.flows import Flow
 from vae_jax.nn.lstm import LSTM
 
 NUM_SPEAKERS = 2  # the responder, and the other speaker
 
 
 @dataclasses.dataclass(frozen=True)
-class CVAEConfig:
+class CVAEConfig(LatentSettings):
   """Sizes and switches of the conditional VRAE.
 
   latent_dim: size of z; 0 gives the seq2seq baseline (no z, no KL).
@@ -63,23 +63,15 @@ class CVAEConfig:
   pooling: how the utterance and response encoders summarise their states.
   share_embedding: one embedding for the encoders and the decoder (Zhao et al. share it).
   """
-  vocab_size: int
+  latent_dim: int = 64
   embed_dim: int = 200
   utterance_dim: int = 300
   context_dim: int = 600
   response_dim: int = 300
   hidden_dim: int = 400
-  latent_dim: int = 64
   prior_hidden_dim: int = 200
   bow_hidden_dim: int = 0
-  pooling: Pooling = "last"
-  dropout_in: float = 0.0
-  dropout_out: float = 0.0
-  word_dropout: float = 0.0
   share_embedding: bool = True
-  posterior: str = "gaussian"
-  flow: FlowConfig | None = None
-  kl_samples: int = 1
 
   def __post_init__(self):
     posteriors.check_latent_config(self, ("dropout_in", "dropout_out", "word_dropout"))

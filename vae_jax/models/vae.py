@@ -30,7 +30,23 @@ Init = Literal["default", "uniform"]
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class LatentSettings:
+  """The fields the LSTM latent models' configs share: the vocabulary, the code, the
+  decoder's input and output dropout and word dropout, and the posterior family (an entry of
+  `posteriors.POSTERIORS`) with its flow and the Monte Carlo KL's samples."""
+  vocab_size: int
+  latent_dim: int = 32
+  pooling: Pooling = "last"
+  dropout_in: float = 0.0
+  dropout_out: float = 0.0
+  word_dropout: float = 0.0
+  posterior: str = "gaussian"
+  flow: FlowConfig | None = None
+  kl_samples: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig(LatentSettings):
   """Sizes and switches of the LSTM VAE. Defaults are the PTB reference (METHODS.md §0).
 
   posterior: the code's posterior family (METHODS.md §3):
@@ -63,19 +79,10 @@ class VAEConfig:
     and the optimiser stay float32); about 1.8x the float32 matmul rate on CPUs with
     AVX512-BF16 and the usual mixed precision on accelerators.
   """
-  vocab_size: int
   embed_dim: int = 256
   hidden_dim: int = 256
   encoder_hidden_dim: int | None = None  # None: same as hidden_dim
-  latent_dim: int = 32
-  pooling: Pooling = "last"
-  dropout_in: float = 0.0
-  dropout_out: float = 0.0
-  word_dropout: float = 0.0
   share_embedding: bool = False
-  posterior: str = "gaussian"
-  flow: FlowConfig | None = None
-  kl_samples: int = 1
   latent_to_output: bool = False
   smoothness_dropout: float = 0.0
   mean_batch_norm: float = 0.0
