@@ -192,6 +192,22 @@ def test_the_pretraining_phase_reads_back_from_its_record():
   assert dataclasses.replace(again, record="") == dataclasses.replace(pre, record="")
 
 
+def test_the_reference_schedule_reaches_the_loop():
+  """`sgd` with `train.reload_best_on_decay`: He et al.'s optimiser and, at each decay, the
+  best checkpoint's parameters (the loop's behaviour: tests/training/test_loop.py)."""
+  cfg = smoke_config("vae", "smoke,sgd")
+  assert not configs.read(cfg).train.reload_best_on_decay
+  with cfg.unlocked():
+    cfg.train.reload_best_on_decay = True
+  typed = configs.read(cfg)
+  loop_cfg = run_config.loop_config(typed.train, typed.optimizer, 100, 10)
+  assert loop_cfg.reload_best_on_decay
+  assert (loop_cfg.optimizer.name, loop_cfg.optimizer.learning_rate,
+          loop_cfg.optimizer.grad_clip_norm) == ("sgd", 1.0, 5.0)
+  assert (loop_cfg.optimizer.plateau.patience, loop_cfg.optimizer.plateau.factor,
+          loop_cfg.optimizer.plateau.max_decays) == (2, 0.5, 5)
+
+
 def test_evaluation_overrides_change_only_eval_fields():
   saved = smoke_config("vae")
   got = configs.with_eval_overrides(saved, {"eval.k_samples": 3, "eval.splits": "valid"})

@@ -111,6 +111,7 @@ class TrainSettings:
   best_metric: str = "neg_elbo"  # the validation metric of the best checkpoint (lower wins)
   progress_bar: bool = False
   aggressive: AggressiveConfig | None = None  # He et al. 2019; None: off
+  reload_best_on_decay: bool = False  # a plateau decay continues from the best parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,4 +187,4 @@ def loop_config(train: TrainSettings, optimizer: optim.OptimizerConfig, num_step
       num_steps=num_steps, log_every=train.log_every, eval_every=eval_every,
       checkpoint_every=train.checkpoint_every or eval_every, seed=train.seed,
       best_metric=train.best_metric, progress_bar=train.progress_bar, optimizer=optimizer,
-      aggressive=train.aggressive)
+      aggressive=train.aggressive, reload_best_on_decay=train.reload_best_on_decay)

@@ -95,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.best_metric = ""       # lower is better; "": nll (LM) or neg_elbo (VAE)
   c.train.progress_bar = True
   c.train.aggressive = False      # aggressive inference-network training (He et al. 2019)
+  c.train.reload_best_on_decay = False  # a plateau decay continues from the best checkpoint's
+                                        # parameters (He et al. 2019's text.py)
   c.train.aggressive_max_inner_steps = 100
   c.train.aggressive_check_every = 15
   c.train.aggressive_stop_metric = "mi"  # ends when this validation metric stops rising
