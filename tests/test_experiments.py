@@ -193,15 +193,17 @@ def test_the_pretraining_phase_reads_back_from_its_record():
 
 
 def test_the_reference_schedule_reaches_the_loop():
-  """`sgd` with `train.reload_best_on_decay`: He et al.'s optimiser and, at each decay, the
-  best checkpoint's parameters (the loop's behaviour: tests/training/test_loop.py)."""
+  """`sgd` with `train.reload_best_on_decay` and `optimizer.plateau_min_epochs`: He et al.'s
+  optimiser, no decay before their epoch 15 (16 epochs), and at each decay the best
+  checkpoint's parameters (the loop's behaviour: tests/training/test_loop.py)."""
   cfg = smoke_config("vae", "smoke,sgd")
   assert not configs.read(cfg).train.reload_best_on_decay
   with cfg.unlocked():
     cfg.train.reload_best_on_decay = True
+    cfg.optimizer.plateau_min_epochs = 16
   typed = configs.read(cfg)
-  loop_cfg = run_config.loop_config(typed.train, typed.optimizer, 100, 10)
-  assert loop_cfg.reload_best_on_decay
+  loop_cfg = run_config.loop_config(typed.train, typed.optimizer, 1000, 10)
+  assert loop_cfg.reload_best_on_decay and loop_cfg.plateau_start_step == 160
   assert (loop_cfg.optimizer.name, loop_cfg.optimizer.learning_rate,
           loop_cfg.optimizer.grad_clip_norm) == ("sgd", 1.0, 5.0)
   assert (loop_cfg.optimizer.plateau.patience, loop_cfg.optimizer.plateau.factor,

@@ -181,7 +181,8 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> optim.OptimizerConfig:
   return optim.OptimizerConfig(
       name=o.name, learning_rate=o.learning_rate, grad_clip_norm=o.grad_clip_norm or None,
       plateau=optim.PlateauConfig(patience=o.plateau_patience or None, factor=o.plateau_factor,
-                                  max_decays=o.max_decays or None),
+                                  max_decays=o.max_decays or None,
+                                  min_epochs=o.get("plateau_min_epochs", 0.0)),  # 0: older runs
       param_labels=param_groups if aggressive_config(cfg) is not None else None)
 
 

@@ -187,4 +187,5 @@ def loop_config(train: TrainSettings, optimizer: optim.OptimizerConfig, num_step
       num_steps=num_steps, log_every=train.log_every, eval_every=eval_every,
       checkpoint_every=train.checkpoint_every or eval_every, seed=train.seed,
       best_metric=train.best_metric, progress_bar=train.progress_bar, optimizer=optimizer,
-      aggressive=train.aggressive, reload_best_on_decay=train.reload_best_on_decay)
+      aggressive=train.aggressive, reload_best_on_decay=train.reload_best_on_decay,
+      plateau_start_step=int(math.ceil(optimizer.plateau.min_epochs * steps_per_epoch)))

@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 5.0
   c.optimizer.plateau_patience = 0   # evaluations without improvement before lr *= factor; 0: off
   c.optimizer.plateau_factor = 0.5
+  c.optimizer.plateau_min_epochs = 0.0  # no decay before this many epochs (He et al.: 16)
   c.optimizer.max_decays = 0         # stop after this many decays; 0: never
 
   c.train = ml_collections.ConfigDict()

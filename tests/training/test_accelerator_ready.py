@@ -193,7 +193,7 @@ def test_every_jitted_step_donates_the_state():
     overwritten = {".opt_state.hyperparams['learning_rate']",
                    ".opt_state.hyperparams['grad_clip_norm']"}
     assert set(alive(new)) <= overwritten
-    decayed = programs.apply_plateau(configured, 3.0)
+    decayed = programs.apply_plateau(configured, 3.0, True)
     assert set(alive(configured)) <= overwritten and alive(decayed)
 
     groups = steps.programs(TASK, GROUP_OPT, mesh)

@@ -128,13 +128,15 @@ def test_bad_plateau_config_is_a_clear_error(kwargs, match):
     optim.PlateauConfig(**kwargs)
 
 
-def _reference_plateau(losses, patience, factor, max_decays):
-  """He et al. (2019)'s controller, written as their training script does it."""
+def _reference_plateau(losses, patience, factor, max_decays, first_epoch=0):
+  """He et al. (2019)'s controller, written as their training script does it
+  (jxhe/vae-lagging-encoder text.py: `not_improved >= decay_epoch and epoch >= 15`, with
+  `first_epoch` for their 15 and one loss per epoch)."""
   best, not_improved, lr, decays, trace = float('inf'), 0, 1.0, 0, []
-  for loss in losses:
+  for epoch, loss in enumerate(losses):
     if loss > best:
       not_improved += 1
-      if not_improved >= patience:
+      if not_improved >= patience and epoch >= first_epoch:
         best, not_improved, lr, decays = loss, 0, lr * factor, decays + 1
     else:
       not_improved, best = 0, loss
@@ -157,6 +159,25 @@ def test_plateau_update_follows_he_et_al():
       break
   assert trace == _reference_plateau(losses, 2, 0.5, 3)
   assert trace[-1][2]
+
+
+def test_plateau_min_epochs_follows_he_et_al():
+  """No decay before epoch index 4 (min_epochs = 5 with one evaluation per epoch); the counter
+  runs before, so the first allowed evaluation decays at once, as in their script."""
+  losses = [5.0, 4.0, 4.5, 4.6, 4.7, 4.8, 3.9, 4.0, 4.1, 4.2, 4.3, 4.4]
+  cfg = optim.PlateauConfig(patience=2, factor=0.5, max_decays=3, min_epochs=5)
+  state, trace = optim.init_plateau(), []
+  update = jax.jit(lambda s, v, may: optim.plateau_update(s, v, cfg, may))
+  for epoch, loss in enumerate(losses):
+    state = update(state, loss, epoch + 1 >= cfg.min_epochs)  # evaluated after epoch + 1
+    stop = optim.should_stop(state, cfg)
+    trace.append((float(state.lr_scale), int(state.num_decays), stop))
+    if stop:
+      break
+  want = _reference_plateau(losses, 2, 0.5, 3, first_epoch=4)
+  assert trace == want
+  assert [t[1] for t in trace][:5] == [0, 0, 0, 0, 1]   # the 3 bad evaluations wait for epoch 4
+  assert trace != _reference_plateau(losses, 2, 0.5, 3)
 
 
 def test_plateau_min_delta_and_non_finite_loss():

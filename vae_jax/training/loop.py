@@ -65,6 +65,8 @@ class TrainConfig:
     optimizer: optimiser and plateau settings.
     reload_best_on_decay: on a plateau decay, continue from the best
       checkpoint's parameters (as He et al. 2019 do).
+    plateau_start_step: no plateau decay at evaluations before this step (the
+      optimiser's `plateau.min_epochs` in steps).
     async_checkpoints: write checkpoints in a background thread.
     aggressive: aggressive inference-network training (needs an optimiser with
       `param_labels` and an `encoder_iter`); None: every step updates everything.
@@ -80,6 +82,7 @@ class TrainConfig:
   progress_bar: bool | None = None
   optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
   reload_best_on_decay: bool = False
+  plateau_start_step: int = 0
   async_checkpoints: bool = True
   aggressive: aggressive_lib.AggressiveConfig | None = None
 
@@ -184,7 +187,7 @@ def _plateau_step(state: TrainState, val_loss: float, step: int, programs: steps
   Returns the state and whether the run stops (`max_decays` used up)."""
   plateau_cfg = config.optimizer.plateau
   decays = int(jax.device_get(state.plateau.num_decays))
-  state = programs.apply_plateau(state, val_loss)
+  state = programs.apply_plateau(state, val_loss, step >= config.plateau_start_step)
   if int(jax.device_get(state.plateau.num_decays)) > decays:
     lr = float(jax.device_get(optim.get_learning_rate(state.opt_state)))
     logging.info('Validation %s has not improved for %d evaluations: '

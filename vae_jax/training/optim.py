@@ -33,11 +33,15 @@ class PlateauConfig:
       None never stops.
     min_delta: an evaluation improves on the best one when it is lower by more
       than this.
+    min_epochs: no decay at an evaluation before this many epochs of training
+      (He et al. 2019's `epoch >= 15`, their epoch index counted from 0: 16);
+      the counter of evaluations without improvement still runs before.
   """
   patience: int | None = None
   factor: float = 0.5
   max_decays: int | None = None
   min_delta: float = 0.0
+  min_epochs: float = 0.0
 
   def __post_init__(self):
     if self.patience is not None and self.patience < 1:
@@ -52,6 +56,8 @@ class PlateauConfig:
           'to never stop on decays.')
     if self.min_delta < 0:
       raise ValueError(f'plateau.min_delta={self.min_delta} must be >= 0.')
+    if self.min_epochs < 0:
+      raise ValueError(f'plateau.min_epochs={self.min_epochs} must be >= 0.')
 
   @property
   def enabled(self) -> bool:
@@ -203,20 +209,23 @@ def init_plateau() -> PlateauState:
       lr_scale=jnp.asarray(1.0, jnp.float32))
 
 
-def plateau_update(state: PlateauState, val_loss, cfg: PlateauConfig) -> PlateauState:
+def plateau_update(state: PlateauState, val_loss, cfg: PlateauConfig,
+                   may_decay=True) -> PlateauState:
   """One step of the controller after a validation (pure; works under jit).
 
   He et al. (2019): the loss improves when it is below the best by more than
   `min_delta`; after `patience` evaluations without improvement the learning
   rate is multiplied by `factor`, the counter restarts and the reference loss
-  becomes the current one. A non-finite loss never improves.
+  becomes the current one. A non-finite loss never improves. `may_decay`
+  (a bool, traced or not) is False at evaluations before `cfg.min_epochs` of
+  training: no decay then, while the counter keeps running.
   """
   if not cfg.enabled:
     return state
   val_loss = jnp.asarray(val_loss, jnp.float32)
   improved = val_loss < state.best - cfg.min_delta
   num_bad = jnp.where(improved, 0, state.num_bad_evals + 1)
-  decay = num_bad >= cfg.patience
+  decay = (num_bad >= cfg.patience) & jnp.asarray(may_decay)
   best = jnp.where(improved, val_loss, state.best)
   # On a decay the reference becomes the current loss (as in He et al.'s code),
   # unless it is not finite.

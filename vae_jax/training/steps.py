@@ -256,7 +256,7 @@ class Programs(NamedTuple):
   train_step: Callable[..., tuple[TrainState, dict]]
   eval_step: Callable[..., Sums]
   accumulate: Callable[..., dict]
-  apply_plateau: Callable[[TrainState, float], TrainState]
+  apply_plateau: Callable[[TrainState, float, bool], TrainState]
   apply_config: Callable[[TrainState], TrainState]
   encoder_step: Callable[..., tuple[TrainState, dict]] | None = None
   decoder_step: Callable[..., tuple[TrainState, dict]] | None = None
@@ -283,8 +283,8 @@ def _state_programs(opt_cfg: optim.OptimizerConfig, mesh):
   """Jitted accumulate / plateau / config updates of the state."""
   rep = mesh_lib.replicated(mesh)
 
-  def apply_plateau(state, val_loss):
-    plateau = optim.plateau_update(state.plateau, val_loss, opt_cfg.plateau)
+  def apply_plateau(state, val_loss, may_decay):
+    plateau = optim.plateau_update(state.plateau, val_loss, opt_cfg.plateau, may_decay)
     return state.replace(
         plateau=plateau,
         opt_state=optim.apply_config(state.opt_state, opt_cfg, plateau.lr_scale))
