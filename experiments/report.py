@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 import main_lib
-from vae_jax import (errors, evaluation, fileio, generation, plots, probe, run_data,
+from vae_jax import (errors, evaluation, fileio, plots, probe, run_data,
                      run_evaluation)
 from vae_jax import workdir as workdir_lib
 from vae_jax.data import corpora, readers, synthetic
@@ -151,14 +151,14 @@ def posterior_report(workdir: str, name: str, *, split: str, which: str, max_exa
   if run is None:
     return None
   cfg, model, variables, vocab = run
-  if not generation.code_dim(model):
+  if not model.code_dim:
     logging.warning("%s: the %s model has no latent code, so no posterior figures (curves "
                     "only).", workdir, cfg.model.kind)
     return None
   data_cfg = cfg.data if data_dir is None else dataclasses.replace(cfg.data, dir=data_dir)
   examples = subset(run_data.load_split_examples(data_cfg, split), max_examples, seed)
   data = run_data.encoder(data_cfg, vocab)(examples)
-  batch_eval, keys = evaluation.make_batch_eval(model, 1, 1), evaluation.input_keys(model)
+  batch_eval, keys = evaluation.make_batch_eval(model, 1, 1), model.input_keys
   summary = evaluation.posterior_summaries(
       batch_eval, variables, data, jax.random.PRNGKey(seed), batch_size=cfg.eval.batch_size,
       pad_multiple=cfg.data.pad_multiple, keys=keys)

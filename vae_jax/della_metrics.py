@@ -173,8 +173,8 @@ def paper_metrics(model: nn.Module, variables, batches: Iterable[dict], rng: jax
       count on the chain of posterior means that the paper's table reports.
 
   Batch i is evaluated with `jax.random.fold_in(rng, i)` (`make_paper_batch_eval`), as
-  `evaluation.collect` does: passed the key `evaluation.evaluate` gives `collect`, `nll_paper` weights
-  the samples `nll` weights, and for one latent (n = 1) equals it. The batch function reads
+  `evaluation.collect` does: passed the key `evaluation.evaluate` gives `collect`, `nll_paper`
+  weights the samples `nll` weights, and for one latent (n = 1) equals it. The batch function reads
   `tokens` only (unconditional models, as `evaluation.make_batch_eval`).
   """
   out = evaluation.collect(make_paper_batch_eval(model, k_samples, chunk_size), batches, rng,

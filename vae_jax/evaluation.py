@@ -25,19 +25,14 @@ import numpy as np
 
 from vae_jax import (generation, holes, metrics, mutual_information, objectives, posteriors,
                      probe)
-from vae_jax.generation import code_dim, to_host
+from vae_jax.generation import to_host
 from vae_jax.data.vocab import PAD
-
-
-def input_keys(model: nn.Module) -> tuple[str, ...]:
-  """The batch entries a model reads, in the order of its `__call__` and `encode`."""
-  return model.input_keys
 
 
 def make_batch_eval(model: nn.Module, k_samples: int, chunk_size: int,
                     mean_samples: int = 32) -> Callable:
   """Jitted per-batch evaluation `(variables, *inputs, rng) -> dict of [B, ...] arrays`
-  (inputs: the batch entries `input_keys(model)`).
+  (inputs: the batch entries `model.input_keys`).
 
   log_px: the importance-weighted bound L_K(x) with K = `k_samples` samples of the model's own
     posterior (`Posterior.log_weights`), `chunk_size` decoded at a time; elbo: the mean of the
@@ -136,11 +131,12 @@ def mi_terms_fn(model: nn.Module, variables) -> Callable:
 
 
 def mutual_information_report(set_terms: np.ndarray, batch_terms: np.ndarray) -> dict[str, Any]:
-  """The MI keys of an evaluation from per-example terms (`mutual_information.mutual_information_terms`).
+  """The MI keys of an evaluation from per-example terms
+  (`mutual_information.mutual_information_terms`).
 
   mi_per_batch: He et al. 2019's estimator (each example's mixture q(z) is its length-sorted
-    batch of at most 32, `mutual_information.length_sorted_batches`), the one METHODS.md §6 names and He
-    et al.'s Yahoo anchors of METHODS.md §7 report; `mi` is an alias of it.
+    batch of at most 32, `mutual_information.length_sorted_batches`), the one METHODS.md §6
+    names and He et al.'s Yahoo anchors of METHODS.md §7 report; `mi` is an alias of it.
   mi_set: the mixture of the whole set (or of `mi_set_examples` of it, for flows), larger by
     about I(batch; z) and growing with N towards the population MI; Li et al. 2019's estimator,
     that of the PTB anchors quoted in Optimus.
@@ -155,31 +151,30 @@ def mutual_information_report(set_terms: np.ndarray, batch_terms: np.ndarray) ->
 
 
 def mutual_information_metrics(terms_fn: Callable[[Any, jax.Array, Any], jax.Array],
-                               posteriors: Any, lengths: np.ndarray, rng: jax.Array, *,
+                               params: Any, lengths: np.ndarray, rng: jax.Array, *,
                                set_rows: np.ndarray | None = None) -> dict[str, Any]:
   """`mutual_information_report` of a split's N posteriors.
 
-  `terms_fn(posteriors, rng, mask)` gives the MI terms of a set of posteriors (a pytree with
-  the examples on the leading axis; `mask` None or `[n]` marking the real rows), e.g.
-  `mutual_information.gaussian_mi_terms` (closed form; the Gaussian base of the KL-preserving mode, whose
-  MI equals that of z_K = f(z_0) as f is a bijection) or `flow_mi_terms` (densities). The whole-
-  set estimate uses `set_rows` (all by default; a subset when the cost, quadratic, matters); the
-  per-batch one He et al.'s length-sorted batches of `lengths` (e.g. tokens with EOS), one
+  `terms_fn(params, rng, mask)` gives the MI terms of a set of posteriors (a pytree with the
+  examples on the leading axis; `mask` None or `[n]` marking the real rows), e.g. a closed
+  form (`mutual_information.gaussian_mi_terms`) or the densities (`posterior_mi_terms`); see
+  `mi_terms_fn`. The whole-set estimate uses `set_rows` (all by default; a subset when the
+  cost, quadratic, matters); the per-batch one He et al.'s length-sorted batches of `lengths` (e.g. tokens with EOS), one
   compiled program for every batch. Both use the paired (sampled) first term.
   """
   set_rng, batch_rng = jax.random.split(rng)
   rows = np.arange(len(lengths)) if set_rows is None else set_rows
-  subset = jax.tree.map(lambda a: a[rows], posteriors)
+  subset = jax.tree.map(lambda a: a[rows], params)
   set_terms = jax.jit(lambda p, r: terms_fn(p, r, None))(subset, set_rng)
 
   @jax.jit
   def batch_terms(indices, mask, b):
-    return terms_fn(jax.tree.map(lambda a: a[indices], posteriors),
+    return terms_fn(jax.tree.map(lambda a: a[indices], params),
                     jax.random.fold_in(batch_rng, b), mask)
 
   batches = mutual_information.length_sorted_batches(lengths, MI_BATCH_SIZE)
-  return mutual_information_report(np.asarray(set_terms),
-                                   mutual_information.per_batch_terms(batch_terms, batches, len(lengths)))
+  per_batch = mutual_information.per_batch_terms(batch_terms, batches, len(lengths))
+  return mutual_information_report(np.asarray(set_terms), per_batch)
 
 
 def flow_hole_metrics(model: nn.Module, variables, params: posteriors.PosteriorParams,
@@ -253,10 +248,10 @@ def evaluate(model: nn.Module, variables, batches: Iterable[dict], rng: jax.Arra
   unconditional prior only (the dialogue CVAE's generation is `vae_jax.dialogue_evaluation`).
   """
   eval_rng, mi_rng, hole_rng, gen_rng = jax.random.split(rng, 4)
-  dim = code_dim(model)
+  dim = model.code_dim
   k = k_samples if dim else 1
   out = collect(make_batch_eval(model, k, chunk_size), batches, eval_rng, variables,
-                keys=input_keys(model))
+                keys=model.input_keys)
   log_px = out["log_px"].astype(np.float64)
   n_tokens = float(out["n_tokens"].sum())
   result = {}
@@ -336,8 +331,8 @@ def posterior_summaries(batch_eval: Callable, variables, data, rng: jax.Array, *
   """Per-example posterior summaries of every example of `data`, row i = example i.
 
   `batch_eval(variables, *batch[keys], rng)` is the evaluation's own per-batch function
-  (`make_batch_eval`, with `keys = input_keys(model)`; k_samples = 1 makes its likelihood part one decoder pass), so the numbers
-  are those the evaluation computes its KL, MI and AU from:
+  (`make_batch_eval`, with `keys = model.input_keys`; k_samples = 1 makes its likelihood part
+  one decoder pass), so the numbers are those the evaluation computes its KL, MI and AU from:
 
     mean, logvar: `[N, d]` the base Gaussian N(mean, exp(logvar)) of q (DELLA's whitened
       Gaussian along the chain of posterior means; the dialogue CVAE's in prior coordinates);

@@ -30,11 +30,6 @@ def to_host(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def code_dim(model: nn.Module) -> int:
-  """The size of a model's code: d, or L·d for DELLA's layer-wise latents (0: no code)."""
-  return model.code_dim
-
-
 @functools.partial(jax.jit, static_argnames=("model", "max_length", "greedy", "batch_size"))
 def generate(model: nn.Module, variables, z: jax.Array | None, rng: jax.Array, *,
              max_length: int, greedy: bool, batch_size: int | None = None) -> jax.Array:
@@ -188,7 +183,7 @@ def features(model: nn.Module, variables, inputs: tuple, rng: jax.Array,
   posterior mean E_q[z|x] of the code the decoder reads (`Posterior.code_mean`, a
   `num_samples` average for flows), or the model's sentence feature when it has no code (the
   language models' final hidden state, the seq2seq model's context vector)."""
-  if not code_dim(model):
+  if not model.code_dim:
     return model.apply(variables, *inputs, method="encoder_features")
   params = model.apply(variables, *inputs, method="encode")
   return posteriors.call(model, variables, params, lambda q, r: q.code_mean(r, num_samples), rng)

@@ -35,7 +35,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from vae_jax import objectives
+from vae_jax import metrics, objectives
 
 
 @flax.struct.dataclass
@@ -157,10 +157,11 @@ class Posterior:
     """(KL `[B]`, KL per dimension `[B, d]` or None) given samples `u [S, B, d]` of q with
     their log q: analytic for a closed form, else the Monte Carlo mean of log q - log p over
     the S samples (`metrics.monte_carlo_kl`; unbiased, negative for some x when S is small)."""
-    return jnp.mean(log_q - self.prior.log_prob(u), axis=0), None
+    return metrics.monte_carlo_kl(log_q, self.prior.log_prob(u)), None
 
   def kl(self, rng: jax.Array | None = None, num_samples: int = 1) -> jax.Array:
-    """KL(q(u|x) || N(0, I)) `[B]`: analytic, or the Monte Carlo mean over `num_samples`."""
+    """KL(q(u|x) || N(0, I)) `[B]`: the Monte Carlo mean over `num_samples` (analytic for a
+    closed form, which overrides it)."""
     return self.sample_kl(*self.sample(rng, num_samples))[0]
 
   def code_mean(self, rng: jax.Array, num_samples: int = 32) -> jax.Array:
@@ -214,6 +215,9 @@ class GaussianPosterior(Posterior):
     kl_dims = self.kl_dims()
     return jnp.sum(kl_dims, axis=-1), kl_dims
 
+  def kl(self, rng=None, num_samples=1):
+    return self.sample_kl()[0]
+
 
 class FlowPosterior(Posterior):
   """z_K = f_x(z_0), z_0 ~ N(μ, σ²), u = whiten(z_K) (Rezende & Mohamed 2015):
@@ -255,9 +259,10 @@ class Family:
 
   posterior: the `Posterior` class; `flow_in_posterior` hands it the (possibly amortised)
     flow. kl_label: what the per-dimension KL of the base Gaussian in latent coordinates is
-    (figures; it sums to the posterior's KL exactly when `closed_form`). needs_flow: the model must build a flow (`model.flow`). global_flow: the flow is one
-    bijection shared by prior and posterior (it may not depend on x) and the decoder reads
-    f(z) (`Prior.decoder_flow`).
+    (figures; it sums to the posterior's KL exactly when `closed_form`). needs_flow: the
+    model must build a flow (`model.flow`). global_flow: the flow is one bijection shared by
+    prior and posterior (it may not depend on x) and the decoder reads f(z)
+    (`Prior.decoder_flow`).
   """
   posterior: type[Posterior]
   needs_flow: bool = False
@@ -387,7 +392,8 @@ def check_latent_config(config, rates: tuple[str, ...]) -> None:
   if config.vocab_size <= 4:
     raise ValueError(f"vocab_size must exceed the 4 special tokens, got {config.vocab_size}")
   if config.latent_dim < 0:
-    raise ValueError(f"latent_dim must be >= 0 (0: no latent code), got {config.latent_dim}")
+    raise ValueError(f"latent_dim must be >= 0 (0: no latent code, the language model or "
+                     f"seq2seq), got {config.latent_dim}")
   for name in rates:
     if not 0.0 <= getattr(config, name) < 1.0:
       raise ValueError(f"{name} must be in [0, 1), got {getattr(config, name)}")

@@ -183,9 +183,9 @@ class CVAE(posteriors.LatentModel, nn.Module):
     """q(z|x,c) (the base Gaussian `[B, d]` and, for an amortised flow, its context), with
     the prior p(z|c) and the condition c it is measured against."""
     del deterministic  # no batch statistics here
+    if not self.config.latent_dim:  # seq2seq: its feature is the context vector c itself
+      return self.condition_params(context, speakers, c=features)
     prior = self.condition_params(context, speakers)
-    if not self.config.latent_dim:
-      return prior
     if features is None:
       features = self.response_features(tokens)
     h = jnp.concatenate([features, prior.condition], axis=-1)

@@ -31,8 +31,8 @@ does not depend on x, its prior is N(0, I), q(u|x) = q(z|x) Π_l σ_p, and impor
 KL and MI are the same in u as in z. So the evaluation suite of `vae_jax.evaluation` (IW-NLL,
 KL, MI, AU, holes, prior samples) applies unchanged: `Della.posterior` returns a
 `ChainPosterior` (the latent-model protocol of `vae_jax.posteriors`) over codes `[..., L·d]`
-(layer-major), and `log_likelihood` decodes u. `layer_means` gives the z-space chain of posterior means on which
-the paper counts active units.
+(layer-major), and `log_likelihood` decodes u. `layer_means` gives the z-space chain of
+posterior means on which the paper counts active units.
 
 The paper's comparisons are switches of the same model (`DellaConfig.injection`):
 'fusion' (DELLA), 'embedding' (z added to every input embedding), 'memory' (z as one extra

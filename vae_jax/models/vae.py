@@ -93,8 +93,6 @@ class VAEConfig(LatentSettings):
   matmul_dtype: str = "float32"
 
   def __post_init__(self):
-    if self.latent_dim < 0:  # the message of the language model (latent_dim 0)
-      raise ValueError(f"latent_dim must be >= 0 (0 = language model), got {self.latent_dim}")
     posteriors.check_latent_config(self, ("dropout_in", "dropout_out", "word_dropout",
                                           "smoothness_dropout"))
     if self.mean_batch_norm < 0:
