@@ -163,7 +163,7 @@ def make_vae_eval(model: nn.Module) -> Callable[..., Sums]:
       sums["bow"] = jnp.sum(terms.bow_nll * batch["weights"])
     if _gaussian_codes(model):
       mi = mutual_information.gaussian_mutual_information(mi_rng, terms.mean, terms.logvar,
-                                               mask=batch["weights"])
+                                                          mask=batch["weights"])
       sums["mi"] = mi * sums["n_sentences"]
     return sums
 
