@@ -26,6 +26,8 @@ from vae_jax.run_evaluation import (CONFIG_FILE, VOCAB_FILE, evaluate_workdir, r
 from vae_jax.training import checkpoint as checkpoint_lib
 from vae_jax.training import loop, mesh as mesh_lib
 
+TRAINING_FILE = "training.json"   # the training phase's summary (`training_summary`)
+
 
 def run(cfg: ExperimentConfig, workdir: str) -> dict[str, Any]:
   """Trains the configured model in `workdir` (resuming if possible), then evaluates the best
@@ -95,11 +97,31 @@ def _train(cfg: ExperimentConfig, task, workdir: str, vocab: Vocab, data, train_
   steps_per_epoch = train_iter.steps_per_epoch
   logging.info("training %s for %d steps (%d per epoch) on %d devices", cfg.model.kind,
                num_steps, steps_per_epoch, mesh.size)
-  loop.train_and_evaluate(
+  results = loop.train_and_evaluate(
       task, train_iter,
       {"valid": lambda: run_data.eval_iterator(cfg.data, valid, cfg.data.eval_batch_size)},
       loop_config(cfg.train, cfg.optimizer, num_steps, steps_per_epoch), workdir,
       vocab.fingerprint, mesh=mesh, encoder_iter=encoder_iter)
+  if jax.process_index() == 0:
+    fileio.write_json_atomic(os.path.join(workdir, TRAINING_FILE),
+                             training_summary(results, steps_per_epoch, num_steps, workdir))
+
+
+def training_summary(results, steps_per_epoch: int, num_steps: int, workdir: str):
+  """What the training phase did, for tables: the steps trained and their epochs, whether the
+  plateau controller stopped it before `num_steps`, and the best checkpoint's step, epoch and
+  selection metric (`checkpoints/best.json`)."""
+  step = int(results["step"])
+  best = {}
+  path = os.path.join(checkpoint_lib.checkpoint_dir(workdir), "best.json")
+  if os.path.exists(path):
+    best = workdir_lib.read_json(path, "the best checkpoint's record")
+  best_step = best.get("step")
+  return {"steps": step, "steps_per_epoch": steps_per_epoch, "epochs": step / steps_per_epoch,
+          "max_steps": num_steps, "stopped_early": bool(results["stopped_early"]),
+          "best_step": best_step,
+          "best_epoch": None if best_step is None else best_step / steps_per_epoch,
+          "best_metric": best.get("metric"), "best_value": best.get("value")}
 
 
 def _pretrain(pre: ExperimentConfig, pre_dir: str, inputs, data, train_iter, mesh):

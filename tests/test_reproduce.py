@@ -1,0 +1,138 @@
+"""experiments/reproduce.py: rows as commands, skipping finished rows, resuming interrupted
+ones, and the results it writes (run end to end on the `smoke` table, as a user runs it)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
+sys.path.insert(0, EXPERIMENTS)
+
+import reproduce  # noqa: E402
+import tables  # noqa: E402
+
+
+def _main(script: str):
+  """experiments/<script> imported without running it."""
+  spec = importlib.util.spec_from_file_location(f"reproduce_main_{script[:-3]}",
+                                                os.path.join(EXPERIMENTS, script))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_rows_are_experiment_commands():
+  table = tables.PTB_LSTM
+  argv = reproduce.command(table, table.row("ae_fb"), 2, "runs/r/ptb_lstm/ae_fb_s2")
+  assert argv[0].endswith(os.path.join("experiments", "vae.py"))
+  assert argv[1].endswith(os.path.join("configs", "vae.py") + ":ptb,sgd,ae_free_bits")
+  assert argv[2:2 + len(table.overrides)] == list(table.overrides)
+  assert argv[-2:] == ["--config.train.seed=2", "--workdir=runs/r/ptb_lstm/ae_fb_s2"]
+  # Every row of every table parses against its main's flags (a typo in a variant or an
+  # override name would only surface hours into a reproduction otherwise).
+  from absl import flags
+  from vae_jax import configs
+  for t in tables.TABLES.values():
+    for row in t.rows:
+      argv = reproduce.command(t, row, 0, "runs/x")
+      module = _main(row.script)
+      fv = flags.FlagValues()
+      # config_flags reads the `--config.*` overrides from sys.argv when it defines --config.
+      saved, sys.argv = sys.argv, [row.script, *argv[1:]]
+      try:
+        module.define_flags(fv)
+        fv(sys.argv)
+      finally:
+        sys.argv = saved
+      cfg = configs.read(fv.config)   # as the main reads it: every setting checked
+      assert cfg.train.seed == 0, (t.name, row.name)
+      for override in row.overrides:   # the row's own settings win over the table's
+        name, value = override.removeprefix("--config.").split("=", 1)
+        got = fv.config
+        for part in name.split("."):
+          got = got[part]
+        same = (float(got) == float(value) if isinstance(got, (int, float))
+                and not isinstance(got, bool) else str(got) == value)
+        assert same, (t.name, row.name, name, got, value)
+
+
+def test_selection_order_and_errors():
+  table = tables.SYNTHETIC
+  chosen = reproduce.selected(table, ["vae", "lm"], ["1", "0"])
+  # Every chosen row of the first seed, then of the next, in the table's order.
+  assert [(r.name, s) for r, s in chosen] == [("lm", 1), ("vae", 1), ("lm", 0), ("vae", 0)]
+  from vae_jax import errors
+  with pytest.raises(errors.ConfigError, match="nope"):
+    reproduce.selected(table, ["nope"], [])
+  with pytest.raises(errors.ConfigError, match="integers"):
+    reproduce.selected(table, [], ["a"])
+
+
+def test_anchor_differences_know_their_spread():
+  anchor = tables.Anchor("paper", {"ppl": 100.0, "au": 32})
+  one = {"ppl": {"mean": 101.0, "sd": 0.0, "se": 0.0, "n": 1}}
+  three = {"ppl": {"mean": 101.0, "sd": 0.6, "se": 0.35, "n": 3},
+           "au": {"mean": 30.0, "sd": 0.5, "se": 0.3, "n": 3}}
+  assert reproduce.anchor_differences(anchor, one)["ppl"]["within_2sd"] is None
+  d = reproduce.anchor_differences(anchor, three)
+  assert d["ppl"]["difference"] == pytest.approx(1.0) and d["ppl"]["within_2sd"]
+  assert d["au"]["difference"] == pytest.approx(-2.0) and not d["au"]["within_2sd"]
+
+
+def test_synthetic_truth_matches_the_grammar():
+  from vae_jax.data import synthetic
+  truth = reproduce.synthetic_truth("valid")
+  examples = synthetic.generate("valid")
+  assert truth["exact_nll"] == pytest.approx(
+      -sum(synthetic.log_prob(e.tokens) for e in examples) / len(examples))
+  # The corpus's sentences determine their factors: all log 32 nats are in x.
+  assert truth["factor_information"] == pytest.approx(synthetic.FACTOR_ENTROPY, abs=1e-6)
+
+
+def _reproduce(tmp_path, *args):
+  out = subprocess.run(
+      [sys.executable, os.path.join(EXPERIMENTS, "reproduce.py"), "--table=smoke",
+       "--root=runs", "--results_dir=results", "--figures=False", *args],
+      cwd=tmp_path, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads((tmp_path / "results" / "smoke.json").read_text())
+
+
+def test_runs_skips_resumes_and_reports(tmp_path):
+  # Relative --root and --results_dir, from another directory, as a user types them.
+  results = _reproduce(tmp_path, "--rows=vae")
+  run_dir = tmp_path / "runs" / "smoke" / "vae_s0"
+  evaluation = json.loads((run_dir / "eval_test.json").read_text())
+  [run] = results["runs"]
+  assert run["row"] == "vae" and run["seed"] == 0 and run["workdir"] == "smoke/vae_s0"
+  assert run["metrics"]["nll"] == evaluation["nll"]
+  assert run["metrics"]["nll_se"] == evaluation["nll_se"]
+  assert set(run["metrics"]) >= {"probe/topic", "probe/sentiment", "probe/tense",
+                                 "probe/number", "epochs", "best_epoch"}
+  assert run["steps"] == 12 and run["epochs"] == pytest.approx(12 / run["steps_per_epoch"])
+  assert run["config"]["train"]["seed"] == 0 and run["invocations"] == 2  # train, probe
+  assert run["command"].startswith("python ") and "--workdir=runs/smoke/vae_s0" in run["command"]
+  assert [p["row"] for p in results["pending"]] == ["lm"]
+  markdown = (tmp_path / "results" / "smoke.md").read_text()
+  assert "| vae (tiny VAE) | 0 |" in markdown and "## Not yet run" in markdown
+  assert f"{evaluation['nll']:.2f}" in markdown
+
+  # A finished row is skipped: nothing runs again.
+  again = _reproduce(tmp_path, "--rows=vae")
+  assert again["runs"][0]["invocations"] == 2
+
+  # An interrupted row is resumed: with its training done and its evaluation missing, the
+  # row's command only evaluates (no new training step is logged) and gives the same numbers.
+  logged = (run_dir / "metrics.jsonl").read_text()
+  os.remove(run_dir / "eval_test.json")
+  resumed = _reproduce(tmp_path, "--rows=vae")
+  assert resumed["runs"][0]["invocations"] == 3
+  assert (run_dir / "metrics.jsonl").read_text().startswith(logged)
+  assert '"split": "train"' not in (run_dir / "metrics.jsonl").read_text()[len(logged):]
+  assert json.loads((run_dir / "eval_test.json").read_text())["nll"] == pytest.approx(
+      evaluation["nll"], rel=1e-6)
