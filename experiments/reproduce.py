@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -199,14 +200,27 @@ class Lock:
 
 def _run_logged(argv: list[str], path: str, log_name: str) -> tuple[int, float]:
   """Runs `python argv` with its output appended to `<path>/<log_name>`; (status, seconds)."""
-  os.makedirs(path, exist_ok=True)
   started = time.time()
   with open(os.path.join(path, log_name), "a") as log:
     log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')}: "
               f"{shlex.join(['python', *argv])}\n")
     log.flush()
-    status = subprocess.run([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT).returncode
+    child = subprocess.Popen([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT)
+    try:
+      status = child.wait()
+    finally:
+      if child.poll() is None:   # this process is being stopped: so is the row (it resumes)
+        child.terminate()
+        child.wait()
   return status, time.time() - started
+
+
+def _stop_on_sigterm() -> None:
+  """SIGTERM ends this process like Ctrl-C, so that the running row is stopped with it (an
+  orphaned row would keep writing to a workdir the next invocation takes over)."""
+  def handler(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+  signal.signal(signal.SIGTERM, handler)
 
 
 def read_record(path: str) -> dict[str, Any]:
@@ -218,6 +232,7 @@ def run_row(table: tables_lib.Table, row: tables_lib.Row, seed: int, path: str,
   """Trains (or resumes) and evaluates one row, then probes it; True when it finished."""
   from vae_jax import fileio
   argv = command(table, row, seed, path)
+  os.makedirs(path, exist_ok=True)
   record = read_record(path)
   record["command"] = shlex.join(["python", *argv])
   steps = [("train", argv)]
@@ -230,11 +245,14 @@ def run_row(table: tables_lib.Table, row: tables_lib.Row, seed: int, path: str,
     logging.info("%s %s seed %d: %s", table.name, row.name, seed,
                  shlex.join(["python", *step_argv]))
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    status, seconds = _run_logged(step_argv, path, f"{name}.log")
-    record["invocations"].append({"step": name, "started": started, "wall_s": seconds,
-                                  "status": status, "commit": revision,
-                                  "machine": machine_name})
-    fileio.write_json_atomic(os.path.join(path, RECORD_FILE), record, indent=1)
+    clock, status = time.time(), "stopped"
+    try:
+      status, _ = _run_logged(step_argv, path, f"{name}.log")
+    finally:   # a stopped invocation's time counts too
+      record["invocations"].append({"step": name, "started": started,
+                                    "wall_s": time.time() - clock, "status": status,
+                                    "commit": revision, "machine": machine_name})
+      fileio.write_json_atomic(os.path.join(path, RECORD_FILE), record, indent=1)
     if status != 0:
       logging.error("%s %s seed %d: %s exited with status %d (its log: %s).", table.name,
                     row.name, seed, name, status, os.path.join(path, f"{name}.log"))
@@ -472,6 +490,7 @@ def main(argv):
       print(shlex.join(["python", *command(table, row, seed, workdir(root, table, row, seed))]))
     return
   failed = []
+  _stop_on_sigterm()
   if not FLAGS.report_only and todo:
     revision, machine_name = commit(), machine()
     for row, seed in todo:
@@ -484,6 +503,9 @@ def main(argv):
       try:
         if not run_row(table, row, seed, path, machine_name, revision):
           failed.append(f"{row.name} seed {seed}")
+      except KeyboardInterrupt:
+        print(f"stopped during {row.name} seed {seed}; the same command continues it.")
+        sys.exit(130)
       finally:
         lock.release()
   seeds = sorted({seed for _, seed in chosen} | set(table.seeds))
