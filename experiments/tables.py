@@ -191,7 +191,9 @@ whole corpus sorted, as their `create_data_batch`) without padding to a multiple
 the best-validation checkpoint, the full test set, IW-NLL with K = 500 (their `iw_nll`), MI by
 their per-batch estimator, AU with threshold 0.01. **Choices where the papers are silent or
 differ:** the annealed rows anneal β linearly from 0.1 over 10 epochs (He et al.'s
-`--kl_start 0.1 --warm_up 10`). AE + FB follows Li et al. 2019's own scripts (their README's
+`--kl_start 0.1 --warm_up 10`); the cyclical row has 4 cycles over the 100-epoch budget (25
+epochs each, rising for the first half; Fu et al. 2019's M = 4, R = 0.5), and the plateau rule
+ends it as it ends every row, so it may stop inside a cycle. AE + FB follows Li et al. 2019's own scripts (their README's
 commands, `text_beta.py --beta 0 --lr 0.5` then `text_anneal_fb.py --reset_dec --kl_start 0
 --warm_up 10 --target_kl 8 --fb 2 --lr 0.5`): learning rate 0.5 and a patience of 5 epochs
 (their `decay_epoch = 5`) in both phases, free bits per sentence and dimension at 8 / 32 nats;
