@@ -415,8 +415,41 @@ def markdown(table: tables_lib.Table, summaries, pending, truth, root_hint: str)
                      f"{d['difference']:+.2f} | {within} | {s['anchor']['source']} |")
   if pending:
     lines += ["", "## Not yet run", "", "Each is one command (from the repository's root):", ""]
-    lines += [f"- {p['row']}, seed {p['seed']}: `{p['command']}`" for p in pending]
+    for p in pending:
+      where = ""
+      if "step" in p:
+        where = (f" (interrupted or running: step {p['step']}, best validation "
+                 f"{p['best_metric']} {p['best_value']:.3f} at step {p['best_step']})")
+      lines.append(f"- {p['row']}, seed {p['seed']}{where}: `{p['command']}`")
   return "\n".join(lines) + "\n"
+
+
+def progress(path: str) -> dict[str, Any]:
+  """How far an unfinished row got: its last validation step and its best validation value
+  so far (`metrics.jsonl`); empty when it has not been validated yet."""
+  file = os.path.join(path, "metrics.jsonl")
+  if not os.path.exists(file):
+    return {}
+  from vae_jax.run_config import LM_KINDS
+  config = _read(path, "config.json")
+  metric = config.get("train", {}).get("best_metric") or (
+      "nll" if config.get("model", {}).get("kind") in LM_KINDS else "neg_elbo")
+  best, last = None, None
+  with open(file) as f:
+    for line in f:
+      try:
+        entry = json.loads(line)
+      except json.JSONDecodeError:   # a line being written
+        continue
+      value = entry.get("metrics", {}).get(metric)
+      if entry.get("split") != "valid" or value is None:
+        continue
+      last = entry["step"]
+      if best is None or value < best[1]:
+        best = (entry["step"], value)
+  if best is None:
+    return {}
+  return {"step": last, "best_step": best[0], "best_metric": metric, "best_value": best[1]}
 
 
 def write_results(table: tables_lib.Table, root: str, results_dir: str, truth,
@@ -432,7 +465,7 @@ def write_results(table: tables_lib.Table, root: str, results_dir: str, truth,
         records.append(row_record(table, row, seed, path, root))
       else:
         pending.append({"row": row.name, "seed": seed, "command": shlex.join(
-            ["python", *command(table, row, seed, path)])})
+            ["python", *command(table, row, seed, path)]), **progress(path)})
   summaries = summarize_rows(table, records)
   content = {"table": table.name, "title": table.title, "protocol": table.protocol,
              "split": table.split, "truth": truth, "runs": records, "summary": summaries,

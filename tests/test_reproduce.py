@@ -136,3 +136,17 @@ def test_runs_skips_resumes_and_reports(tmp_path):
   assert '"split": "train"' not in (run_dir / "metrics.jsonl").read_text()[len(logged):]
   assert json.loads((run_dir / "eval_test.json").read_text())["nll"] == pytest.approx(
       evaluation["nll"], rel=1e-6)
+
+
+def test_progress_of_an_unfinished_row(tmp_path):
+  assert reproduce.progress(str(tmp_path)) == {}
+  (tmp_path / "config.json").write_text(json.dumps({"model": {"kind": "vae"},
+                                                    "train": {"best_metric": ""}}))
+  lines = [{"step": 10, "split": "train", "metrics": {"neg_elbo": 1.0}},
+           {"step": 20, "split": "valid", "metrics": {"neg_elbo": 5.0}},
+           {"step": 40, "split": "valid", "metrics": {"neg_elbo": 4.0}},
+           {"step": 60, "split": "valid", "metrics": {"neg_elbo": 4.5}}]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join(json.dumps(x) + "\n" for x in lines) + '{"step": 8')  # a line being written
+  assert reproduce.progress(str(tmp_path)) == {"step": 60, "best_step": 40,
+                                              "best_metric": "neg_elbo", "best_value": 4.0}
