@@ -44,9 +44,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import flags, logging
+import numpy as np
 
 import main_lib
 import tables as tables_lib
+from vae_jax import aggregate, errors, fileio
+from vae_jax.data import synthetic
+from vae_jax.run_config import LM_KINDS
 
 FLAGS = flags.FLAGS
 EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
@@ -116,14 +120,12 @@ def selected(table: tables_lib.Table, rows: Sequence[str], seeds: Sequence[str])
   """[(row, seed)] in running order: every row of the first seed, then of the next."""
   unknown = [r for r in rows if r not in {row.name for row in table.rows}]
   if unknown:
-    from vae_jax import errors
     raise errors.ConfigError(f"--rows: {', '.join(unknown)} not in table {table.name} (rows: "
                              f"{', '.join(r.name for r in table.rows)}).")
   chosen = [r for r in table.rows if not rows or r.name in rows]
   try:
     seed_list = [int(s) for s in seeds] if seeds else list(table.seeds)
   except ValueError:
-    from vae_jax import errors
     raise errors.ConfigError(f"--seeds={','.join(seeds)}: give integers, e.g. --seeds=0,1,2.")
   return [(row, seed) for seed in seed_list for row in chosen]
 
@@ -230,7 +232,6 @@ def read_record(path: str) -> dict[str, Any]:
 def run_row(table: tables_lib.Table, row: tables_lib.Row, seed: int, path: str,
             machine_name: str, revision: str) -> bool:
   """Trains (or resumes) and evaluates one row, then probes it; True when it finished."""
-  from vae_jax import fileio
   argv = command(table, row, seed, path)
   os.makedirs(path, exist_ok=True)
   record = read_record(path)
@@ -330,7 +331,6 @@ def summarize_rows(table: tables_lib.Table, records: Sequence[Mapping[str, Any]]
   """Per row, over its finished seeds: mean, sd (ddof 1), se and n of every metric all of
   them report (`vae_jax.aggregate.summarize`), and the mean of each metric's own standard
   error (`<metric>_se`) for rows with one seed."""
-  from vae_jax import aggregate
   out = []
   for row in table.rows:
     runs = [r for r in records if r["row"] == row.name]
@@ -430,7 +430,6 @@ def progress(path: str) -> dict[str, Any]:
   file = os.path.join(path, "metrics.jsonl")
   if not os.path.exists(file):
     return {}
-  from vae_jax.run_config import LM_KINDS
   config = _read(path, "config.json")
   metric = config.get("train", {}).get("best_metric") or (
       "nll" if config.get("model", {}).get("kind") in LM_KINDS else "neg_elbo")
@@ -456,7 +455,6 @@ def write_results(table: tables_lib.Table, root: str, results_dir: str, truth,
                   seeds: Sequence[int]) -> dict[str, Any]:
   """Collects every finished row × seed of `table` under `root` and writes the JSON and the
   Markdown; returns the JSON's content."""
-  from vae_jax import fileio
   records, pending = [], []
   for seed in seeds:
     for row in table.rows:
@@ -495,8 +493,6 @@ def synthetic_truth(split: str = "test") -> dict[str, float]:
   """The embedded corpus's exact NLL of `split` (mean over its sentences of -log p(x), EOS
   included) and the exact information its sentences carry about the factors,
   I(x; f) = H(f) - mean_x H(f | x), each with its standard error over sentences."""
-  import numpy as np
-  from vae_jax.data import synthetic
   examples = synthetic.generate(split)
   nll = np.array([-synthetic.log_prob(e.tokens) for e in examples])
   posteriors = np.array([synthetic.factor_posterior(e.tokens) for e in examples])
@@ -510,7 +506,6 @@ def synthetic_truth(split: str = "test") -> dict[str, float]:
 
 def main(argv):
   main_lib.no_arguments(argv)
-  from vae_jax import errors
   table = tables_lib.TABLES[FLAGS.table]
   # Commands name the root as given (they run in this directory); files are read through it.
   root = FLAGS.root
