@@ -51,6 +51,7 @@ import tables as tables_lib
 from vae_jax import aggregate, errors, fileio
 from vae_jax.data import synthetic
 from vae_jax.run_config import LM_KINDS
+from vae_jax.training import writers
 
 FLAGS = flags.FLAGS
 EXPERIMENTS = os.path.dirname(os.path.abspath(__file__))
@@ -200,9 +201,8 @@ class Lock:
       self.held = False
 
 
-def _run_logged(argv: list[str], path: str, log_name: str) -> tuple[int, float]:
-  """Runs `python argv` with its output appended to `<path>/<log_name>`; (status, seconds)."""
-  started = time.time()
+def _run_logged(argv: list[str], path: str, log_name: str) -> int:
+  """Runs `python argv` with its output appended to `<path>/<log_name>`; its exit status."""
   with open(os.path.join(path, log_name), "a") as log:
     log.write(f"\n# {datetime.datetime.now().isoformat(timespec='seconds')}: "
               f"{shlex.join(['python', *argv])}\n")
@@ -214,7 +214,7 @@ def _run_logged(argv: list[str], path: str, log_name: str) -> tuple[int, float]:
       if child.poll() is None:   # this process is being stopped: so is the row (it resumes)
         child.terminate()
         child.wait()
-  return status, time.time() - started
+  return status
 
 
 def _stop_on_sigterm() -> None:
@@ -248,7 +248,7 @@ def run_row(table: tables_lib.Table, row: tables_lib.Row, seed: int, path: str,
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     clock, status = time.time(), "stopped"
     try:
-      status, _ = _run_logged(step_argv, path, f"{name}.log")
+      status = _run_logged(step_argv, path, f"{name}.log")
     finally:   # a stopped invocation's time counts too
       record["invocations"].append({"step": name, "started": started,
                                     "wall_s": time.time() - clock, "status": status,
@@ -263,11 +263,6 @@ def run_row(table: tables_lib.Table, row: tables_lib.Row, seed: int, path: str,
 
 # ------------------------------------------------------------------------------------------
 # Results.
-
-def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-  return {k: float(v) for k, v in metrics.items()
-          if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
 
 def probe_accuracies(path: str) -> dict[str, float]:
   """{'probe/<factor>': test accuracy} of a run's `probe.json`."""
@@ -305,7 +300,7 @@ def row_record(table: tables_lib.Table, row: tables_lib.Row, seed: int, path: st
   record = read_record(path)
   training = read("training.json")
   invocations = record.get("invocations", [])
-  metrics = scalars(read(f"eval_{table.split}.json"))
+  metrics = aggregate.scalars(read(f"eval_{table.split}.json"))
   metrics.update(probe_accuracies(path))
   for key in ("epochs", "best_epoch"):
     if training.get(key) is not None:
@@ -427,27 +422,16 @@ def markdown(table: tables_lib.Table, summaries, pending, truth, root_hint: str)
 def progress(path: str) -> dict[str, Any]:
   """How far an unfinished row got: its last validation step and its best validation value
   so far (`metrics.jsonl`); empty when it has not been validated yet."""
-  file = os.path.join(path, "metrics.jsonl")
-  if not os.path.exists(file):
-    return {}
   config = _read(path, "config.json")
   metric = config.get("train", {}).get("best_metric") or (
       "nll" if config.get("model", {}).get("kind") in LM_KINDS else "neg_elbo")
-  best, last = None, None
-  with open(file) as f:
-    for line in f:
-      try:
-        entry = json.loads(line)
-      except json.JSONDecodeError:   # a line being written
-        continue
-      value = entry.get("metrics", {}).get(metric)
-      if entry.get("split") != "valid" or value is None:
-        continue
-      last = entry["step"]
-      if best is None or value < best[1]:
-        best = (entry["step"], value)
-  if best is None:
+  validated = [(entry["step"], entry["metrics"][metric]) for entry in writers.read_metrics(path)
+               if entry.get("split") == "valid"
+               and entry.get("metrics", {}).get(metric) is not None]
+  if not validated:
     return {}
+  last = validated[-1][0]
+  best = min(validated, key=lambda entry: entry[1])
   return {"step": last, "best_step": best[0], "best_metric": metric, "best_value": best[1]}
 
 
@@ -496,8 +480,8 @@ def synthetic_truth(split: str = "test") -> dict[str, float]:
   examples = synthetic.generate(split)
   nll = np.array([-synthetic.log_prob(e.tokens) for e in examples])
   posteriors = np.array([synthetic.factor_posterior(e.tokens) for e in examples])
-  conditional = -np.sum(np.where(posteriors > 0, posteriors * np.log(
-      np.where(posteriors > 0, posteriors, 1.0)), 0.0), axis=1)
+  # H(f | x); labels the sentence rules out (p = 0) add 0 log 1 = 0.
+  conditional = -np.sum(posteriors * np.log(np.where(posteriors > 0, posteriors, 1.0)), axis=1)
   info = synthetic.FACTOR_ENTROPY - conditional
   se = lambda v: float(np.std(v, ddof=1) / math.sqrt(len(v)))
   return {"exact_nll": float(nll.mean()), "exact_nll_se": se(nll),

@@ -41,9 +41,13 @@ def read_run(workdir: str, split: str = "test") -> dict[str, Any]:
                                 f"experiments/evaluate.py --workdir={workdir} --split={split}).")
   config = _flatten(workdir_lib.read_json(config_path, "the run's config"))
   metrics = workdir_lib.read_json(eval_path, "the run's evaluation")
-  scalars = {k: float(v) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-  return {"workdir": workdir, "config": config, "metrics": scalars}
+  return {"workdir": workdir, "config": config, "metrics": scalars(metrics)}
+
+
+def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+  """The numeric scalars of an `eval_<split>.json` (no flags, lists or texts), as floats."""
+  return {k: float(v) for k, v in metrics.items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def group_runs(runs: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
