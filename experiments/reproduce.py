@@ -14,6 +14,12 @@ its last checkpoint (or only evaluates, if training had finished), so the whole 
 stopped at any point and started again with the same `--root`. Two such commands may share a
 root: a row another live process is running is left to it (`<workdir>.lock`).
 
+A row is also finished when `<results_dir>/<table>.json` already records it with the same
+command (the same script, config, variants and overrides; the workdir may differ): results
+committed from another machine last, though its workdirs are gone. Such a row is neither run
+again nor dropped from the table; a record whose command no longer matches the table (its
+protocol changed) is dropped, and the row runs again.
+
 Then, from every finished row (also those of earlier invocations), it writes
 `<results_dir>/<table>.json` (one record per row and seed: its command, config, commit, steps,
 epochs, best step, wall time, machine, every scalar metric of `eval_<split>.json` with its
@@ -110,6 +116,37 @@ def probe_command(path: str) -> list[str]:
 
 def eval_file(table: tables_lib.Table, path: str) -> str:
   return os.path.join(path, f"eval_{table.split}.json")
+
+
+def _protocol(argv: Sequence[str]) -> list[str]:
+  """A command as what it runs, not where: without the interpreter and the workdir, and with
+  the script and config files by name (the directory they are typed from may differ)."""
+  out = []
+  for arg in argv:
+    if arg == "python" or arg.startswith("--workdir="):
+      continue
+    if arg.startswith("--config=") and os.sep in arg:
+      arg = "--config=" + os.path.basename(arg.removeprefix("--config="))
+    elif arg.endswith(".py"):
+      arg = os.path.basename(arg)
+    out.append(arg)
+  return out
+
+
+def recorded(table: tables_lib.Table, results_dir: str) -> dict[tuple[str, int], dict]:
+  """The runs `<results_dir>/<table>.json` records as finished, by (row, seed), whose command
+  is still the row's; records of another protocol are left out (with a warning)."""
+  out, names = {}, {row.name: row for row in table.rows}
+  for record in _read(results_dir, f"{table.name}.json").get("runs", []):
+    row = names.get(record.get("row"))
+    current = row and command(table, row, record["seed"], "")
+    if current and _protocol(shlex.split(record["command"])) == _protocol(current):
+      out[(row.name, record["seed"])] = record
+    else:
+      logging.warning("%s: the record of %s seed %s has another command than the table's "
+                      "(%s); it is dropped and the row runs again.", table.name,
+                      record.get("row"), record.get("seed"), record.get("command"))
+  return out
 
 
 def is_finished(table: tables_lib.Table, path: str) -> bool:
@@ -436,15 +473,19 @@ def progress(path: str) -> dict[str, Any]:
 
 
 def write_results(table: tables_lib.Table, root: str, results_dir: str, truth,
-                  seeds: Sequence[int]) -> dict[str, Any]:
-  """Collects every finished row × seed of `table` under `root` and writes the JSON and the
-  Markdown; returns the JSON's content."""
+                  seeds: Sequence[int],
+                  earlier: Mapping[tuple[str, int], dict] | None = None) -> dict[str, Any]:
+  """Collects every finished row × seed of `table` (under `root`, else among the `earlier`
+  records, see `recorded`) and writes the JSON and the Markdown; returns the JSON's content."""
   records, pending = [], []
+  earlier = earlier or {}
   for seed in seeds:
     for row in table.rows:
       path = workdir(root, table, row, seed)
       if is_finished(table, path):
         records.append(row_record(table, row, seed, path, root))
+      elif (row.name, seed) in earlier:
+        records.append(earlier[(row.name, seed)])
       else:
         pending.append({"row": row.name, "seed": seed, "command": shlex.join(
             ["python", *command(table, row, seed, path)]), **progress(path)})
@@ -459,11 +500,17 @@ def write_results(table: tables_lib.Table, root: str, results_dir: str, truth,
   return content
 
 
-def write_figure(table: tables_lib.Table, root: str, results_dir: str, seed: int) -> None:
-  """experiments/report.py over the finished runs of `seed`: their comparison figure."""
+def write_figure(table: tables_lib.Table, root: str, results_dir: str, seed: int,
+                 finished: int) -> None:
+  """experiments/report.py over the finished runs of `seed`: their comparison figure. The
+  figure needs the runs' files: it is left as it is while fewer of them are under `root` than
+  the `finished` runs of `seed` the table records."""
   paths = [workdir(root, table, row, seed) for row in table.rows]
   paths = [p for p in paths if is_finished(table, p)]
-  if not paths:
+  if not paths or len(paths) < finished:
+    if paths:
+      logging.info("%s.png not rewritten: %d of the %d finished runs of seed %d are under %s.",
+                   table.name, len(paths), finished, seed, root)
     return
   argv = [_script_path("report.py"), *(f"--workdir={p}" for p in paths),
           f"--out={os.path.join(results_dir, table.name + '.png')}"]
@@ -495,8 +542,9 @@ def main(argv):
   root = FLAGS.root
   results_dir = FLAGS.results_dir
   chosen = selected(table, FLAGS.rows, FLAGS.seeds)
-  todo = [(row, seed) for row, seed in chosen
-          if not is_finished(table, workdir(root, table, row, seed))]
+  earlier = recorded(table, results_dir)
+  todo = [(row, seed) for row, seed in chosen if (row.name, seed) not in earlier
+          and not is_finished(table, workdir(root, table, row, seed))]
   if FLAGS.dry_run:
     for row, seed in todo:
       print(shlex.join(["python", *command(table, row, seed, workdir(root, table, row, seed))]))
@@ -522,9 +570,10 @@ def main(argv):
         lock.release()
   seeds = sorted({seed for _, seed in chosen} | set(table.seeds))
   truth = synthetic_truth(table.split) if table.probe else {}
-  content = write_results(table, root, results_dir, truth, seeds)
+  content = write_results(table, root, results_dir, truth, seeds, earlier)
   if FLAGS.figures:
-    write_figure(table, root, results_dir, seeds[0])
+    write_figure(table, root, results_dir, seeds[0],
+                 sum(r["seed"] == seeds[0] for r in content["runs"]))
   print(f"{table.name}: {len(content['runs'])} runs finished, {len(content['pending'])} to "
         f"run; wrote {os.path.join(results_dir, table.name)}.json and .md")
   if failed:

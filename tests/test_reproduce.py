@@ -4,6 +4,7 @@ ones, and the results it writes (run end to end on the `smoke` table, as a user 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -130,12 +131,26 @@ def test_runs_skips_resumes_and_reports(tmp_path):
   # row's command only evaluates (no new training step is logged) and gives the same numbers.
   logged = (run_dir / "metrics.jsonl").read_text()
   os.remove(run_dir / "eval_test.json")
+  os.remove(tmp_path / "results" / "smoke.json")   # interrupted before it was recorded
   resumed = _reproduce(tmp_path, "--rows=vae")
   assert resumed["runs"][0]["invocations"] == 3
   assert (run_dir / "metrics.jsonl").read_text().startswith(logged)
   assert '"split": "train"' not in (run_dir / "metrics.jsonl").read_text()[len(logged):]
   assert json.loads((run_dir / "eval_test.json").read_text())["nll"] == pytest.approx(
       evaluation["nll"], rel=1e-6)
+
+  # Results last without their workdirs (another machine, a new checkout): the recorded row
+  # is neither run again nor dropped from the table.
+  shutil.rmtree(tmp_path / "runs")
+  kept = _reproduce(tmp_path, "--rows=vae")
+  assert not run_dir.exists()
+  assert kept["runs"] == resumed["runs"]
+  # A record of another protocol is dropped: its row is to run again.
+  stale = dict(kept, runs=[dict(kept["runs"][0], command=kept["runs"][0]["command"] +
+                                " --config.train.num_epochs=3")])
+  (tmp_path / "results" / "smoke.json").write_text(json.dumps(stale))
+  dropped = _reproduce(tmp_path, "--report_only")
+  assert dropped["runs"] == [] and [p["row"] for p in dropped["pending"]] == ["vae", "lm"]
 
 
 def test_progress_of_an_unfinished_row(tmp_path):
