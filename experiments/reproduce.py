@@ -139,8 +139,8 @@ def recorded(table: tables_lib.Table, results_dir: str) -> dict[tuple[str, int],
   out, names = {}, {row.name: row for row in table.rows}
   for record in _read(results_dir, f"{table.name}.json").get("runs", []):
     row = names.get(record.get("row"))
-    current = row and command(table, row, record["seed"], "")
-    if current and _protocol(shlex.split(record["command"])) == _protocol(current):
+    if row and (_protocol(shlex.split(record["command"]))
+                == _protocol(command(table, row, record["seed"], ""))):
       out[(row.name, record["seed"])] = record
     else:
       logging.warning("%s: the record of %s seed %s has another command than the table's "
@@ -507,10 +507,11 @@ def write_figure(table: tables_lib.Table, root: str, results_dir: str, seed: int
   the `finished` runs of `seed` the table records."""
   paths = [workdir(root, table, row, seed) for row in table.rows]
   paths = [p for p in paths if is_finished(table, p)]
-  if not paths or len(paths) < finished:
-    if paths:
-      logging.info("%s.png not rewritten: %d of the %d finished runs of seed %d are under %s.",
-                   table.name, len(paths), finished, seed, root)
+  if not paths:
+    return
+  if len(paths) < finished:
+    logging.info("%s.png not rewritten: %d of the %d finished runs of seed %d are under %s.",
+                 table.name, len(paths), finished, seed, root)
     return
   argv = [_script_path("report.py"), *(f"--workdir={p}" for p in paths),
           f"--out={os.path.join(results_dir, table.name + '.png')}"]
