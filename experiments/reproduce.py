@@ -330,14 +330,49 @@ def portable(tree: Any) -> Any:
   return tree
 
 
+def exact_gap(sentences: Mapping[str, Any], exact: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """The model's IW-NLL minus the exact NLL, paired sentence by sentence:
+
+    nll_gap = mean_x [-L_K(x) - (-log p(x))],   nll_gap_se = sd_x[...] / sqrt(N),
+
+  from a run's `eval_<split>_sentences.json` and the split's exact per-sentence NLL and token
+  counts (`synthetic_exact`). Its mean is the difference of the two means; its standard error
+  is that of the paired differences, far smaller than either mean's (the sentences' own spread
+  cancels). Empty, with a warning, if the run's sentences are not the split's as the grammar
+  gives them (an index out of range, or token counts that differ: a truncated sentence)."""
+  index = np.asarray(sentences["sentence"], np.int64)
+  if index.size == 0 or index.max() >= len(exact["nll"]) or not np.array_equal(
+      np.asarray(sentences["n_tokens"]), exact["n_tokens"][index]):
+    logging.warning("the per-sentence evaluation is not of the split's sentences as the "
+                    "grammar gives them (indices or token counts differ); no paired gap.")
+    return {}
+  gap = np.asarray(sentences["nll"], np.float64) - exact["nll"][index]
+  return {"nll_gap": float(gap.mean()),
+          "nll_gap_se": float(gap.std(ddof=1) / math.sqrt(len(gap))) if len(gap) > 1 else 0.0}
+
+
+def with_gap(record: dict[str, Any], truth: Mapping[str, float]) -> dict[str, Any]:
+  """`record` with `nll_gap` in its metrics: as recorded (paired, with its standard error),
+  else the difference of the means `nll - exact_nll` alone (runs evaluated before
+  per-sentence values were saved; the unpaired standard error would overstate its noise)."""
+  metrics = record["metrics"]
+  if "nll_gap" in metrics or "exact_nll" not in truth or "nll" not in metrics:
+    return record
+  return {**record, "metrics": {**metrics, "nll_gap": metrics["nll"] - truth["exact_nll"]}}
+
+
 def row_record(table: tables_lib.Table, row: tables_lib.Row, seed: int, path: str,
-               root: str) -> dict[str, Any]:
-  """Everything a table says of one finished run."""
+               root: str, exact: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """Everything a table says of one finished run; with the split's `exact` per-sentence NLL,
+  the paired gap to it (`exact_gap`)."""
   read = lambda name: _read(path, name)
   record = read_record(path)
   training = read("training.json")
   invocations = record.get("invocations", [])
   metrics = aggregate.scalars(read(f"eval_{table.split}.json"))
+  sentences = read(f"eval_{table.split}_sentences.json")
+  if exact is not None and sentences:
+    metrics.update(exact_gap(sentences, exact))
   metrics.update(probe_accuracies(path))
   for key in ("epochs", "best_epoch"):
     if training.get(key) is not None:
@@ -474,18 +509,21 @@ def progress(path: str) -> dict[str, Any]:
 
 def write_results(table: tables_lib.Table, root: str, results_dir: str, truth,
                   seeds: Sequence[int],
-                  earlier: Mapping[tuple[str, int], dict] | None = None) -> dict[str, Any]:
+                  earlier: Mapping[tuple[str, int], dict] | None = None,
+                  exact: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
   """Collects every finished row × seed of `table` (under `root`, else among the `earlier`
-  records, see `recorded`) and writes the JSON and the Markdown; returns the JSON's content."""
+  records, see `recorded`) and writes the JSON and the Markdown; returns the JSON's content.
+  With the split's `exact` per-sentence NLL (`synthetic_exact`), every record carries its gap
+  to it (`exact_gap`, `with_gap`)."""
   records, pending = [], []
   earlier = earlier or {}
   for seed in seeds:
     for row in table.rows:
       path = workdir(root, table, row, seed)
       if is_finished(table, path):
-        records.append(row_record(table, row, seed, path, root))
+        records.append(with_gap(row_record(table, row, seed, path, root, exact), truth))
       elif (row.name, seed) in earlier:
-        records.append(earlier[(row.name, seed)])
+        records.append(with_gap(earlier[(row.name, seed)], truth))
       else:
         pending.append({"row": row.name, "seed": seed, "command": shlex.join(
             ["python", *command(table, row, seed, path)]), **progress(path)})
@@ -521,12 +559,20 @@ def write_figure(table: tables_lib.Table, root: str, results_dir: str, seed: int
                     status.stderr[-2000:])
 
 
+def synthetic_exact(split: str = "test") -> dict[str, np.ndarray]:
+  """Every sentence of the embedded corpus's `split`, in order: its exact NLL -log p(x) (EOS
+  included) and its token count |x| + 1."""
+  examples = synthetic.generate(split)
+  return {"nll": np.array([-synthetic.log_prob(e.tokens) for e in examples]),
+          "n_tokens": np.array([len(e.tokens) + 1 for e in examples])}
+
+
 def synthetic_truth(split: str = "test") -> dict[str, float]:
   """The embedded corpus's exact NLL of `split` (mean over its sentences of -log p(x), EOS
   included) and the exact information its sentences carry about the factors,
   I(x; f) = H(f) - mean_x H(f | x), each with its standard error over sentences."""
   examples = synthetic.generate(split)
-  nll = np.array([-synthetic.log_prob(e.tokens) for e in examples])
+  nll = synthetic_exact(split)["nll"]
   posteriors = np.array([synthetic.factor_posterior(e.tokens) for e in examples])
   # H(f | x); labels the sentence rules out (p = 0) add 0 log 1 = 0.
   conditional = -np.sum(posteriors * np.log(np.where(posteriors > 0, posteriors, 1.0)), axis=1)
@@ -571,7 +617,8 @@ def main(argv):
         lock.release()
   seeds = sorted({seed for _, seed in chosen} | set(table.seeds))
   truth = synthetic_truth(table.split) if table.probe else {}
-  content = write_results(table, root, results_dir, truth, seeds, earlier)
+  exact = synthetic_exact(table.split) if table.probe else None
+  content = write_results(table, root, results_dir, truth, seeds, earlier, exact)
   if FLAGS.figures:
     write_figure(table, root, results_dir, seeds[0],
                  sum(r["seed"] == seeds[0] for r in content["runs"]))

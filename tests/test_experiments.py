@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from experiment_configs import load_config, run_experiment, smoke_config
-from vae_jax import (build, configs, errors, kl_terms, pretraining, run_config, run_data,
-                     run_evaluation)
+from vae_jax import (build, configs, errors, evaluation, kl_terms, pretraining, run_config,
+                     run_data, run_evaluation)
 from vae_jax.data import pipeline
 from vae_jax.data.vocab import PAD, Vocab, VocabMismatchError
 
@@ -57,6 +57,19 @@ def test_lm_run_and_resume_is_a_no_op_when_finished(tmp_path):
   cfg = smoke_config("lm")
   first = run_experiment(cfg, tmp_path)
   assert first["test"]["kl"] == 0.0 and first["test"]["ppl"] > 1
+  # Every test sentence's NLL, in the split's order (the evaluation ran on length-sorted
+  # batches): against the same model scored on one batch holding the split in its own order.
+  sentences = json.loads((tmp_path / "eval_test_sentences.json").read_text())
+  saved_cfg, model, variables, vocab = run_evaluation.load_run(str(tmp_path))
+  data = run_data.encoder(saved_cfg.data, vocab)(
+      run_data.load_eval_split(saved_cfg.data, "test", saved_cfg.eval.max_examples))
+  assert sentences["sentence"] == list(range(len(data))) == list(range(48))
+  assert sentences["n_tokens"] == [int(n) for n in data.lengths]
+  batch = pipeline.make_batch(data, np.arange(len(data)), int(data.lengths.max()))
+  _, direct = evaluation.evaluate(model, variables, [batch], jax.random.PRNGKey(0),
+                                  hole_samples=0, per_sentence=True)
+  np.testing.assert_allclose(sentences["nll"], direct["nll"], atol=2e-4)
+  assert np.mean(sentences["nll"]) == pytest.approx(first["test"]["nll"], abs=1e-4)
   # Running the finished run again restores it and reproduces the evaluation exactly.
   second = run_experiment(cfg, tmp_path)
   assert second["test"]["nll"] == first["test"]["nll"]

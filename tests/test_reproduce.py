@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -95,6 +96,25 @@ def test_synthetic_truth_matches_the_grammar():
   assert truth["factor_information"] == pytest.approx(synthetic.FACTOR_ENTROPY, abs=1e-6)
 
 
+def test_gap_to_the_exact_nll_is_paired_when_it_can_be():
+  exact = {"nll": np.array([10.0, 20.0, 30.0, 40.0]), "n_tokens": np.array([3, 5, 7, 9])}
+  sentences = {"sentence": [1, 3], "n_tokens": [5, 9], "nll": [21.0, 41.5]}
+  gap = reproduce.exact_gap(sentences, exact)
+  assert gap["nll_gap"] == pytest.approx(1.25)
+  assert gap["nll_gap_se"] == pytest.approx(np.std([1.0, 1.5], ddof=1) / np.sqrt(2))
+  # Sentences that are not the split's as the grammar gives them: no paired gap.
+  assert reproduce.exact_gap(dict(sentences, n_tokens=[5, 8]), exact) == {}
+  assert reproduce.exact_gap(dict(sentences, sentence=[1, 4]), exact) == {}
+  # A record without one (evaluated before per-sentence values were saved) gets the
+  # difference of the means, and no standard error; a paired one is kept.
+  truth = {"exact_nll": 25.0}
+  old = reproduce.with_gap({"metrics": {"nll": 26.5, "nll_se": 0.1}}, truth)
+  assert old["metrics"] == {"nll": 26.5, "nll_se": 0.1, "nll_gap": 1.5}
+  paired = {"metrics": {"nll": 26.5, **gap}}
+  assert reproduce.with_gap(paired, truth) == paired
+  assert reproduce.with_gap({"metrics": {"nll": 1.0}}, {}) == {"metrics": {"nll": 1.0}}
+
+
 def _reproduce(tmp_path, *args):
   out = subprocess.run(
       [sys.executable, os.path.join(EXPERIMENTS, "reproduce.py"), "--table=smoke",
@@ -115,6 +135,14 @@ def test_runs_skips_resumes_and_reports(tmp_path):
   assert run["metrics"]["nll_se"] == evaluation["nll_se"]
   assert set(run["metrics"]) >= {"probe/topic", "probe/sentiment", "probe/tense",
                                  "probe/number", "epochs", "best_epoch"}
+  # The gap to the exact NLL, paired sentence by sentence (the smoke run evaluates the first
+  # 48 test sentences).
+  from vae_jax.data import synthetic
+  sentences = json.loads((run_dir / "eval_test_sentences.json").read_text())
+  exact = np.array([-synthetic.log_prob(e.tokens) for e in synthetic.generate("test")[:48]])
+  gap = np.array(sentences["nll"]) - exact
+  assert run["metrics"]["nll_gap"] == pytest.approx(evaluation["nll"] - exact.mean(), abs=1e-4)
+  assert run["metrics"]["nll_gap_se"] == pytest.approx(gap.std(ddof=1) / np.sqrt(48))
   assert run["steps"] == 12 and run["epochs"] == pytest.approx(12 / run["steps_per_epoch"])
   assert run["config"]["train"]["seed"] == 0 and run["invocations"] == 2  # train, probe
   assert run["command"].startswith("python ") and "--workdir=runs/smoke/vae_s0" in run["command"]

@@ -1,7 +1,8 @@
 """Evaluating a run: its checkpoint restored, every split evaluated, the results written.
 
 `evaluate_workdir` evaluates the best (or latest) checkpoint of a workdir on splits and writes
-`<workdir>/eval_<split>.json`; the runner calls it after training, `experiments/evaluate.py` on
+`<workdir>/eval_<split>.json` (and, for sentence models, `eval_<split>_sentences.json`: every
+sentence's IW-NLL, for paired comparisons); the runner calls it after training, `experiments/evaluate.py` on
 any finished or interrupted run. `evaluate_split` is the one function that calls the evaluation
 suites (`vae_jax.evaluation`, `dialogue_evaluation`, `della_metrics`). `load_run` gives a
 finished run (config, model, variables, vocabulary) for downstream use.
@@ -45,7 +46,8 @@ def restore_variables(cfg: ExperimentConfig, workdir: str, task: steps.Task, exa
 def evaluate_workdir(cfg: ExperimentConfig, workdir: str, splits: list[str], *,
                      vocab: Vocab | None = None, model=None, task=None, which: str = "best",
                      seed: int = 0, examples: dict[str, list] | None = None) -> dict[str, Any]:
-  """Evaluates a run's best checkpoint on `splits`; writes `<workdir>/eval_<split>.json`.
+  """Evaluates a run's best checkpoint on `splits`; writes `<workdir>/eval_<split>.json` and,
+  except for dialogue runs, `<workdir>/eval_<split>_sentences.json` (`sentence_values`).
 
   `examples` (split -> examples, already capped at `eval.max_examples`) saves reading splits
   that were loaded and checked before training.
@@ -73,13 +75,18 @@ def evaluate_workdir(cfg: ExperimentConfig, workdir: str, splits: list[str], *,
                                           mesh, which)
       step, used = int(meta.get("step", -1)), meta["checkpoint"]
       logging.info("Evaluating checkpoint %s of %s.", used, workdir)
-    out, shown = evaluate_split(cfg, model, variables, vocab, data, batches,
-                                jax.random.PRNGKey(seed), mesh)
+    out, shown, sentences = evaluate_split(cfg, model, variables, vocab, data, batches,
+                                           jax.random.PRNGKey(seed), mesh)
     out.update(split=split, checkpoint=used, step=step)
     results[split] = out
     if jax.process_index() == 0:
       fileio.write_json_atomic(os.path.join(workdir, f"eval_{split}.json"),
                                {**out, "examples": shown})
+      if sentences is not None:
+        fileio.write_json_atomic(
+            os.path.join(workdir, f"eval_{split}_sentences.json"),
+            {"split": split, "checkpoint": used, "step": step,
+             "k_samples": out["k_samples"], **sentences})
       print(reporting.examples_text(split, shown))
   if results and jax.process_index() == 0:
     print(reporting.metrics_table(results))
@@ -87,11 +94,12 @@ def evaluate_workdir(cfg: ExperimentConfig, workdir: str, splits: list[str], *,
 
 
 def evaluate_split(cfg: ExperimentConfig, model, variables, vocab: Vocab, data, batches,
-                   rng: jax.Array, mesh) -> tuple[dict[str, Any], dict[str, list]]:
-  """The metrics of one split (`batches`, a re-iterable of this process's batches of `data`)
-  and the examples shown of it: the suite of the run's kind (the dialogue CVAE's with its
-  act/emotion probes, a language model's, or a VAE's with DELLA's official estimators and the
-  BLEU of reconstructions), then the first `eval.num_print` examples decoded."""
+                   rng: jax.Array, mesh):
+  """(metrics, shown, sentences) of one split (`batches`, the `run_data.eval_iterator` of
+  `data`): the suite of the run's kind (the dialogue CVAE's with its act/emotion probes, a
+  language model's, or a VAE's with DELLA's official estimators and the BLEU of
+  reconstructions), the first `eval.num_print` examples decoded, and the per-sentence values
+  of `sentence_values` (None for dialogue)."""
   e = cfg.eval
   global_batches = (mesh_lib.to_global(b, mesh) for b in batches)
   n = min(e.num_print, len(data))
@@ -106,31 +114,57 @@ def evaluate_split(cfg: ExperimentConfig, model, variables, vocab: Vocab, data, 
     if e.probe_train_examples:
       out.update(_dialogue_probe(cfg, model, variables, vocab, data, probe_rng))
     order = run_data.eval_iterator(cfg.data, data, e.batch_size).order
-    return out, reporting.dialogue_examples(vocab, data, responses, order, e.num_print)
-  out = evaluation.evaluate(model, variables, global_batches, rng, k_samples=e.k_samples,
-                            chunk_size=e.chunk_size, mi_max_examples=e.mi_max_examples,
-                            **generation_kwargs(cfg))
+    return out, reporting.dialogue_examples(vocab, data, responses, order, e.num_print), None
+  out, per_row = evaluation.evaluate(
+      model, variables, global_batches, rng, k_samples=e.k_samples, chunk_size=e.chunk_size,
+      mi_max_examples=e.mi_max_examples, per_sentence=True, **generation_kwargs(cfg))
+  sentences = sentence_values(per_row, batches.order, data.source_indices)
   if cfg.model.kind == "della":  # the official estimators beside the correct ones
     out.update(della_metrics.paper_metrics(
         model, variables, (mesh_lib.to_global(b, mesh) for b in batches),
         jax.random.split(rng, 4)[0], k_samples=e.k_samples, chunk_size=e.chunk_size))
   if not model.code_dim:  # a language model: its samples
     if n == 0:
-      return out, {}
+      return out, {}, sentences
     return out, reporting.shown_examples(vocab, generation.generate(
-        model, variables, None, rng, max_length=max_len, greedy=False, batch_size=n))
+        model, variables, None, rng, max_length=max_len, greedy=False, batch_size=n)), sentences
   scores, reconstructions = generation.reconstruction_metrics(
       model, variables, reconstruction_batches(cfg, data), rng)
   out.update(scores)
   if n == 0:
-    return out, {}
+    return out, {}, sentences
   rows = reporting.first_rows(data, n, cfg.data.pad_multiple)
   if reconstructions is not None and len(reconstructions) >= n:
     recon = reconstructions[:n]
   else:
     recon = generation.reconstruct(model, variables, rows, rng, max_len)
   samples = generation.sample_prior(model, variables, rng, n, model.code_dim, max_len)
-  return out, reporting.shown_examples(vocab, samples, inputs=rows, reconstructions=recon)
+  return (out, reporting.shown_examples(vocab, samples, inputs=rows, reconstructions=recon),
+          sentences)
+
+
+def sentence_values(per_row: dict[str, np.ndarray], order: np.ndarray,
+                    source_indices: np.ndarray) -> dict[str, list]:
+  """Per-sentence values of an evaluation, in the split's order.
+
+  `per_row` holds arrays over the real rows of the evaluation batches, in batch order
+  (`evaluation.evaluate(..., per_sentence=True)`); `order` is the batches' global row ->
+  sentence map (`pipeline.EvalIterator.order`, -1 for padding) and `source_indices` each
+  encoded sentence's index among the split's examples. Returns 'sentence' (those indices,
+  ascending: a sentence dropped as over-long is absent), and each array of `per_row` (NLL in
+  nats, rounded to 1e-5; token counts as integers) in the same order.
+  """
+  rows = order[order >= 0]
+  if len(rows) != len(next(iter(per_row.values()))):
+    raise ValueError(f"{len(rows)} sentences in the batches' order but "
+                     f"{len(next(iter(per_row.values())))} evaluated rows")
+  by_sentence = np.argsort(rows, kind="stable")
+  out = {"sentence": [int(i) for i in np.asarray(source_indices)[rows[by_sentence]]]}
+  for key, values in per_row.items():
+    values = np.asarray(values)[by_sentence]
+    out[key] = ([int(v) for v in values] if key == "n_tokens"
+                else [round(float(v), 5) for v in values])
+  return out
 
 
 def generation_kwargs(cfg: ExperimentConfig) -> dict[str, int]:
