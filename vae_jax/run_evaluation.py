@@ -2,8 +2,8 @@
 
 `evaluate_workdir` evaluates the best (or latest) checkpoint of a workdir on splits and writes
 `<workdir>/eval_<split>.json` (and, for sentence models, `eval_<split>_sentences.json`: every
-sentence's IW-NLL, for paired comparisons); the runner calls it after training, `experiments/evaluate.py` on
-any finished or interrupted run. `evaluate_split` is the one function that calls the evaluation
+sentence's IW-NLL, for paired comparisons); the runner calls it after training,
+`experiments/evaluate.py` on any finished or interrupted run. `evaluate_split` is the one function that calls the evaluation
 suites (`vae_jax.evaluation`, `dialogue_evaluation`, `della_metrics`). `load_run` gives a
 finished run (config, model, variables, vocabulary) for downstream use.
 """
