@@ -116,6 +116,31 @@ def test_density_gap_gradients_are_finite_with_a_chunk_of_padding():
     objectives.density_gap(jax.random.PRNGKey(0), mean, mean, weights, chunk_size=3)
 
 
+def test_validation_reports_the_methods_own_objective():
+  """Zhang et al.'s code selects and decays on rec + density gap at full weight (not the
+  ELBO): validation's `objective` is that, against the gap computed directly; for the plain
+  KL term it is the negative ELBO."""
+  model = SeqVAE(VAEConfig(vocab_size=11, embed_dim=8, hidden_dim=12, latent_dim=3))
+  tokens = jnp.array([[5, 6, EOS, PAD], [7, 8, 9, EOS], [4, EOS, PAD, PAD], [5, EOS, PAD, PAD]])
+  batch = {"tokens": tokens, "weights": jnp.array([1.0, 1.0, 1.0, 0.0])}
+  variables = model.init({"params": jax.random.PRNGKey(0), "latent": jax.random.PRNGKey(1)},
+                         tokens, deterministic=True)
+  rng = jax.random.PRNGKey(3)
+  out = losses.summarize(losses.make_vae_eval(model, "density_gap", kl_terms.DensityGap(
+      samples=4))(variables["params"], {}, batch, rng))
+  terms = model.apply(variables, tokens, deterministic=True,
+                      rngs={"latent": jax.random.split(rng)[0]})
+  gap = objectives.density_gap(jax.random.fold_in(rng, 2), terms.mean, terms.logvar,
+                               batch["weights"], num_samples=4)
+  real = np.asarray(batch["weights"]) > 0
+  np.testing.assert_allclose(out["rec"], np.asarray(terms.rec_nll)[real].mean(), rtol=1e-5)
+  np.testing.assert_allclose(out["objective"] - out["rec"], np.asarray(gap)[real].mean(),
+                             rtol=1e-4, atol=1e-5)
+  assert abs(out["objective"] - out["neg_elbo"]) > 1e-3   # here not the ELBO
+  plain = losses.summarize(losses.make_vae_eval(model)(variables["params"], {}, batch, rng))
+  np.testing.assert_allclose(plain["objective"], plain["neg_elbo"], rtol=1e-6)
+
+
 def test_density_gap_is_the_kl_term_of_the_loss():
   cfg = VAEConfig(vocab_size=11, embed_dim=8, hidden_dim=12, latent_dim=3)
   model = SeqVAE(cfg)

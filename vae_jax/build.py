@@ -42,7 +42,7 @@ def loss_functions(cfg: ExperimentConfig, model: nn.Module, total_steps: int,
   return (losses.make_vae_loss(model, weight, cfg.kl.kind, cfg.kl.options,
                                smoothness_weight=cfg.kl.smoothness_weight,
                                bow_weight=cfg.kl.bow_weight),
-          losses.make_vae_eval(model))
+          losses.make_vae_eval(model, cfg.kl.kind, cfg.kl.options))
 
 
 def build_task(cfg: ExperimentConfig, model: nn.Module, vocab: Vocab, total_steps: int,

@@ -148,17 +148,24 @@ def make_vae_loss(model: nn.Module, kl_weight: optax.Schedule, kl_term: str = "k
   return loss_fn
 
 
-def make_vae_eval(model: nn.Module) -> Callable[..., Sums]:
-  """Eval sums of a VAE: one-sample ELBO terms with dropout off and, for Gaussian posteriors
-  (or the Gaussian base of a KL-preserving flow, whose MI is the same), He et al. 2019's
-  per-batch MI (`mi` in `summarize`; the quick validation signal aggressive training watches;
-  evaluation reports the whole-set MI)."""
+def make_vae_eval(model: nn.Module, kl_term: str = "kl",
+                  kl_options: Any = None) -> Callable[..., Sums]:
+  """Eval sums of a VAE: one-sample ELBO terms with dropout off; the KL term of the loss
+  (`kl_terms.KL_TERMS[kl_term]` with `kl_options`) at full weight, so that `summarize` gives
+  `objective` = rec + KL_term, the method's own objective (for 'kl' the negative ELBO; for the
+  density gap DG-VAE's, the validation loss its authors select and decay on); and, for
+  Gaussian posteriors (or the Gaussian base of a KL-preserving flow, whose MI is the same),
+  He et al. 2019's per-batch MI (`mi` in `summarize`; the quick validation signal aggressive
+  training watches; evaluation reports the whole-set MI)."""
+  term, options = _kl_term(model, kl_term, kl_options)
 
   def eval_fn(params, model_state, batch, rng):
     latent_rng, mi_rng = jax.random.split(rng)
     terms = model.apply(_variables(params, model_state), *model_inputs(model, batch),
                         deterministic=True, rngs={"latent": latent_rng})
     sums = vae_sums(terms, batch["weights"])
+    sums["kl_term"] = term.fn(terms, batch["weights"], jax.random.fold_in(rng, 2),
+                              options) * sums["n_sentences"]
     if terms.bow_nll is not None:
       sums["bow"] = jnp.sum(terms.bow_nll * batch["weights"])
     if _gaussian_codes(model):
@@ -199,8 +206,9 @@ def summarize(sums: dict[str, Any], au_threshold: float = 0.01) -> dict[str, flo
   For a language model (no 'kl' in the sums): `nll` = rec / n_sentences (exact) and
   `ppl` = exp(rec / n_tokens). For a VAE: `neg_elbo` = (rec + kl) / n_sentences, the one-sample
   negative ELBO (an upper bound of the NLL; the importance-weighted NLL comes from
-  `vae_jax.evaluation`), `ppl_elbo` = exp((rec + kl) / n_tokens), `rec`, `kl`, `beta`, and `au`,
-  the number of latent dimensions whose posterior mean varies across the data by more than
+  `vae_jax.evaluation`), `ppl_elbo` = exp((rec + kl) / n_tokens), `rec`, `kl`, `beta`,
+  `objective` = (rec + KL term) / n_sentences where the sums carry the loss's KL term at full
+  weight (`make_vae_eval`), and `au`, the number of latent dimensions whose posterior mean varies across the data by more than
   `au_threshold` (population variance from the running sums of m and m^2).
   """
   s = {k: np.asarray(v, np.float64) for k, v in sums.items()}
@@ -215,6 +223,8 @@ def summarize(sums: dict[str, Any], au_threshold: float = 0.01) -> dict[str, flo
       "rec": float(s["rec"] / n),
       "kl": float(s["kl"] / n),
   }
+  if "kl_term" in s:
+    out["objective"] = float((s["rec"] + s["kl_term"]) / n)
   for key in ("beta", "smoothness", *kl_terms.logged(), "mi", "bow"):
     if key in s:
       out[key] = float(s[key] / n)
