@@ -103,7 +103,9 @@ four hidden factors carrying log 32 = 3.47 nats). Every row is the plain LSTM VA
 `vae.py:vanilla` (embedding 128, LSTM 256, last-state encoder, d = 32, batch 32) with one
 method added; the LM is its decoder alone. Adam 1e-3, gradient norm clipped at 5, validation
 -ELBO (NLL for the LM; for DG-VAE its own objective, rec + density gap, as its authors' code
-selects) after every epoch. **Stopping:** the learning rate is halved after 2
+selects) after every epoch. Aggressive training ends its aggressive phase when the
+validation MI fails to rise (see docs/methods.md: at the per-batch estimator's cap a strict
+fall never comes). **Stopping:** the learning rate is halved after 2
 evaluations without improvement, never before epoch 10 (the end of the annealing schedules),
 and training stops at the second halving or after 50 epochs; the best-validation checkpoint is
 evaluated. The cyclical row trains exactly 20 epochs (4 cycles of 5 epochs, half rising), since

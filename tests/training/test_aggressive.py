@@ -100,7 +100,7 @@ def test_aggressive_needs_groups_and_an_encoder_iterator(tmp_path):
                                 str(tmp_path), "v")
 
 
-def test_controller_ends_the_mode_when_the_metric_first_falls():
+def test_controller_ends_the_mode_when_the_metric_first_fails_to_rise():
   cfg = aggressive.AggressiveConfig(stop_metric="mi")
   state = aggressive.init()
   seen = []
@@ -110,6 +110,11 @@ def test_controller_ends_the_mode_when_the_metric_first_falls():
   # He et al.: from a previous MI of 0, on while it rises; the first fall ends it for good
   # (the value that fell is the last one kept).
   assert seen == [(True, 0.5), (True, 0.7), (False, 0.6), (False, 0.6)]
+  # A tie ends it too: an MI at its estimator's cap cannot climb.
+  state = aggressive.init()
+  for mi in (4.1, 4.15, 4.15):
+    state = aggressive.update(state, {"mi": mi}, cfg)
+  assert state == aggressive.AggressiveState(active=False, previous=4.15)
   with pytest.raises(KeyError, match="stop_metric='mi'"):
     aggressive.update(aggressive.init(), {"nll": 3.0}, cfg)
 
