@@ -561,23 +561,24 @@ def write_figure(table: tables_lib.Table, root: str, results_dir: str, seed: int
 
 def synthetic_exact(split: str = "test") -> dict[str, np.ndarray]:
   """Every sentence of the embedded corpus's `split`, in order: its exact NLL -log p(x) (EOS
-  included) and its token count |x| + 1."""
+  included), its token count |x| + 1, and the exact information it carries about the factors,
+  H(f) - H(f | x)."""
   examples = synthetic.generate(split)
-  return {"nll": np.array([-synthetic.log_prob(e.tokens) for e in examples]),
-          "n_tokens": np.array([len(e.tokens) + 1 for e in examples])}
-
-
-def synthetic_truth(split: str = "test") -> dict[str, float]:
-  """The embedded corpus's exact NLL of `split` (mean over its sentences of -log p(x), EOS
-  included) and the exact information its sentences carry about the factors,
-  I(x; f) = H(f) - mean_x H(f | x), each with its standard error over sentences."""
-  examples = synthetic.generate(split)
-  nll = synthetic_exact(split)["nll"]
   posteriors = np.array([synthetic.factor_posterior(e.tokens) for e in examples])
   # H(f | x); labels the sentence rules out (p = 0) add 0 log 1 = 0.
   conditional = -np.sum(posteriors * np.log(np.where(posteriors > 0, posteriors, 1.0)), axis=1)
-  info = synthetic.FACTOR_ENTROPY - conditional
+  return {"nll": np.array([-synthetic.log_prob(e.tokens) for e in examples]),
+          "n_tokens": np.array([len(e.tokens) + 1 for e in examples]),
+          "information": synthetic.FACTOR_ENTROPY - conditional}
+
+
+def synthetic_truth(exact: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """The embedded corpus's exact NLL of a split (mean over its sentences of -log p(x), EOS
+  included) and the exact information its sentences carry about the factors,
+  I(x; f) = H(f) - mean_x H(f | x), each with its standard error over sentences, from the
+  split's `synthetic_exact`."""
   se = lambda v: float(np.std(v, ddof=1) / math.sqrt(len(v)))
+  nll, info = exact["nll"], exact["information"]
   return {"exact_nll": float(nll.mean()), "exact_nll_se": se(nll),
           "factor_information": float(info.mean()), "factor_information_se": se(info)}
 
@@ -616,8 +617,8 @@ def main(argv):
       finally:
         lock.release()
   seeds = sorted({seed for _, seed in chosen} | set(table.seeds))
-  truth = synthetic_truth(table.split) if table.probe else {}
   exact = synthetic_exact(table.split) if table.probe else None
+  truth = synthetic_truth(exact) if exact is not None else {}
   content = write_results(table, root, results_dir, truth, seeds, earlier, exact)
   if FLAGS.figures:
     write_figure(table, root, results_dir, seeds[0],

@@ -88,7 +88,7 @@ def test_anchor_differences_know_their_spread():
 
 def test_synthetic_truth_matches_the_grammar():
   from vae_jax.data import synthetic
-  truth = reproduce.synthetic_truth("valid")
+  truth = reproduce.synthetic_truth(reproduce.synthetic_exact("valid"))
   examples = synthetic.generate("valid")
   assert truth["exact_nll"] == pytest.approx(
       -sum(synthetic.log_prob(e.tokens) for e in examples) / len(examples))

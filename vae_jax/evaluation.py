@@ -247,9 +247,9 @@ def evaluate(model: nn.Module, variables, batches: Iterable[dict], rng: jax.Arra
   `generation.generation_metrics` (keys `prior_*` and `interp_*`); models with an
   unconditional prior only (the dialogue CVAE's generation is `vae_jax.dialogue_evaluation`).
 
-  With `per_sentence`, returns `(metrics, sentences)`, `sentences` holding float64 `[N]`
-  arrays in the order the batches gave their real rows: 'nll' = -L_K(x) and 'n_tokens'
-  (|x| + 1). Paired per-sentence differences between two models (or a model and the exact
+  With `per_sentence`, returns `(metrics, sentences)`, `sentences` holding `[N]` arrays in
+  the order the batches gave their real rows: 'nll' = -L_K(x) (float64) and 'n_tokens'
+  (|x| + 1, int64). Paired per-sentence differences between two models (or a model and the exact
   likelihood) have far smaller standard errors than the difference of their means.
   """
   eval_rng, mi_rng, hole_rng, gen_rng = jax.random.split(rng, 4)
@@ -307,7 +307,7 @@ def evaluate(model: nn.Module, variables, batches: Iterable[dict], rng: jax.Arra
         model, variables, generation.decoder_inputs(model, variables, u),
         max_length=max_decode_length, self_bleu_max=self_bleu_max)))
   if per_sentence:
-    return result, {"nll": -log_px, "n_tokens": out["n_tokens"].astype(np.float64)}
+    return result, {"nll": -log_px, "n_tokens": out["n_tokens"].astype(np.int64)}
   return result
 
 

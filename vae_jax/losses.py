@@ -208,8 +208,9 @@ def summarize(sums: dict[str, Any], au_threshold: float = 0.01) -> dict[str, flo
   negative ELBO (an upper bound of the NLL; the importance-weighted NLL comes from
   `vae_jax.evaluation`), `ppl_elbo` = exp((rec + kl) / n_tokens), `rec`, `kl`, `beta`,
   `objective` = (rec + KL term) / n_sentences where the sums carry the loss's KL term at full
-  weight (`make_vae_eval`), and `au`, the number of latent dimensions whose posterior mean varies across the data by more than
-  `au_threshold` (population variance from the running sums of m and m^2).
+  weight (`make_vae_eval`), and `au`, the number of latent dimensions whose posterior mean
+  varies across the data by more than `au_threshold` (population variance from the running
+  sums of m and m^2).
   """
   s = {k: np.asarray(v, np.float64) for k, v in sums.items()}
   n = max(float(s["n_sentences"]), 1.0)

@@ -3,9 +3,10 @@
 `evaluate_workdir` evaluates the best (or latest) checkpoint of a workdir on splits and writes
 `<workdir>/eval_<split>.json` (and, for sentence models, `eval_<split>_sentences.json`: every
 sentence's IW-NLL, for paired comparisons); the runner calls it after training,
-`experiments/evaluate.py` on any finished or interrupted run. `evaluate_split` is the one function that calls the evaluation
-suites (`vae_jax.evaluation`, `dialogue_evaluation`, `della_metrics`). `load_run` gives a
-finished run (config, model, variables, vocabulary) for downstream use.
+`experiments/evaluate.py` on any finished or interrupted run. `evaluate_split` is the one
+function that calls the evaluation suites (`vae_jax.evaluation`, `dialogue_evaluation`,
+`della_metrics`). `load_run` gives a finished run (config, model, variables, vocabulary) for
+downstream use.
 """
 
 from __future__ import annotations
@@ -151,18 +152,19 @@ def sentence_values(per_row: dict[str, np.ndarray], order: np.ndarray,
   (`evaluation.evaluate(..., per_sentence=True)`); `order` is the batches' global row ->
   sentence map (`pipeline.EvalIterator.order`, -1 for padding) and `source_indices` each
   encoded sentence's index among the split's examples. Returns 'sentence' (those indices,
-  ascending: a sentence dropped as over-long is absent), and each array of `per_row` (NLL in
-  nats, rounded to 1e-5; token counts as integers) in the same order.
+  ascending: a sentence dropped as over-long is absent), and each array of `per_row` in the
+  same order (integers as they are, real values rounded to 1e-5).
   """
   rows = order[order >= 0]
-  if len(rows) != len(next(iter(per_row.values()))):
-    raise ValueError(f"{len(rows)} sentences in the batches' order but "
-                     f"{len(next(iter(per_row.values())))} evaluated rows")
+  evaluated = {len(v) for v in per_row.values()}
+  if evaluated != {len(rows)}:
+    raise ValueError(f"{len(rows)} sentences in the batches' order but {sorted(evaluated)} "
+                     "evaluated rows")
   by_sentence = np.argsort(rows, kind="stable")
   out = {"sentence": [int(i) for i in np.asarray(source_indices)[rows[by_sentence]]]}
   for key, values in per_row.items():
     values = np.asarray(values)[by_sentence]
-    out[key] = ([int(v) for v in values] if key == "n_tokens"
+    out[key] = (values.tolist() if np.issubdtype(values.dtype, np.integer)
                 else [round(float(v), 5) for v in values])
   return out
 

@@ -33,10 +33,11 @@ class AggressiveConfig:
   then updates the decoder only, on its own batch. At every evaluation the validation metric
   `stop_metric` (the mutual information by default) is compared with its previous value
   (initially 0, as in He et al.'s code); once it fails to rise (equal or lower: the paper's
-  "stops climbing"), the mode ends for good and training continues as a plain VAE, both parts updated by every step. Encoder and decoder keep
-  separate optimiser states (`OptimizerConfig.param_labels`), as the reference code's two
-  optimisers do. Inner steps do not count as steps: `num_steps`, KL schedules, logging and
-  evaluation all count outer steps.
+  "stops climbing"), the mode ends for good and training continues as a plain VAE, both parts
+  updated by every step. Encoder and decoder keep separate optimiser states
+  (`OptimizerConfig.param_labels`), as the reference code's two optimisers do. Inner steps do
+  not count as steps: `num_steps`, KL schedules, logging and evaluation all count outer
+  steps.
   """
   max_inner_steps: int = 100
   check_every: int = 15
