@@ -15,10 +15,11 @@ stopped at any point and started again with the same `--root`. Two such commands
 root: a row another live process is running is left to it (`<workdir>.lock`).
 
 A row is also finished when `<results_dir>/<table>.json` already records it with the same
-command (the same script, config, variants and overrides; the workdir may differ): results
+command (the same script, config, variants and overrides; the workdir may differ) and the same
+config (what the command's config file and variants give now, `config_differences`): results
 committed from another machine last, though its workdirs are gone. Such a row is neither run
-again nor dropped from the table; a record whose command no longer matches the table (its
-protocol changed) is dropped, and the row runs again.
+again nor dropped from the table; a record whose command or config no longer matches the table
+(its protocol changed, perhaps inside a variant) is dropped, and the row runs again.
 
 Then, from every finished row (also those of earlier invocations), it writes
 `<results_dir>/<table>.json` (one record per row and seed: its command, config, commit, steps,
@@ -36,6 +37,8 @@ run with this interpreter, in the current directory (relative paths in a row's c
 from __future__ import annotations
 
 import datetime
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -50,11 +53,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import flags, logging
+from ml_collections import config_flags
 import numpy as np
 
 import main_lib
 import tables as tables_lib
-from vae_jax import aggregate, errors, fileio
+from vae_jax import aggregate, configs, errors, fileio
 from vae_jax.data import synthetic
 from vae_jax.run_config import LM_KINDS
 from vae_jax.training import writers
@@ -133,19 +137,93 @@ def _protocol(argv: Sequence[str]) -> list[str]:
   return out
 
 
+@functools.cache
+def parsed_config(args: tuple[str, ...]) -> dict[str, Any]:
+  """The config an experiment command's `--config=FILE[:variants]` and `--config.*` flags
+  give (no other flags), as JSON, the form of a run's `config.json` (before its paths are
+  resolved)."""
+  [config_arg] = [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
+  values = flags.FlagValues()
+  # config_flags reads the `--config.*` overrides from sys.argv when --config is parsed.
+  argv = ["reproduce", *(a for a in args if a.startswith("--config"))]
+  saved, sys.argv = sys.argv, argv
+  try:
+    config_flags.DEFINE_config_file("config", config_arg, "", lock_config=True,
+                                    flag_values=values)
+    values(argv)
+  finally:
+    sys.argv = saved
+  return json.loads(values["config"].value.to_json_best_effort(sort_keys=True))
+
+
+@functools.cache
+def default_config() -> dict[str, Any]:
+  """Every setting's default (`configs/base.py`'s `base_config`), as JSON."""
+  spec = importlib.util.spec_from_file_location(
+      "reproduce_config_base", os.path.join(EXPERIMENTS, "configs", "base.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return json.loads(module.base_config().to_json_best_effort(sort_keys=True))
+
+
+def row_config(table: tables_lib.Table, row: tables_lib.Row, seed: int) -> dict[str, Any]:
+  """The config the row's command trains with, as JSON."""
+  return parsed_config(tuple(command(table, row, seed, "")[1:-1]))
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def config_differences(recorded_config: Mapping[str, Any], current: Mapping[str, Any],
+                       defaults: Mapping[str, Any]) -> list[str]:
+  """The settings in which a recorded run's config differs from the config its row's command
+  gives now (`current`), as 'name: recorded -> current'. Paths are where, not what, and are
+  not compared (`configs.PATH_FIELDS`). A setting the record lacks (added to the configs after
+  it ran) differs only if the row sets it to another value than every config's default
+  (`defaults`, `configs/base.py`'s `base_config`), i.e. if the row's protocol uses what the
+  setting adds. Settings the record has and the config no longer has are not compared (they
+  were removed, with whatever they did)."""
+  was, now, default = _flat(recorded_config), _flat(current), _flat(defaults)
+  out = []
+  for name, value in sorted(now.items()):
+    if name in configs.PATH_FIELDS:
+      continue
+    if name in was:
+      if was[name] != value:
+        out.append(f"{name}: {was[name]!r} -> {value!r}")
+    elif name in default and default[name] != value:
+      out.append(f"{name}: (not recorded) -> {value!r}")
+  return out
+
+
 def recorded(table: tables_lib.Table, results_dir: str) -> dict[tuple[str, int], dict]:
   """The runs `<results_dir>/<table>.json` records as finished, by (row, seed), whose command
-  is still the row's; records of another protocol are left out (with a warning)."""
+  and config are still the row's (`config_differences`: a variant of the config may change
+  what the same command runs); records of another protocol are left out (with a warning)."""
   out, names = {}, {row.name: row for row in table.rows}
   for record in _read(results_dir, f"{table.name}.json").get("runs", []):
     row = names.get(record.get("row"))
-    if row and (_protocol(shlex.split(record["command"]))
-                == _protocol(command(table, row, record["seed"], ""))):
-      out[(row.name, record["seed"])] = record
-    else:
+    if not (row and (_protocol(shlex.split(record["command"]))
+                     == _protocol(command(table, row, record["seed"], "")))):
       logging.warning("%s: the record of %s seed %s has another command than the table's "
                       "(%s); it is dropped and the row runs again.", table.name,
                       record.get("row"), record.get("seed"), record.get("command"))
+      continue
+    changed = config_differences(record.get("config", {}),
+                                 row_config(table, row, record["seed"]), default_config())
+    if changed:
+      logging.warning("%s: the record of %s seed %s was run with another config than the "
+                      "row's command gives now (%s); it is dropped and the row runs again.",
+                      table.name, row.name, record["seed"], "; ".join(changed))
+      continue
+    out[(row.name, record["seed"])] = record
   return out
 
 

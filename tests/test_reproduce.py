@@ -63,6 +63,43 @@ def test_rows_are_experiment_commands():
         assert same, (t.name, row.name, name, got, value)
 
 
+def test_config_differences_of_a_record():
+  # A variant that changes what a row runs (DG-VAE's checkpoint selection) is a difference,
+  # whether the record holds the old value or predates the setting; a path is not.
+  table = tables.SYNTHETIC
+  current = reproduce.row_config(table, table.row("dg_vae"), 1)
+  assert current["train"]["seed"] == 1 and current["kl"]["kind"] == "density_gap"
+  defaults = reproduce.default_config()
+  assert reproduce.config_differences(current, current, defaults) == []
+  old = json.loads(json.dumps(current))
+  old["train"]["best_metric"] = ""
+  old["data"]["dir"] = "/elsewhere"
+  assert reproduce.config_differences(old, current, defaults) == [
+      "train.best_metric: '' -> 'objective'"]
+  del old["train"]["best_metric"]
+  assert reproduce.config_differences(old, current, defaults) == [
+      "train.best_metric: (not recorded) -> 'objective'"]
+  # A setting added since, at its default, is the old behaviour; a removed one is not compared.
+  old = json.loads(json.dumps(current))
+  del old["train"]["aggressive"]
+  old["train"]["retired"] = 3
+  assert reproduce.config_differences(old, current, defaults) == []
+
+
+def test_committed_results_are_the_tables_protocol():
+  # Every run docs/results records is still its row's command and config: a change to a
+  # variant or a table that alters a recorded row's protocol must take its records out.
+  results = os.path.join(os.path.dirname(EXPERIMENTS), "docs", "results")
+  for name, table in tables.TABLES.items():
+    path = os.path.join(results, f"{name}.json")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      runs = json.load(f)["runs"]
+    kept = reproduce.recorded(table, results)
+    assert sorted(kept) == sorted((r["row"], r["seed"]) for r in runs), name
+
+
 def test_selection_order_and_errors():
   table = tables.SYNTHETIC
   chosen = reproduce.selected(table, ["vae", "lm"], ["1", "0"])
@@ -179,6 +216,14 @@ def test_runs_skips_resumes_and_reports(tmp_path):
   (tmp_path / "results" / "smoke.json").write_text(json.dumps(stale))
   dropped = _reproduce(tmp_path, "--report_only")
   assert dropped["runs"] == [] and [p["row"] for p in dropped["pending"]] == ["vae", "lm"]
+  # So is a record whose command is the row's but whose config is not what it gives now (a
+  # variant changed), while a record with another data path is the same protocol.
+  config = kept["runs"][0]["config"]
+  for changed, kept_it in (({**config, "kl": {**config["kl"], "value": 0.5}}, False),
+                           ({**config, "data": {**config["data"], "dir": "elsewhere"}}, True)):
+    (tmp_path / "results" / "smoke.json").write_text(
+        json.dumps(dict(kept, runs=[dict(kept["runs"][0], config=changed)])))
+    assert bool(_reproduce(tmp_path, "--report_only")["runs"]) == kept_it
 
 
 def test_progress_of_an_unfinished_row(tmp_path):
