@@ -391,8 +391,8 @@ def train_and_evaluate(
           if controller is not None and controller.active:
             before, controller = controller, aggressive_lib.update(controller, val, aggressive)
             if not controller.active:
-              logging.info('Validation %s fell from %.4f to %.4f: aggressive training ends at '
-                           'step %d.', aggressive.stop_metric, before.previous,
+              logging.info('Validation %s did not rise (%.8g, then %.8g): aggressive training '
+                           'ends at step %d.', aggressive.stop_metric, before.previous,
                            controller.previous, step)
           if ckpt.maybe_save_best(step, state, saved_position(), val):
             logging.info('New best %s=%.4f at step %d.', config.best_metric,
