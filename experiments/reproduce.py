@@ -171,16 +171,6 @@ def row_config(table: tables_lib.Table, row: tables_lib.Row, seed: int) -> dict[
   return parsed_config(tuple(command(table, row, seed, "")[1:-1]))
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
-
-
 def config_differences(recorded_config: Mapping[str, Any], current: Mapping[str, Any],
                        defaults: Mapping[str, Any]) -> list[str]:
   """The settings in which a recorded run's config differs from the config its row's command
@@ -190,7 +180,8 @@ def config_differences(recorded_config: Mapping[str, Any], current: Mapping[str,
   (`defaults`, `configs/base.py`'s `base_config`), i.e. if the row's protocol uses what the
   setting adds. Settings the record has and the config no longer has are not compared (they
   were removed, with whatever they did)."""
-  was, now, default = _flat(recorded_config), _flat(current), _flat(defaults)
+  was, now, default = (aggregate.flatten(recorded_config), aggregate.flatten(current),
+                       aggregate.flatten(defaults))
   out = []
   for name, value in sorted(now.items()):
     if name in configs.PATH_FIELDS:

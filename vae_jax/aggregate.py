@@ -21,11 +21,12 @@ from vae_jax import errors, workdir as workdir_lib
 SEED_FIELDS = ("train.seed",)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """A nested mapping (a config's JSON) as {'section.field': value}."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      out.update(_flatten(value, f"{prefix}{key}."))
+      out.update(flatten(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
   return out
@@ -39,7 +40,7 @@ def read_run(workdir: str, split: str = "test") -> dict[str, Any]:
     if not os.path.exists(path):
       raise errors.WorkdirError(f"{path} not found: aggregate finished runs (evaluate one with "
                                 f"experiments/evaluate.py --workdir={workdir} --split={split}).")
-  config = _flatten(workdir_lib.read_json(config_path, "the run's config"))
+  config = flatten(workdir_lib.read_json(config_path, "the run's config"))
   metrics = workdir_lib.read_json(eval_path, "the run's evaluation")
   return {"workdir": workdir, "config": config, "metrics": scalars(metrics)}
 
