@@ -28,6 +28,16 @@ standard error, the probe accuracies; a summary over seeds per row, mean ± sd; 
 to run with their commands) and `<results_dir>/<table>.md` (the same as tables, generated),
 and with `--figures` a comparison figure of the first seed's runs (experiments/report.py,
 `<results_dir>/<table>.png`). `--results_dir` defaults to the repository's docs/results.
+Every finished row's per-sentence IW-NLL (`eval_<split>_sentences.json`) is kept beside them,
+in the split's order, as `<results_dir>/<table>_sentences/<row>_s<seed>.json`, so that two rows
+can be compared sentence by sentence after their workdirs are gone:
+
+  python experiments/reproduce.py --table=synthetic --root=runs/reproduce \
+      --paired=cured_flow_gaussian,cured_vae
+
+prints, for every seed both rows have, the mean difference of their IW-NLLs over the shared
+sentences and its standard error (that of the paired differences: the test sentences' noise,
+not the training seeds'), and changes nothing.
 
 `--dry_run` prints the commands of the rows still to run and changes nothing. The commands
 run with this interpreter, in the current directory (relative paths in a row's config, such as
@@ -43,6 +53,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import socket
@@ -87,6 +98,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_bool("report_only", False, "Run nothing: write the results of the rows that "
                     "finished.", **fv)
   flags.DEFINE_bool("dry_run", False, "Print the commands of the rows still to run; change "
+                    "nothing.", **fv)
+  flags.DEFINE_list("paired", [], "ROW_A,ROW_B: print their IW-NLL difference per seed, "
+                    "paired sentence by sentence from the kept per-sentence values; change "
                     "nothing.", **fv)
 
 
@@ -576,6 +590,51 @@ def progress(path: str) -> dict[str, Any]:
   return {"step": last, "best_step": best[0], "best_metric": metric, "best_value": best[1]}
 
 
+def sentences_file(results_dir: str, table: tables_lib.Table, row: str, seed: int) -> str:
+  return os.path.join(results_dir, f"{table.name}_sentences", f"{row}_s{seed}.json")
+
+
+def keep_sentences(table: tables_lib.Table, row: str, seed: int, path: str,
+                   results_dir: str) -> None:
+  """Writes a finished run's per-sentence IW-NLL, in the split's order and rounded to 1e-3
+  nats (20 times below the paired differences' standard error), to `sentences_file` (with the
+  sentences' indices when they are not the whole split from 0); nothing if the run saved
+  none."""
+  saved = _read(path, f"eval_{table.split}_sentences.json")
+  if not saved:
+    return
+  order = np.argsort(saved["sentence"], kind="stable")
+  index = np.asarray(saved["sentence"], np.int64)[order]
+  kept = {"split": table.split, "nll": [round(float(x), 3)
+                                         for x in np.asarray(saved["nll"])[order]]}
+  if not np.array_equal(index, np.arange(len(index))):
+    kept["sentence"] = index.tolist()
+  file = sentences_file(results_dir, table, row, seed)
+  os.makedirs(os.path.dirname(file), exist_ok=True)
+  fileio.write_json_atomic(file, kept, indent=None, separators=(",", ":"))
+
+
+def read_sentences(results_dir: str, table: tables_lib.Table, row: str,
+                   seed: int) -> dict[int, float]:
+  """{sentence index: IW-NLL} of a kept run; empty if none was kept."""
+  kept = _read(*os.path.split(sentences_file(results_dir, table, row, seed)))
+  if not kept:
+    return {}
+  index = kept.get("sentence", range(len(kept["nll"])))
+  return dict(zip((int(i) for i in index), kept["nll"]))
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str, float]:
+  """mean_x [nll_a(x) - nll_b(x)] over the sentences both have, with the standard error of
+  those differences (ddof 1) and their number."""
+  shared = sorted(set(a) & set(b))
+  if not shared:
+    return {}
+  d = np.array([a[i] - b[i] for i in shared], np.float64)
+  se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+  return {"difference": float(d.mean()), "se": se, "n": len(d)}
+
+
 def write_results(table: tables_lib.Table, root: str, results_dir: str, truth,
                   seeds: Sequence[int],
                   earlier: Mapping[tuple[str, int], dict] | None = None,
@@ -591,6 +650,7 @@ def write_results(table: tables_lib.Table, root: str, results_dir: str, truth,
       path = workdir(root, table, row, seed)
       if is_finished(table, path):
         records.append(with_gap(row_record(table, row, seed, path, root, exact), truth))
+        keep_sentences(table, row.name, seed, path, results_dir)
       elif (row.name, seed) in earlier:
         records.append(with_gap(earlier[(row.name, seed)], truth))
       else:
@@ -652,12 +712,34 @@ def synthetic_truth(exact: Mapping[str, np.ndarray]) -> dict[str, float]:
           "factor_information": float(info.mean()), "factor_information_se": se(info)}
 
 
+def print_paired(table: tables_lib.Table, results_dir: str, rows: Sequence[str]) -> None:
+  """`--paired=A,B`: A's IW-NLL minus B's, per seed both have kept (`paired_difference`)."""
+  names = {row.name for row in table.rows}
+  if len(rows) != 2 or not set(rows) <= names:
+    raise errors.ConfigError(f"--paired takes two rows of {table.name} ({', '.join(sorted(names))})"
+                             f", got {','.join(rows)}.")
+  kept = os.path.dirname(sentences_file(results_dir, table, rows[0], 0))
+  found = {int(m.group(1)) for m in (re.fullmatch(re.escape(rows[0]) + r"_s(\d+)\.json", f)
+                                     for f in (os.listdir(kept) if os.path.isdir(kept) else ()))
+           if m}
+  for seed in sorted(found | set(table.seeds)):
+    got = paired_difference(*(read_sentences(results_dir, table, r, seed) for r in rows))
+    if got:
+      print(f"seed {seed}: {rows[0]} - {rows[1]} = {got['difference']:+.4f} ± {got['se']:.4f} "
+            f"nats over {got['n']} sentences")
+    else:
+      print(f"seed {seed}: no per-sentence values kept for both")
+
+
 def main(argv):
   main_lib.no_arguments(argv)
   table = tables_lib.TABLES[FLAGS.table]
   # Commands name the root as given (they run in this directory); files are read through it.
   root = FLAGS.root
   results_dir = FLAGS.results_dir
+  if FLAGS.paired:
+    print_paired(table, results_dir, FLAGS.paired)
+    return
   chosen = selected(table, FLAGS.rows, FLAGS.seeds)
   earlier = recorded(table, results_dir)
   todo = [(row, seed) for row, seed in chosen if (row.name, seed) not in earlier

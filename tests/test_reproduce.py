@@ -100,6 +100,31 @@ def test_committed_results_are_the_tables_protocol():
     assert sorted(kept) == sorted((r["row"], r["seed"]) for r in runs), name
 
 
+def test_paired_differences_from_kept_sentences(tmp_path):
+  table = tables.SMOKE
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(30, 3, 40), rng.normal(30, 3, 40)
+  # Run a evaluated sentences 0..39 out of order; run b only the odd ones.
+  for row, index, nll in (("vae", rng.permutation(40), a), ("lm", np.arange(1, 40, 2), b)):
+    path = tmp_path / row
+    path.mkdir()
+    (path / "eval_test_sentences.json").write_text(json.dumps(
+        {"sentence": index.tolist(), "nll": nll[index].tolist(),
+         "n_tokens": [5] * len(index)}))
+    reproduce.keep_sentences(table, row, 3, str(path), str(tmp_path / "results"))
+  got_a = reproduce.read_sentences(str(tmp_path / "results"), table, "vae", 3)
+  got_b = reproduce.read_sentences(str(tmp_path / "results"), table, "lm", 3)
+  assert sorted(got_a) == list(range(40)) and sorted(got_b) == list(range(1, 40, 2))
+  assert got_b[7] == pytest.approx(b[7], abs=5e-4)
+  d = a[1::2] - b[1::2]
+  paired = reproduce.paired_difference(got_a, got_b)
+  assert paired["n"] == 20
+  assert paired["difference"] == pytest.approx(d.mean(), abs=1e-3)
+  assert paired["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(20), rel=1e-3)
+  assert reproduce.paired_difference(got_a, {}) == {}
+  assert reproduce.read_sentences(str(tmp_path / "results"), table, "vae", 0) == {}
+
+
 def test_selection_order_and_errors():
   table = tables.SYNTHETIC
   chosen = reproduce.selected(table, ["vae", "lm"], ["1", "0"])
@@ -180,6 +205,11 @@ def test_runs_skips_resumes_and_reports(tmp_path):
   gap = np.array(sentences["nll"]) - exact
   assert run["metrics"]["nll_gap"] == pytest.approx(evaluation["nll"] - exact.mean(), abs=1e-4)
   assert run["metrics"]["nll_gap_se"] == pytest.approx(gap.std(ddof=1) / np.sqrt(48))
+  # The per-sentence values are kept beside the results, in the split's order.
+  kept = json.loads((tmp_path / "results" / "smoke_sentences" / "vae_s0.json").read_text())
+  order = np.argsort(sentences["sentence"])
+  np.testing.assert_allclose(kept["nll"], np.array(sentences["nll"])[order], atol=5e-4)
+  assert "sentence" not in kept   # the first 48 sentences: indices 0..47
   assert run["steps"] == 12 and run["epochs"] == pytest.approx(12 / run["steps_per_epoch"])
   assert run["config"]["train"]["seed"] == 0 and run["invocations"] == 2  # train, probe
   assert run["command"].startswith("python ") and "--workdir=runs/smoke/vae_s0" in run["command"]
