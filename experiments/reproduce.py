@@ -48,12 +48,12 @@ from __future__ import annotations
 
 import datetime
 import functools
+import glob
 import importlib.util
 import json
 import math
 import os
 import platform
-import re
 import shlex
 import signal
 import socket
@@ -590,7 +590,8 @@ def progress(path: str) -> dict[str, Any]:
   return {"step": last, "best_step": best[0], "best_metric": metric, "best_value": best[1]}
 
 
-def sentences_file(results_dir: str, table: tables_lib.Table, row: str, seed: int) -> str:
+def sentences_file(results_dir: str, table: tables_lib.Table, row: str,
+                   seed: int | str) -> str:
   return os.path.join(results_dir, f"{table.name}_sentences", f"{row}_s{seed}.json")
 
 
@@ -630,9 +631,8 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float]) -> dict[st
   shared = sorted(set(a) & set(b))
   if not shared:
     return {}
-  d = np.array([a[i] - b[i] for i in shared], np.float64)
-  se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
-  return {"difference": float(d.mean()), "se": se, "n": len(d)}
+  d = aggregate.summarize([a[i] - b[i] for i in shared])
+  return {"difference": d["mean"], "se": d["se"], "n": d["n"]}
 
 
 def write_results(table: tables_lib.Table, root: str, results_dir: str, truth,
@@ -718,11 +718,9 @@ def print_paired(table: tables_lib.Table, results_dir: str, rows: Sequence[str])
   if len(rows) != 2 or not set(rows) <= names:
     raise errors.ConfigError(f"--paired takes two rows of {table.name} ({', '.join(sorted(names))})"
                              f", got {','.join(rows)}.")
-  kept = os.path.dirname(sentences_file(results_dir, table, rows[0], 0))
-  found = {int(m.group(1)) for m in (re.fullmatch(re.escape(rows[0]) + r"_s(\d+)\.json", f)
-                                     for f in (os.listdir(kept) if os.path.isdir(kept) else ()))
-           if m}
-  for seed in sorted(found | set(table.seeds)):
+  kept = (os.path.basename(f).removeprefix(f"{rows[0]}_s").removesuffix(".json")
+          for f in glob.glob(sentences_file(results_dir, table, rows[0], "*")))
+  for seed in sorted({int(s) for s in kept if s.isdigit()} | set(table.seeds)):
     got = paired_difference(*(read_sentences(results_dir, table, r, seed) for r in rows))
     if got:
       print(f"seed {seed}: {rows[0]} - {rows[1]} = {got['difference']:+.4f} ± {got['se']:.4f} "
